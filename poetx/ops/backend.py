@@ -1,0 +1,66 @@
+"""Dispatch of the four kernels the layer needs: Triton on CUDA, the PyTorch reference elsewhere.
+
+Signatures match the references in ``poetx.kernels.block_rotate_ref`` and
+``poetx.ortho.cayley``; see those for the index and shape conventions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from poetx.kernels import use_triton
+from poetx.kernels.block_rotate_ref import block_gram_reference, block_rotate_reference
+from poetx.ortho.cayley import rotation_delta_backward_reference, rotation_delta_reference
+
+
+def rotate(
+    x: Tensor,
+    delta: Tensor,
+    in_index: Tensor | None,
+    out_index: Tensor | None,
+    out_cols: int,
+    transpose: bool = False,
+) -> Tensor:
+    if use_triton(x):
+        from poetx.kernels.block_rotate import block_rotate
+
+        return block_rotate(x, delta, in_index, out_index, out_cols, transpose)
+    return block_rotate_reference(x, delta, in_index, out_index, out_cols, transpose)
+
+
+def gram(
+    a: Tensor, b: Tensor, a_index: Tensor | None, b_index: Tensor | None, nb: int, block: int
+) -> Tensor:
+    if use_triton(a):
+        from poetx.kernels.block_rotate import block_gram
+
+        return block_gram(a, b, a_index, b_index, nb, block)
+    return block_gram_reference(a, b, a_index, b_index, nb, block)
+
+
+def rotation_delta(
+    theta: Tensor, block: int, terms: int | None, valid_last: int | None, out_dtype: torch.dtype
+) -> Tensor:
+    """``(nb, b(b-1)/2) -> (nb, b, b)`` blocks ``R_k - I`` in ``out_dtype``.
+
+    Built in float32 at least (float64 when either side is float64)."""
+    if terms is not None and use_triton(theta):
+        from poetx.kernels.cayley_neumann import cayley_neumann_delta
+
+        return cayley_neumann_delta(theta, block, terms, valid_last, out_dtype)
+    wide = torch.float64 if torch.float64 in (theta.dtype, out_dtype) else torch.float32
+    return rotation_delta_reference(theta.to(wide), block, terms, valid_last).to(out_dtype)
+
+
+def rotation_delta_backward(
+    theta: Tensor, grad_delta: Tensor, block: int, terms: int | None, valid_last: int | None
+) -> Tensor:
+    """Gradient of ``sum(grad_delta * rotation_delta(theta))`` w.r.t. ``theta`` (theta's dtype)."""
+    if terms is not None and use_triton(theta):
+        from poetx.kernels.cayley_neumann import cayley_neumann_delta_backward
+
+        return cayley_neumann_delta_backward(theta, grad_delta, block, terms, valid_last)
+    return rotation_delta_backward_reference(theta, grad_delta, block, terms, valid_last).to(
+        theta.dtype
+    )

@@ -1,0 +1,58 @@
+"""AdamW with separate parameter groups for rotation and ordinary parameters."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from poetx.model.wrap import rotation_parameters
+
+POET_GROUP = "poet"
+DECAY_GROUP = "decay"
+NO_DECAY_GROUP = "no_decay"
+
+
+def make_optimizer(
+    model: nn.Module,
+    lr: float,
+    poet_lr: float,
+    weight_decay: float = 0.0,
+    poet_weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    fused: bool | None = None,
+) -> torch.optim.AdamW:
+    """A standard ``torch.optim.AdamW`` over the trainable parameters of ``model``.
+
+    Groups (each carries ``"name"``): ``"poet"`` — the skew parameters of every ``POETLinear``,
+    at ``poet_lr`` with ``poet_weight_decay`` (decay would pull rotations to the identity);
+    ``"decay"`` — other trainable matrices (embeddings, lm_head, dense layers) at ``lr`` with
+    ``weight_decay``; ``"no_decay"`` — vectors (norms, biases) at ``lr`` without decay. Frozen
+    ``W0`` has ``requires_grad=False`` and gets no state. ``fused`` defaults to True when every
+    parameter is on CUDA, else the foreach implementation is used.
+    """
+    for name, value in (("lr", lr), ("poet_lr", poet_lr)):
+        if not value > 0:
+            raise ValueError(f"{name}: must be positive, got {value}")
+    if weight_decay < 0 or poet_weight_decay < 0:
+        raise ValueError("weight_decay and poet_weight_decay must be non-negative")
+    rotation = rotation_parameters(model)
+    rotation_ids = {id(p) for p in rotation}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in rotation_ids:
+            continue
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [
+        {"params": rotation, "lr": poet_lr, "weight_decay": poet_weight_decay, "name": POET_GROUP},
+        {"params": decay, "lr": lr, "weight_decay": weight_decay, "name": DECAY_GROUP},
+        {"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": NO_DECAY_GROUP},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise ValueError("make_optimizer: the model has no trainable parameter")
+    all_params = [p for g in groups for p in g["params"]]
+    if fused is None:
+        fused = all(p.is_cuda for p in all_params)
+    kwargs = {"fused": True} if fused else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kwargs)
