@@ -25,7 +25,7 @@ def gather_columns(x: Tensor, index: Tensor | None, positions: int) -> Tensor:
 
 
 def scatter_columns(r: Tensor, index: Tensor | None, cols: int) -> Tensor:
-    """``(T, positions) -> (T, cols)``: position ``p`` into column ``index[p]``; phantoms dropped."""
+    """``(T, positions) -> (T, cols)``: position ``p`` to column ``index[p]``; phantoms dropped."""
     if index is None:
         return r[:, :cols]
     out = r.new_zeros(r.shape[0], cols)

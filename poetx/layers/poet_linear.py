@@ -7,8 +7,8 @@ from torch import Tensor, nn
 
 from poetx.config import POETConfig
 from poetx.kernels.quant_ref import STORAGE_DTYPES, quantize
-from poetx.ops.poet_linear import dense_w0, poet_linear
 from poetx.ops.backend import rotation_delta
+from poetx.ops.poet_linear import dense_w0, poet_linear
 from poetx.ortho.cayley import num_skew_params
 from poetx.ortho.init import normalized_gaussian
 from poetx.ortho.layout import (
@@ -104,9 +104,8 @@ class POETLinear(nn.Module):
     def set_dense_weight(self, weight: Tensor) -> None:
         """Set ``W0`` to ``weight`` ``(out, in)`` (original frame); rotations are not touched."""
         if weight.shape != (self.out_features, self.in_features):
-            raise ValueError(
-                f"weight must be ({self.out_features}, {self.in_features}), got {tuple(weight.shape)}"
-            )
+            expected = (self.out_features, self.in_features)
+            raise ValueError(f"weight must be {expected}, got {tuple(weight.shape)}")
         permuted = weight.to(self.perm_in.device)[self.perm_out][:, self.perm_in]
         self._store_w0(permuted)
 

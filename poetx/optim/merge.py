@@ -65,7 +65,8 @@ class MergeSchedule:
         since = self.steps - self.last_merge_step
         if self.merges == 0 or self.clip_warmup_steps == 0 or since >= self.clip_warmup_steps:
             return max_norm
-        frac = self.clip_warmup_start + (1 - self.clip_warmup_start) * since / self.clip_warmup_steps
+        ramp = since / self.clip_warmup_steps
+        frac = self.clip_warmup_start + (1 - self.clip_warmup_start) * ramp
         return max_norm * frac
 
     def state_dict(self) -> dict[str, Any]:
