@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from poetx.model.lm_loss import causal_lm_loss, chunked_cross_entropy
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_chunked_cross_entropy_matches_full_logits(chunk):
+    hidden = torch.randn(29, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 50, (29,))
+    targets[3] = -100
+    loss = chunked_cross_entropy(hidden, weight, targets, chunk)
+    ref = nn.functional.cross_entropy(hidden @ weight.T, targets, ignore_index=-100)
+    torch.testing.assert_close(loss.double(), ref)
+    loss.backward()
+    gh, gw = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    ref.backward()
+    torch.testing.assert_close(gh, hidden.grad)
+    torch.testing.assert_close(gw, weight.grad)
+
+
+def test_causal_lm_loss_matches_model_loss():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=4)
+    model = LlamaForCausalLM(cfg)
+    batch = torch.randint(0, 97, (2, 11))
+    chunked = causal_lm_loss(model, batch, chunk_tokens=5)
+    full = causal_lm_loss(model, batch, chunk_tokens=None)
+    torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(causal_lm_loss(model, batch), full, rtol=1e-5, atol=1e-5)
