@@ -44,7 +44,10 @@ class POETLinear(nn.Module):
         name: str = "",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        weight: Tensor | None = None,
     ) -> None:
+        """``weight`` ``(out, in)``: starting ``W0`` in the original frame; ``None`` draws the
+        normalized Gaussian init (on ``device``, seeded from ``config.seed`` and ``name``)."""
         super().__init__()
         self.config = config or POETConfig()
         self.in_features = in_features
@@ -79,8 +82,12 @@ class POETLinear(nn.Module):
         self.bias = (
             nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
         )
-        gen = torch.Generator().manual_seed(layer_seed(self.config.seed, name, 0, "w0"))
-        self.set_dense_weight(normalized_gaussian(out_features, in_features, gen))
+        if weight is None:
+            gen_device = torch.device(device) if device is not None else torch.device("cpu")
+            gen = torch.Generator(device=gen_device)
+            gen.manual_seed(layer_seed(self.config.seed, name, 0, "w0"))
+            weight = normalized_gaussian(out_features, in_features, gen, gen_device)
+        self.set_dense_weight(weight)
 
     # construction -----------------------------------------------------------------------------
     @classmethod
@@ -92,9 +99,8 @@ class POETLinear(nn.Module):
         config = config or POETConfig()
         weight = linear.weight
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                    config=config, name=name, device=weight.device, dtype=weight.dtype)
-        if config.init == "keep":
-            layer.set_dense_weight(weight.detach())
+                    config=config, name=name, device=weight.device, dtype=weight.dtype,
+                    weight=weight.detach() if config.init == "keep" else None)
         if linear.bias is not None:
             with torch.no_grad():
                 layer.bias.copy_(linear.bias)
@@ -107,6 +113,7 @@ class POETLinear(nn.Module):
             expected = (self.out_features, self.in_features)
             raise ValueError(f"weight must be {expected}, got {tuple(weight.shape)}")
         permuted = weight.to(self.perm_in.device)[self.perm_out][:, self.perm_in]
+        del weight
         self._store_w0(permuted)
 
     def _store_w0(self, permuted: Tensor) -> None:
