@@ -1,0 +1,154 @@
+"""Model-level benchmark: peak memory and tokens/s of poetx variants and plain AdamW.
+
+Each (model, method) runs in its own process, so one OOM or allocator state does not leak into
+the next; inside it, sequence lengths run from short to long on the same model and optimizer.
+
+    python -m bench.model --models llama-3b,llama-8b,llama-13b --seqs 512,1024,2048 \
+        --methods adamw,fast,mem-ckpt,int8,fp8 --out bench/results/model.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from bench.common import environment, print_table, write_json
+
+
+@dataclass(frozen=True)
+class Method:
+    poetx: bool
+    mode: str = "fast"
+    w0_format: str = "auto"
+    checkpointing: bool = False
+
+
+METHODS = {
+    "adamw": Method(poetx=False),
+    "adamw-ckpt": Method(poetx=False, checkpointing=True),
+    "fast": Method(poetx=True, mode="fast"),
+    "mem": Method(poetx=True, mode="mem"),
+    "mem-ckpt": Method(poetx=True, mode="mem", checkpointing=True),
+    "int8": Method(poetx=True, mode="mem", w0_format="int8", checkpointing=True),
+    "fp8": Method(poetx=True, mode="mem", w0_format="fp8", checkpointing=True),
+}
+
+
+def build(preset: str, method: Method, block_size: int, device: str):
+    from transformers import LlamaForCausalLM
+
+    import poetx
+    from poetx.model.build import build_poet_model, rebuild_hf_rotary
+    from poetx.model.llama import build_model, llama_config
+
+    if not method.poetx:
+        model = build_model(preset, dtype=torch.bfloat16, device=device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda")
+    else:
+        cfg = poetx.POETConfig(block_size=block_size, mode=method.mode, w0_format=method.w0_format)
+        model = build_poet_model(lambda: LlamaForCausalLM(llama_config(preset)), cfg, device,
+                                 torch.bfloat16, rebuild_buffers=rebuild_hf_rotary)
+        opt = poetx.make_optimizer(model, lr=1e-4, poet_lr=1e-4)
+    if method.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model, opt
+
+
+def worker(args: argparse.Namespace) -> None:
+    from poetx.model.lm_loss import causal_lm_loss
+
+    method = METHODS[args.method]
+    torch.manual_seed(0)
+    cuda = args.device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    model, opt = build(args.models, method, args.block_size, args.device)
+    vocab = model.config.vocab_size
+    for seq in [int(s) for s in args.seqs.split(",")]:
+        row = {"model": args.models, "seq_len": seq, "batch": args.batch, "method": args.method,
+               "block_size": args.block_size if method.poetx else None}
+        try:
+            sync()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            batch = torch.randint(0, vocab, (args.batch, seq + 1), device=args.device)
+            times = []
+            for step in range(args.warmup + args.steps):
+                start = time.perf_counter()
+                loss = causal_lm_loss(model, batch)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                sync()
+                if step >= args.warmup:
+                    times.append(time.perf_counter() - start)
+            step_s = sorted(times)[len(times) // 2]
+            peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+            row.update(status="ok", peak_gib=peak,
+                       tokens_per_s=args.batch * seq / step_s, step_s=step_s,
+                       loss=float(loss))
+        except torch.OutOfMemoryError:
+            row.update(status="oom", peak_gib=None, tokens_per_s=None)
+            opt.zero_grad(set_to_none=True)
+            loss = None
+            torch.cuda.empty_cache()
+        print("ROW " + json.dumps(row), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="llama-3b,llama-8b,llama-13b")
+    parser.add_argument("--seqs", default="512,1024,2048")
+    parser.add_argument("--methods", default="adamw,fast,mem-ckpt,int8,fp8")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--block-size", type=int, default=256)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--out", default="bench/results/model.json")
+    parser.add_argument("--method", help=argparse.SUPPRESS)
+    parser.add_argument("--timeout", type=int, default=300)
+    parser.add_argument("--device", default="cuda")
+    args = parser.parse_args()
+    if args.method:
+        return worker(args)
+    env = environment()
+    rows = []
+    for preset in args.models.split(","):
+        for method in args.methods.split(","):
+            cmd = [sys.executable, "-m", "bench.model", "--models", preset, "--method", method,
+                   "--seqs", args.seqs, "--batch", str(args.batch), "--block-size",
+                   str(args.block_size), "--warmup", str(args.warmup), "--steps", str(args.steps),
+                   "--device", args.device, "--timeout", str(args.timeout)]
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+                out, err = proc.stdout, proc.stderr
+            except subprocess.TimeoutExpired as exc:
+                out, err = exc.stdout or "", "timeout"
+                if isinstance(out, bytes):
+                    out = out.decode()
+            got = [json.loads(line[4:]) for line in out.splitlines() if line.startswith("ROW ")]
+            seen = {r["seq_len"] for r in got}
+            for seq in [int(s) for s in args.seqs.split(",")]:
+                if seq not in seen:
+                    status = "oom" if "OutOfMemoryError" in err else "error"
+                    got.append({"model": preset, "seq_len": seq, "batch": args.batch,
+                                "method": method, "status": status, "peak_gib": None,
+                                "tokens_per_s": None, "error": err[-400:]})
+            rows.extend(sorted(got, key=lambda r: r["seq_len"]))
+            write_json(args.out, rows, env)
+            for r in got:
+                print(f"{preset} {method} seq={r['seq_len']} {r['status']} "
+                      f"peak={r.get('peak_gib')} tok/s={r.get('tokens_per_s')}", flush=True)
+    print(f"\n{env['device']}, torch {env['torch']}, triton {env['triton']}")
+    print_table(rows, ["model", "seq_len", "method", "status", "peak_gib", "tokens_per_s"])
+
+
+if __name__ == "__main__":
+    main()
