@@ -15,9 +15,11 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from torch import nn
+from transformers import LlamaForCausalLM
 
 import poetx
-from poetx.model.llama import build_model, default_dtype
+from poetx.model.build import build_poet_model, rebuild_hf_rotary
+from poetx.model.llama import build_model, default_dtype, llama_config
 from poetx.train.checkpoint import (
     MODEL_FILE,
     CheckpointError,
@@ -63,12 +65,21 @@ def build_run_model(cfg: TrainConfig, vocab_size: int, device: torch.device,
     ``W0`` in that dtype while its skew parameters stay float32 (bf16 cannot hold their small
     updates). Model initialization draws from the global torch RNG: seed it first.
     """
-    model = build_model(cfg.preset, vocab_size, dtype, device,
-                        max_position_embeddings=max(cfg.seq_len, 2048))
+    max_positions = max(cfg.seq_len, 2048)
+    if cfg.optimizer == "poetx" and cfg.poet.init == "normalized":
+        # Nothing of the dense linear weights is needed: build on meta and draw W0 in place, so
+        # the largest presets never hold a dense copy.
+        hf_config = llama_config(cfg.preset, vocab_size, max_positions)
+        model = build_poet_model(lambda: LlamaForCausalLM(hf_config), cfg.poet, device, dtype,
+                                 init_std=hf_config.initializer_range,
+                                 rebuild_buffers=rebuild_hf_rotary)
+    else:
+        model = build_model(cfg.preset, vocab_size, dtype, device,
+                            max_position_embeddings=max_positions)
+        if cfg.optimizer == "poetx":
+            poetx.wrap(model, cfg.poet)
     if cfg.grad_checkpointing:
         enable_grad_checkpointing(model)
-    if cfg.optimizer == "poetx":
-        poetx.wrap(model, cfg.poet)
     return model
 
 
