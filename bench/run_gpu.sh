@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One device call per stage: GPU tests, layer benchmark, largest model, model benchmark.
+# Usage (repo root, on the GPU machine): bench/run_gpu.sh STAGE [STAGE...]; results go to $OUT.
+# The bundled corpus travels in .cache/poetx (no network there).
+set -uo pipefail
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 POETX_DATA_DIR=$PWD/.cache/poetx
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+for stage in "$@"; do
+  case "$stage" in
+    tests) python3 -m pytest -q -m gpu tests 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt" ;;
+    layer) python3 -m bench.layer --out "$OUT/layer.json" 2>&1 | tee "$OUT/layer.txt" | tail -45 ;;
+    largest) python3 -m bench.largest --out "$OUT/largest.json" 2>&1 | tee "$OUT/largest.txt" ;;
+    train60m)  # issue 6 GPU check and the int8/fp8 accuracy cost on a short real run
+      for v in "poetx auto" "adamw auto" "poetx int8" "poetx fp8"; do
+        set -- $v
+        python3 -m poetx.cli.main train --preset llama-60m --optimizer "$1" --w0-format "$2" \
+          --steps "${STEPS60:-400}" --eval-every 200 --save-every 100000 --no-progress \
+          --out "/tmp/run60m_$1_$2" 2>&1 | tail -6
+        cp "/tmp/run60m_$1_$2/metrics.jsonl" "$OUT/metrics60m_$1_$2.jsonl"
+      done ;;
+    model-*) models=${stage#model-}
+      python3 -m bench.model --models "$models" --out "$OUT/model_${models//,/_}.json" \
+        2>&1 | tee "$OUT/model_${models//,/_}.txt" | tail -40 ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+done

@@ -1,0 +1,313 @@
+"""The Triton kernels against the float64 references.
+
+* ``interpret`` tests run the kernels on CPU through Triton's interpreter. The interpreter is
+  chosen when ``triton.jit`` decorates a kernel, so the fixture loads private copies of the two
+  kernel modules with ``TRITON_INTERPRET=1`` set (and sets it again while they run); the
+  ordinary modules, used by the GPU tests and the rest of the suite in the same process, are
+  not touched.
+* ``gpu`` tests run the compiled kernels at real sizes (skipped without CUDA).
+
+Inputs are fresh random draws; outputs are pre-filled with NaN so unwritten elements fail.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+
+from poetx.kernels.block_rotate_ref import block_gram_reference, block_rotate_reference
+from poetx.ortho.cayley import rotation_delta_backward_reference, rotation_delta_reference
+
+KERNELS = pathlib.Path(__file__).resolve().parents[1] / "poetx" / "kernels"
+CUDA = torch.cuda.is_available()
+gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out = out.double()
+    ref = ref.double().to(out.device)
+    assert torch.isfinite(out).all(), "non-finite (unwritten?) elements"
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def padded_index(dim: int, nb: int, b: int, device="cpu", permute=True) -> torch.Tensor:
+    perm = torch.randperm(dim) if permute else torch.arange(dim)
+    return torch.cat([perm, torch.full((nb * b - dim,), -1, dtype=torch.long)]).to(device)
+
+
+def nan_like(shape, dtype, device) -> torch.Tensor:
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def _load_copy(name: str):
+    spec = importlib.util.spec_from_file_location(f"_interp_{name}", KERNELS / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_INTERP: dict = {}
+
+
+def _numpy2_index_shim(ti):
+    """Triton 3.6's interpreter converts 1-element arrays with ``int()``, which numpy >= 2.3
+    refuses (runtime loop bounds); give its tensors an ``__index__`` that takes element 0."""
+    orig = ti._patch_lang_tensor
+    if getattr(orig, "_poetx_shim", False):
+        return orig
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__",
+                       lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+    patched._poetx_shim = True
+    return patched
+
+
+@pytest.fixture
+def interp(monkeypatch):
+    """``(block_rotate, cayley_neumann)`` module copies whose kernels run in the interpreter."""
+    import triton.runtime.interpreter as ti
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(ti, "_patch_lang_tensor", _numpy2_index_shim(ti))
+    if not _INTERP:
+        _INTERP["br"] = _load_copy("block_rotate")
+        _INTERP["cn"] = _load_copy("cayley_neumann")
+    br, cn = _INTERP["br"], _INTERP["cn"]
+    assert br._interpreting() and cn._interpreting()
+    saved = dict(br.OPTIONS)
+    yield br, cn
+    br.OPTIONS.update(saved)
+
+
+# --------------------------------------------------------------------------------------------
+# interpreter (CPU)
+
+# (dim, block): divisible and padded
+SMALL = [(12, 4), (10, 4), (16, 8), (13, 8), (48, 16), (40, 16)]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dim,b", SMALL)
+@pytest.mark.parametrize("gather", ["direct", "staged"])
+def test_rotate_interpreted(interp, dim, b, gather):
+    br, _ = interp
+    br.OPTIONS["gather"] = gather
+    nb = -(-dim // b)
+    T = 21
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
+        for in_idx in (None, padded_index(dim, nb, b)):
+            for out_idx in (None, padded_index(dim, nb, b)):
+                for transpose in (False, True):
+                    x = torch.randn(T, dim).to(dtype)
+                    d = (0.3 * torch.randn(nb, b, b)).to(dtype)
+                    out = nan_like((T, dim), dtype, "cpu")
+                    y = br.block_rotate(x, d, in_idx, out_idx, dim, transpose, out=out)
+                    assert y.data_ptr() == out.data_ptr()
+                    ref = block_rotate_reference(x.double(), d.double(), in_idx, out_idx, dim,
+                                                 transpose)
+                    assert rel_err(y, ref) < tol, (dtype, in_idx is None, out_idx is None,
+                                                   transpose)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("gather", ["direct", "staged"])
+def test_rotate_interpreted_shapes(interp, gather):
+    """Input and output widths that differ from ``nb*b`` and from each other."""
+    br, _ = interp
+    br.OPTIONS["gather"] = gather
+    b, nb, T = 8, 3, 9
+    x = torch.randn(T, 20)
+    d = 0.3 * torch.randn(nb, b, b)
+    for out_cols in (20, 24):
+        y = br.block_rotate(x, d, None, None, out_cols, out=nan_like((T, out_cols),
+                                                                     torch.float32, "cpu"))
+        ref = block_rotate_reference(x.double(), d.double(), None, None, out_cols)
+        assert rel_err(y, ref) < 1e-6
+    assert br.block_rotate(x[:0], d, None, None, 20).shape == (0, 20)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dim,b", SMALL)
+@pytest.mark.parametrize("gather", ["direct", "staged"])
+def test_gram_interpreted(interp, dim, b, gather):
+    br, _ = interp
+    br.OPTIONS["gather"] = gather
+    nb = -(-dim // b)
+    T = 37
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-5)):
+        for a_idx in (None, padded_index(dim, nb, b)):
+            for b_idx in (None, padded_index(dim, nb, b)):
+                a = torch.randn(T, dim).to(dtype)
+                c = torch.randn(T, dim).to(dtype)
+                out = nan_like((nb, b, b), torch.float32, "cpu")
+                g = br.block_gram(a, c, a_idx, b_idx, nb, b, out=out)
+                ref = block_gram_reference(a.double(), c.double(), a_idx, b_idx, nb, b)
+                assert g.dtype == torch.float32
+                assert rel_err(g, ref) < tol
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("splits", [2, 3])
+def test_gram_interpreted_split(interp, splits):
+    """The token reduction split over programs (atomic adds into a zeroed output)."""
+    br, _ = interp
+    br.OPTIONS["gram_splits"] = splits
+    b, nb, T = 8, 2, 150
+    a, c = torch.randn(T, 16), torch.randn(T, 16)
+    idx = padded_index(16, nb, b)
+    g = br.block_gram(a, c, idx, None, nb, b, out=nan_like((nb, b, b), torch.float32, "cpu"))
+    assert rel_err(g, block_gram_reference(a.double(), c.double(), idx, None, nb, b)) < 1e-6
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("b,nb,valid", [(4, 3, None), (4, 2, 3), (8, 2, None), (8, 3, 5),
+                                        (16, 2, None), (16, 3, 11), (5, 2, 4), (32, 3, 21),
+                                        (48, 2, None)])
+@pytest.mark.parametrize("terms", [1, 2, 3, 4])
+def test_cayley_interpreted(interp, b, nb, valid, terms):
+    _, cn = interp
+    theta = 0.2 * torch.randn(nb, b * (b - 1) // 2)
+    ref = rotation_delta_reference(theta.double(), b, terms, valid)
+    out = nan_like((nb, b, b), torch.float32, "cpu")
+    d = cn.cayley_neumann_delta(theta, b, terms, valid, torch.float32, out=out)
+    assert rel_err(d, ref) < 1e-6
+    d16 = cn.cayley_neumann_delta(theta, b, terms, valid, torch.float16)
+    assert d16.dtype == torch.float16 and rel_err(d16, ref) < 1e-3
+    g = torch.randn(nb, b, b)
+    gref = rotation_delta_backward_reference(theta.double(), g.double(), b, terms, valid)
+    gout = nan_like(theta.shape, torch.float32, "cpu")
+    gt = cn.cayley_neumann_delta_backward(theta, g, b, terms, valid, out=gout)
+    assert gt.dtype == theta.dtype and rel_err(gt, gref) < 1e-6
+
+
+# --------------------------------------------------------------------------------------------
+# GPU (compiled kernels, real sizes)
+
+GPU_TOL = {torch.bfloat16: 8e-3, torch.float16: 2e-3, torch.float32: 2e-5}
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dim,b", [(4096, 256), (14336, 512), (2736, 256), (1000, 64)])
+@pytest.mark.parametrize("gather", ["direct", "staged"])
+def test_rotate_gpu(dtype, dim, b, gather):
+    from poetx.kernels import block_rotate as br
+
+    saved = dict(br.OPTIONS)
+    br.OPTIONS["gather"] = gather
+    try:
+        nb = -(-dim // b)
+        T = 1000
+        for in_idx, out_idx, transpose in ((True, False, False), (False, True, False),
+                                           (True, False, True), (False, True, True),
+                                           (False, False, False), (True, True, True)):
+            ii = padded_index(dim, nb, b, "cuda") if in_idx else None
+            oi = padded_index(dim, nb, b, "cuda") if out_idx else None
+            x = torch.randn(T, dim, device="cuda").to(dtype)
+            d = (0.05 * torch.randn(nb, b, b, device="cuda")).to(dtype)
+            out = nan_like((T, dim), dtype, "cuda")
+            y = br.block_rotate(x, d, ii, oi, dim, transpose, out=out)
+            ref = block_rotate_reference(x.double(), d.double(), ii, oi, dim, transpose)
+            err = rel_err(y, ref)
+            assert err < GPU_TOL[dtype], (in_idx, out_idx, transpose, err)
+    finally:
+        br.OPTIONS.update(saved)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dim,b,T", [(4096, 256, 2048), (14336, 512, 1000), (2736, 256, 333)])
+@pytest.mark.parametrize("gather", ["direct", "staged"])
+def test_gram_gpu(dtype, dim, b, T, gather):
+    from poetx.kernels import block_rotate as br
+
+    saved = dict(br.OPTIONS)
+    br.OPTIONS["gather"] = gather
+    try:
+        nb = -(-dim // b)
+        for a_idx, b_idx in ((True, False), (False, True), (False, False)):
+            ai = padded_index(dim, nb, b, "cuda") if a_idx else None
+            bi = padded_index(dim, nb, b, "cuda") if b_idx else None
+            a = torch.randn(T, dim, device="cuda").to(dtype)
+            c = torch.randn(T, dim, device="cuda").to(dtype)
+            out = nan_like((nb, b, b), torch.float32, "cuda")
+            g = br.block_gram(a, c, ai, bi, nb, b, out=out)
+            ref = block_gram_reference(a.double(), c.double(), ai, bi, nb, b)
+            assert rel_err(g, ref) < (1e-5 if dtype == torch.bfloat16 else 2e-5)
+    finally:
+        br.OPTIONS.update(saved)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("b,nb,valid", [(256, 16, None), (512, 28, None), (256, 11, 176),
+                                        (100, 3, 37), (64, 4, None)])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_cayley_gpu(b, nb, valid, out_dtype):
+    from poetx.kernels import cayley_neumann as cn
+
+    theta = 0.02 * torch.randn(nb, b * (b - 1) // 2, device="cuda")
+    ref = rotation_delta_reference(theta.double(), b, 3, valid)
+    out = nan_like((nb, b, b), out_dtype, "cuda")
+    d = cn.cayley_neumann_delta(theta, b, 3, valid, out_dtype, out=out)
+    assert rel_err(d, ref) < (4e-3 if out_dtype == torch.bfloat16 else 1e-5)
+    g = torch.randn(nb, b, b, device="cuda")
+    gref = rotation_delta_backward_reference(theta.double(), g.double(), b, 3, valid)
+    gt = cn.cayley_neumann_delta_backward(theta, g, b, 3, valid,
+                                          out=nan_like(theta.shape, torch.float32, "cuda"))
+    assert rel_err(gt, gref) < 2e-3  # tf32 products (POETX_CAYLEY_PRECISION to change)
+    d2 = cn.cayley_neumann_delta(theta, b, 2, valid, out_dtype)  # Horner path
+    assert rel_err(d2, rotation_delta_reference(theta.double(), b, 2, valid)) < 4e-3
+
+
+def _layer_pair(n, m, b, mode, dtype):
+    from poetx.config import POETConfig
+    from poetx.layers.poet_linear import POETLinear
+
+    cfg = POETConfig(block_size=b, mode=mode)
+    fast = POETLinear(n, m, bias=True, config=cfg, name="l", device="cuda", dtype=dtype)
+    ref = POETLinear(n, m, bias=True, config=cfg, name="l", device="cpu", dtype=torch.float64)
+    with torch.no_grad():
+        fast.theta_in.normal_(0, 0.005)
+        fast.theta_out.normal_(0, 0.005)
+        fast.bias.normal_(0, 0.1)
+        for name in ("theta_in", "theta_out", "bias", "w0"):
+            getattr(ref, name).copy_(getattr(fast, name).double().cpu())
+        ref.perm_in.copy_(fast.perm_in.cpu())
+        ref.perm_out.copy_(fast.perm_out.cpu())
+    return fast, ref
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("n,m,b", [(1024, 2736, 256), (2048, 512, 512)])
+@pytest.mark.parametrize("mode", ["fast", "mem"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_poet_linear_gpu_matches_cpu_float64(n, m, b, mode, dtype):
+    fast, ref = _layer_pair(n, m, b, mode, dtype)
+    x = torch.randn(3, 171, n, device="cuda").to(dtype).requires_grad_(True)
+    gy = torch.randn(3, 171, m, device="cuda").to(dtype)
+    y = fast(x)
+    y.backward(gy)
+    xr = x.detach().double().cpu().requires_grad_(True)
+    yr = ref(xr)
+    yr.backward(gy.double().cpu())
+    tol = {torch.bfloat16: 2e-2, torch.float32: 2e-3}[dtype]
+    assert rel_err(y, yr) < tol
+    assert rel_err(x.grad, xr.grad) < tol
+    assert rel_err(fast.theta_in.grad, ref.theta_in.grad) < tol
+    assert rel_err(fast.theta_out.grad, ref.theta_out.grad) < tol
+    assert rel_err(fast.bias.grad, ref.bias.grad) < tol
