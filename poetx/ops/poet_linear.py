@@ -7,8 +7,8 @@
     y = rotate(v, R)     batched block product, scattered back by the output permutation
 
 Backward needs one large GEMM (``gu = gv @ W0s``; W0 is frozen, so no weight gradient) and small
-block products. ``save_intermediate=True`` ("fast") keeps ``v`` for the gradient of ``R``;
-``False`` ("mem") recomputes it, so only the input is saved, as in a dense layer.
+block products. ``save_intermediate=True`` ("fast") keeps ``v`` and the rotation blocks for
+backward; ``False`` ("mem") recomputes them, so only the input is saved, as in a dense layer.
 
 Being a ``torch.library`` custom op, it is opaque to ``torch.compile`` and safe under
 activation checkpointing; on CUDA the kernels behind ``poetx.ops.backend`` are Triton.
@@ -71,21 +71,28 @@ def poet_linear_op(
     block_out: int,
     terms: int,
     save_intermediate: bool,
-) -> tuple[Tensor, Tensor]:
-    """``x (T, n) -> (y (T, m), v)``; ``v`` is ``(T, m)`` when saved, else empty."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``x (T, n) -> (y (T, m), v, d_in, d_out)``; ``v`` ``(T, m)`` and the blocks ``R - I``
+    are returned for backward when ``save_intermediate``, else empty."""
     m, n = w0.shape
     d_in, d_out = _deltas(x, theta_in, theta_out, n, m, block_in, block_out, terms)
     v = _forward_rotated_input(x, w0, w0_scale, d_in, index_in)
     y = backend.rotate(v, d_out, None, index_out, m)
-    return y, (v if save_intermediate else x.new_empty(0))
+    if not save_intermediate:
+        return y, x.new_empty(0), x.new_empty(0), x.new_empty(0)
+    return y, v, d_in, d_out
 
 
 @poet_linear_op.register_fake
 def _(x, w0, w0_scale, theta_in, theta_out, index_in, index_out, block_in, block_out, terms,
       save_intermediate):
-    m = w0.shape[0]
+    m, n = w0.shape
     y = x.new_empty(x.shape[0], m)
-    return y, (x.new_empty(x.shape[0], m) if save_intermediate else x.new_empty(0))
+    if not save_intermediate:
+        return y, x.new_empty(0), x.new_empty(0), x.new_empty(0)
+    d_in = x.new_empty(theta_in.shape[0], block_in, block_in)
+    d_out = x.new_empty(theta_out.shape[0], block_out, block_out)
+    return y, x.new_empty(x.shape[0], m), d_in, d_out
 
 
 @torch.library.custom_op("poetx::poet_linear_backward", mutates_args=())
@@ -93,6 +100,8 @@ def poet_linear_backward_op(
     grad_y: Tensor,
     x: Tensor,
     v: Tensor,
+    d_in: Tensor,
+    d_out: Tensor,
     w0: Tensor,
     w0_scale: Tensor | None,
     theta_in: Tensor,
@@ -103,10 +112,11 @@ def poet_linear_backward_op(
     block_out: int,
     terms: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients ``(dx (T, n), dtheta_in, dtheta_out)``; an empty ``v`` is recomputed."""
+    """Gradients ``(dx (T, n), dtheta_in, dtheta_out)``; empty ``v``/blocks are recomputed."""
     m, n = w0.shape
     grad_y = grad_y.contiguous()
-    d_in, d_out = _deltas(x, theta_in, theta_out, n, m, block_in, block_out, terms)
+    if d_in.numel() == 0:
+        d_in, d_out = _deltas(x, theta_in, theta_out, n, m, block_in, block_out, terms)
     weight = dense_w0(w0, w0_scale, x.dtype)
     if v.numel() == 0:
         v = backend.rotate(x, d_in, index_in, None, n) @ weight.t()
@@ -127,24 +137,28 @@ def poet_linear_backward_op(
 
 
 @poet_linear_backward_op.register_fake
-def _(grad_y, x, v, w0, w0_scale, theta_in, theta_out, index_in, index_out, block_in, block_out,
-      terms):
+def _(grad_y, x, v, d_in, d_out, w0, w0_scale, theta_in, theta_out, index_in, index_out,
+      block_in, block_out, terms):
     return torch.empty_like(x), torch.empty_like(theta_in), torch.empty_like(theta_out)
 
 
 def _setup_context(ctx, inputs, output):
     (x, w0, w0_scale, theta_in, theta_out, index_in, index_out, block_in, block_out, terms,
      _save) = inputs
-    _, v = output
-    ctx.save_for_backward(x, v, w0, w0_scale, theta_in, theta_out, index_in, index_out)
+    _, v, d_in, d_out = output
+    ctx.save_for_backward(x, v, d_in, d_out, w0, w0_scale, theta_in, theta_out, index_in,
+                          index_out)
     ctx.geometry = (block_in, block_out, terms)
+    # The extra outputs only carry saved state: don't zero-fill gradients for them.
+    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_y, _grad_v):
-    x, v, w0, w0_scale, theta_in, theta_out, index_in, index_out = ctx.saved_tensors
-    grad_x, grad_theta_in, grad_theta_out = poet_linear_backward_op(
-        grad_y, x, v, w0, w0_scale, theta_in, theta_out, index_in, index_out, *ctx.geometry
-    )
+def _backward(ctx, grad_y, *_unused_grads):
+    saved = ctx.saved_tensors
+    x = saved[0]
+    if grad_y is None:
+        grad_y = x.new_zeros(x.shape[0], saved[4].shape[0])
+    grad_x, grad_theta_in, grad_theta_out = poet_linear_backward_op(grad_y, *saved, *ctx.geometry)
     return grad_x, None, None, grad_theta_in, grad_theta_out, None, None, None, None, None, None
 
 
@@ -177,8 +191,8 @@ def poet_linear(
     x2 = x.reshape(-1, x.shape[-1])
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    y, _ = poet_linear_op(
+    y = poet_linear_op(
         x2, w0, w0_scale, theta_in, theta_out, index_in, index_out, block_in, block_out,
         EXACT_CAYLEY if terms is None else terms, save_intermediate,
-    )
+    )[0]
     return y.reshape(*lead, w0.shape[0])
