@@ -9,9 +9,11 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 for stage in "$@"; do
   case "$stage" in
-    tests) python3 -m pytest -q -m gpu tests 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt" ;;
-    layer) python3 -m bench.layer --out "$OUT/layer.json" 2>&1 | tee "$OUT/layer.txt" | tail -45 ;;
-    largest) python3 -m bench.largest --out "$OUT/largest.json" 2>&1 | tee "$OUT/largest.txt" ;;
+    tests) timeout 200 python3 -m pytest -q -m gpu tests 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt" ;;
+    layer) timeout 240 python3 -m bench.layer --out "$OUT/layer.json" --md "$OUT/layer.md" \
+        2>&1 | tee "$OUT/layer.txt" | tail -45 ;;
+    largest) timeout 300 python3 -m bench.largest --out "$OUT/largest.json" 2>&1 \
+        | tee "$OUT/largest.txt" ;;
     train60m)  # issue 6 GPU check and the int8/fp8 accuracy cost on a short real run
       for v in "poetx auto" "adamw auto" "poetx int8" "poetx fp8"; do
         set -- $v
