@@ -23,7 +23,8 @@ for stage in "$@"; do
         cp "/tmp/run60m_$1_$2/metrics.jsonl" "$OUT/metrics60m_$1_$2.jsonl"
       done ;;
     model-*) models=${stage#model-}
-      python3 -m bench.model --models "$models" --out "$OUT/model_${models//,/_}.json" \
+      timeout "${MODEL_TIMEOUT:-540}" python3 -m bench.model --models "$models" \
+        --methods "${METHODS:-adamw,fast,mem-ckpt,int8,fp8}" --out "$OUT/model_${models//,/_}.json" \
         2>&1 | tee "$OUT/model_${models//,/_}.txt" | tail -40 ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
