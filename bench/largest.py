@@ -40,6 +40,7 @@ def main() -> None:
     # lr * hidden: 3e-3 at width 6656 diverged (bench/results/largest_lr3e-3_diverged.json).
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--poet-lr", type=float, default=5e-4)
+    parser.add_argument("--warmup", type=int, default=3, help="linear lr warm-up steps")
     parser.add_argument("--out", default="bench/results/largest.json")
     args = parser.parse_args()
 
@@ -58,6 +59,7 @@ def main() -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     opt = poetx.make_optimizer(model, lr=args.lr, poet_lr=args.poet_lr)
+    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup))
     dense_params = sum(
         m.in_features * m.out_features for _, m in poetx.model.wrap.poet_layers(model)
     ) + sum(p.numel() for n, p in model.named_parameters() if "theta" not in n and "w0" not in n)
@@ -72,6 +74,7 @@ def main() -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        warmup.step()
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -79,7 +82,8 @@ def main() -> None:
                      "tokens_per_s": args.batch * args.seq_len / dt,
                      "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
                      "dense_params_b": dense_params / 1e9, "trainable_m": trainable / 1e6,
-                     "w0_format": args.w0_format, "mode": args.mode,
+                     "w0_format": args.w0_format, "mode": args.mode, "lr": args.lr,
+                     "poet_lr": args.poet_lr,
                      "batch": args.batch, "seq_len": args.seq_len})
         print(f"step {step}: loss {rows[-1]['loss']:.4f}  {rows[-1]['tokens_per_s']:.0f} tok/s  "
               f"peak {rows[-1]['peak_gib']:.1f} GiB", flush=True)
