@@ -87,6 +87,19 @@ def _prec(dtype: torch.dtype) -> str:
 
 
 @triton.jit
+def _columns(idx_ptr, kb, pos, pos_ok, cols, HAS_IDX: tl.constexpr):
+    """Columns of rotated positions ``kb + pos`` and whether they are real (not phantoms):
+    read from the index, or the identity bounded by the tensor's ``cols``."""
+    if HAS_IDX:
+        col = tl.load(idx_ptr + kb + pos, mask=pos_ok, other=-1)
+        ok = col >= 0
+    else:
+        col = kb + pos
+        ok = pos_ok & (col < cols)
+    return col, ok
+
+
+@triton.jit
 def _rotate_kernel(
     x_ptr, d_ptr, in_idx_ptr, out_idx_ptr, y_ptr,
     T, x_cols, y_cols, b, stride_x, stride_y, tiles_per_block, col_tiles,
@@ -110,12 +123,7 @@ def _rotate_kernel(
     for kk in range(0, b, BK):
         j = kk + tl.arange(0, BK)
         j_ok = j < b
-        if HAS_IN:
-            col = tl.load(in_idx_ptr + kb + j, mask=j_ok, other=-1)
-            c_ok = col >= 0
-        else:
-            col = kb + j
-            c_ok = j_ok & (col < x_cols)
+        col, c_ok = _columns(in_idx_ptr, kb, j, j_ok, x_cols, HAS_IN)
         a = tl.load(xrow + col[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0.0)
         if TRANSPOSE:  # noqa: SIM108  (B[j, i] = D[j, i])
             dp = d_base + j[:, None] * b + oc[None, :]
@@ -127,20 +135,10 @@ def _rotate_kernel(
             d = d.to(tl.float32)
         acc = tl.dot(a, d, acc, input_precision=PREC)
     # identity term, exact in fp32
-    if HAS_IN:
-        icol = tl.load(in_idx_ptr + kb + oc, mask=oc_ok, other=-1)
-        i_ok = icol >= 0
-    else:
-        icol = kb + oc
-        i_ok = oc_ok & (icol < x_cols)
+    icol, i_ok = _columns(in_idx_ptr, kb, oc, oc_ok, x_cols, HAS_IN)
     xi = tl.load(xrow + icol[None, :], mask=row_ok[:, None] & i_ok[None, :], other=0.0)
     acc += xi.to(tl.float32)
-    if HAS_OUT:
-        ocol = tl.load(out_idx_ptr + kb + oc, mask=oc_ok, other=-1)
-        o_ok = ocol >= 0
-    else:
-        ocol = kb + oc
-        o_ok = oc_ok & (ocol < y_cols)
+    ocol, o_ok = _columns(out_idx_ptr, kb, oc, oc_ok, y_cols, HAS_OUT)
     yp = y_ptr + rows.to(tl.int64)[:, None] * stride_y + ocol[None, :]
     tl.store(yp, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & o_ok[None, :])
 
@@ -195,18 +193,8 @@ def _gram_kernel(
     i = (rem % tiles_i) * BI + tl.arange(0, BI)  # i fastest: neighbours share the B panel
     j = (rem // tiles_i) * BJ + tl.arange(0, BJ)
     kb = k * bsz
-    if HAS_AI:
-        acol = tl.load(a_idx_ptr + kb + i, mask=i < bsz, other=-1)
-        a_ok = acol >= 0
-    else:
-        acol = kb + i
-        a_ok = (i < bsz) & (acol < a_cols)
-    if HAS_BI:
-        bcol = tl.load(b_idx_ptr + kb + j, mask=j < bsz, other=-1)
-        b_ok = bcol >= 0
-    else:
-        bcol = kb + j
-        b_ok = (j < bsz) & (bcol < b_cols)
+    acol, a_ok = _columns(a_idx_ptr, kb, i, i < bsz, a_cols, HAS_AI)
+    bcol, b_ok = _columns(b_idx_ptr, kb, j, j < bsz, b_cols, HAS_BI)
     t_start = split * t_per_split
     t_end = tl.minimum(T, t_start + t_per_split)
     acc = tl.full((BI, BJ), 0.0, tl.float32)

@@ -70,6 +70,17 @@ def _precision(default: str) -> str:
 
 
 @triton.jit
+def _block_tile(b, BM: tl.constexpr, BN: tl.constexpr):
+    """This program's ``(block k, tile row, tile column)``: each ``b x b`` block is cut into
+    ``ceil(b/BM) x ceil(b/BN)`` output tiles, launched block after block."""
+    pid = tl.program_id(0)
+    tiles_n = (b + BN - 1) // BN
+    per_block = ((b + BM - 1) // BM) * tiles_n
+    rem = pid % per_block
+    return pid // per_block, rem // tiles_n, rem % tiles_n
+
+
+@triton.jit
 def _q_tile(theta_ptr, row_off, rows, cols, b, vl):
     """Tile ``Q[rows, cols]`` (fp32) of one block, half storage at ``theta_ptr + row_off``."""
     r = rows[:, None]
@@ -98,14 +109,9 @@ def _cn_matmul_kernel(
 ):
     """``out[k] = A_k @ (B_scratch_k + b_i I + b_q Q_k) + e_i I + e_q Q_k`` for tile
     ``(rows, cols)`` of block ``k``; ``A_k`` is ``Q_k`` or ``a_ptr[k]`` (fp32 ``(nb, b, b)``)."""
-    pid = tl.program_id(0)
-    tiles_m = (b + BM - 1) // BM
-    tiles_n = (b + BN - 1) // BN
-    per_block = tiles_m * tiles_n
-    k = pid // per_block
-    rem = pid % per_block
-    rows = (rem // tiles_n) * BM + tl.arange(0, BM)
-    cols = (rem % tiles_n) * BN + tl.arange(0, BN)
+    k, tm, tn = _block_tile(b, BM, BN)
+    rows = tm * BM + tl.arange(0, BM)
+    cols = tn * BN + tl.arange(0, BN)
     vl = tl.where(k == nb - 1, vl_last, b)
     row_off = k.to(tl.int64) * npar
     base = k.to(tl.int64) * b * b
@@ -138,14 +144,9 @@ def _cn_bwd_uv_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
 ):
     """``P1 = G Q``, ``P2 = G^T Q``; ``U = P1 + P2 (= (G + G^T) Q)``, ``V = P1 - P2``."""
-    pid = tl.program_id(0)
-    tiles_m = (b + BM - 1) // BM
-    tiles_n = (b + BN - 1) // BN
-    per_block = tiles_m * tiles_n
-    k = pid // per_block
-    rem = pid % per_block
-    rows = (rem // tiles_n) * BM + tl.arange(0, BM)
-    cols = (rem % tiles_n) * BN + tl.arange(0, BN)
+    k, tm, tn = _block_tile(b, BM, BN)
+    rows = tm * BM + tl.arange(0, BM)
+    cols = tn * BN + tl.arange(0, BN)
     vl = tl.where(k == nb - 1, vl_last, b)
     row_off = k.to(tl.int64) * npar
     base = k.to(tl.int64) * b * b
@@ -172,14 +173,9 @@ def _cn_bwd_w_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
 ):
     """``W = (G - G^T) - 2U + (2V + V^T) Q - (U - U^T) S``."""
-    pid = tl.program_id(0)
-    tiles_m = (b + BM - 1) // BM
-    tiles_n = (b + BN - 1) // BN
-    per_block = tiles_m * tiles_n
-    k = pid // per_block
-    rem = pid % per_block
-    rows = (rem // tiles_n) * BM + tl.arange(0, BM)
-    cols = (rem % tiles_n) * BN + tl.arange(0, BN)
+    k, tm, tn = _block_tile(b, BM, BN)
+    rows = tm * BM + tl.arange(0, BM)
+    cols = tn * BN + tl.arange(0, BN)
     vl = tl.where(k == nb - 1, vl_last, b)
     row_off = k.to(tl.int64) * npar
     base = k.to(tl.int64) * b * b
@@ -208,14 +204,7 @@ def _cn_bwd_w_kernel(
 @triton.jit
 def _cn_pack_kernel(w_ptr, out_ptr, b, nb, vl_last, npar, BM: tl.constexpr, BN: tl.constexpr):
     """``out[k, idx(i, j)] = W[i, j] - W[j, i]`` for ``i < j``, zero on phantom rows/columns."""
-    pid = tl.program_id(0)
-    tiles_m = (b + BM - 1) // BM
-    tiles_n = (b + BN - 1) // BN
-    per_block = tiles_m * tiles_n
-    k = pid // per_block
-    rem = pid % per_block
-    tm = rem // tiles_n
-    tn = rem % tiles_n
+    k, tm, tn = _block_tile(b, BM, BN)
     if tm * BM < (tn + 1) * BN:  # the tile meets the strict upper triangle
         rows = tm * BM + tl.arange(0, BM)
         cols = tn * BN + tl.arange(0, BN)
@@ -269,14 +258,9 @@ def _cn_fwd_mm_kernel(
     """``out = c1 A X1^T + c2 A X2^T + f1 E1 + f2 E2`` per block with TMA tiles of the
     ``(nb*b, b)`` views. ``X^T`` tiles are read at ``[J, kk]``: for the symmetric ``S`` that is
     ``S``, for the skew ``P`` it is ``-P``; so the operands are K-major as tf32 wants."""
-    pid = tl.program_id(0)
-    tiles_m = b // BM
-    tiles_n = b // BN
-    per_block = tiles_m * tiles_n
-    k = pid // per_block
-    rem = pid % per_block
-    i0 = (rem // tiles_n) * BM
-    j0 = (rem % tiles_n) * BN
+    k, tm, tn = _block_tile(b, BM, BN)
+    i0 = tm * BM
+    j0 = tn * BN
     kb = k * b
     acc1 = tl.full((BM, BN), 0.0, tl.float32)
     acc2 = tl.full((BM, BN), 0.0, tl.float32)
@@ -301,14 +285,9 @@ def _cn_bwd_suv_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
 ):
     """``S = Q Q``, ``U = Sy Q``, ``V = K Q`` sharing the ``Q`` tile (read as ``-P^T / 2``)."""
-    pid = tl.program_id(0)
-    tiles_m = b // BM
-    tiles_n = b // BN
-    per_block = tiles_m * tiles_n
-    k = pid // per_block
-    rem = pid % per_block
-    i0 = (rem // tiles_n) * BM
-    j0 = (rem % tiles_n) * BN
+    k, tm, tn = _block_tile(b, BM, BN)
+    i0 = tm * BM
+    j0 = tn * BN
     kb = k * b
     acc_s = tl.full((BM, BN), 0.0, tl.float32)
     acc_u = tl.full((BM, BN), 0.0, tl.float32)
