@@ -373,6 +373,9 @@ def permute_columns(x: Tensor, index: Tensor, out_cols: int, out: Tensor | None 
 
 
 _INVERSE_CACHE: dict = {}
+# Two indices per layer: 256 entries thrashed on an 8B model (224 layers), relaunching the
+# inversion on every call. Each entry is only ``4 * cols`` bytes.
+_INVERSE_CACHE_SIZE = 4096
 
 
 def inverse_index(index: Tensor, cols: int) -> Tensor:
@@ -388,7 +391,7 @@ def inverse_index(index: Tensor, cols: int) -> Tensor:
     inv = torch.empty(cols, dtype=torch.int32, device=index.device)
     n = index.numel()
     _invert_kernel[(triton.cdiv(n, 1024),)](index, inv, n, BLOCK=1024)
-    if len(_INVERSE_CACHE) >= 256:
+    if len(_INVERSE_CACHE) >= _INVERSE_CACHE_SIZE:
         _INVERSE_CACHE.pop(next(iter(_INVERSE_CACHE)))
     _INVERSE_CACHE[key] = (weakref.ref(index), inv)
     return inv
