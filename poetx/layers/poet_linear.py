@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from poetx.config import POETConfig
 from poetx.kernels.quant_ref import STORAGE_DTYPES, quantize
 from poetx.ops.backend import rotation_delta
-from poetx.ops.poet_linear import dense_w0, poet_linear
+from poetx.ops.rotated_gemm import dense_w0, poet_linear
 from poetx.ortho.cayley import num_skew_params
 from poetx.ortho.init import normalized_gaussian
 from poetx.ortho.layout import (
