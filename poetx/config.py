@@ -8,6 +8,8 @@ from typing import Any
 MODES = ("fast", "mem")
 INITS = ("normalized", "keep")
 W0_FORMATS = ("auto", "int8", "fp8")
+W0_RESIDUALS = ("host", "device", "off")
+ADAM_RESTARTS = ("rewarm", "reset")
 MAX_NEUMANN_TERMS = 16
 
 
@@ -35,7 +37,24 @@ class POETConfig:
             name and the merge counter, so ranks and resumed runs draw the same permutations.
         w0_format: storage of ``W0``: ``"auto"`` (the layer's dtype), ``"int8"`` (group-wise
             scales) or ``"fp8"`` (e4m3 with scales).
-        quant_group_size: group size of the scales for ``int8``/``fp8`` storage.
+        quant_group_size: group size of the scales for ``int8``/``fp8`` storage (columns per
+            scale; the last group of a row is shorter when it does not divide the width).
+        w0_residual: where the rounding residual of a low-precision ``W0`` (bf16/fp16, int8,
+            fp8) is kept: each merge stores ``R W0 P`` rounded and keeps what the rounding lost,
+            in ``W0``'s own format, to add back at the next merge (error feedback), so rounding
+            errors do not accumulate over merges. ``"host"`` keeps it in CPU memory (moved to
+            the device only during a merge), ``"device"`` beside ``W0``, ``"off"`` drops it
+            (each merge then adds a fresh rounding error). Unused for float32/float64 ``W0``.
+        max_q_norm: merge early when the largest Frobenius norm of any block's ``Q`` exceeds
+            this (the truncated Cayley map is only near-orthogonal for small ``Q``); ``0``
+            disables the guard.
+        q_norm_check_every: steps between two checks of ``max_q_norm`` (each check reads one
+            number from the device).
+        adam_restart: what a merge does to the optimizer state of the skew parameters:
+            ``"rewarm"`` zeroes the first moment and replaces each tensor's second moment by
+            its mean (so the first updates after a merge ramp up over about ``1/(1-beta1)``
+            steps instead of moving every entry by ``lr`` at once); ``"reset"`` clears it as
+            the authors do. Both in place.
     """
 
     block_size: int = 256
@@ -47,6 +66,10 @@ class POETConfig:
     seed: int = 0
     w0_format: str = "auto"
     quant_group_size: int = 256
+    w0_residual: str = "host"
+    max_q_norm: float = 1.0
+    q_norm_check_every: int = 10
+    adam_restart: str = "rewarm"
 
     def __post_init__(self) -> None:
         if isinstance(self.exclude, str):
@@ -64,6 +87,12 @@ class POETConfig:
         _check_choice("init", self.init, INITS)
         _check_choice("w0_format", self.w0_format, W0_FORMATS)
         _check_int("quant_group_size", self.quant_group_size, low=16, high=65536)
+        _check_choice("w0_residual", self.w0_residual, W0_RESIDUALS)
+        if (isinstance(self.max_q_norm, bool) or not isinstance(self.max_q_norm, int | float)
+                or not 0 <= self.max_q_norm < float("inf")):
+            raise ValueError(f"max_q_norm: must be a finite number >= 0, got {self.max_q_norm!r}")
+        _check_int("q_norm_check_every", self.q_norm_check_every, low=1, high=None)
+        _check_choice("adam_restart", self.adam_restart, ADAM_RESTARTS)
         _check_int("seed", self.seed, low=0, high=2**63 - 1)
         for pattern in self.exclude:
             if not isinstance(pattern, str) or not pattern:

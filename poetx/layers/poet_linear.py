@@ -6,17 +6,21 @@ import torch
 from torch import Tensor, nn
 
 from poetx.config import POETConfig
-from poetx.kernels.quant_ref import STORAGE_DTYPES, quantize
+from poetx.kernels.quant_ref import STORAGE_DTYPES, dequantize, num_groups, quantize
 from poetx.ops.backend import rotation_delta
 from poetx.ops.rotated_gemm import dense_w0, poet_linear
-from poetx.ortho.cayley import num_skew_params
+from poetx.ortho.cayley import num_skew_params, rotation_delta_reference
 from poetx.ortho.init import normalized_gaussian
 from poetx.ortho.layout import (
     BlockLayout,
     draw_permutation,
-    inverse_permutation,
     layer_seed,
 )
+
+# Buffers holding what rounding ``W0`` lost (error feedback across merges); with
+# ``w0_residual="host"`` they stay in CPU memory whatever device the module moves to.
+_RESIDUAL_BUFFERS = ("w0_residual", "w0_residual_scale")
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 class POETLinear(nn.Module):
@@ -24,15 +28,21 @@ class POETLinear(nn.Module):
 
     Shapes: input ``(..., in_features)``, output ``(..., out_features)``, as ``nn.Linear``.
 
-    State:
+    State (every tensor keeps its storage for the layer's life: merges write in place, so a
+    captured CUDA graph stays valid across merges):
         w0: ``(out, in)`` frozen ``W0`` stored in the permuted frames
             (``w0[a, j] = W0[perm_out[a], perm_in[j]]``); a parameter with ``requires_grad=False``
             so that DDP does not broadcast it every step and FSDP can shard it. int8/fp8 storage
-            adds ``w0_scale`` ``(out, groups)``.
+            adds ``w0_scale`` ``(out, ceil(in / quant_group_size))`` float32.
+        w0_residual (+ ``w0_residual_scale``): what storing ``W0`` in low precision lost, in
+            ``W0``'s format, added back at the next merge (``config.w0_residual``); ``None`` for
+            float32/float64 ``W0`` or when turned off.
         theta_in / theta_out: ``(num_blocks, b(b-1)/2)`` float32 skew parameters of ``P`` and
             ``R`` (upper triangles only), zero after every merge.
-        perm_in / perm_out: the current permutations; ``merge_count``: merges done so far.
-        bias: ``(out,)`` ordinary trainable parameter, or ``None``.
+        perm_in / perm_out: the current permutations ``(dim,)`` int64; index_in / index_out
+            the same padded to ``(num_blocks * b,)`` with ``-1`` for phantom positions (what the
+            op takes); inv_in / inv_out ``(dim,)`` int32: the position of each coordinate.
+        merge_count: merges done so far. bias: ``(out,)`` trainable, or ``None``.
     """
 
     def __init__(
@@ -61,10 +71,13 @@ class POETLinear(nn.Module):
         # resolution around the parameter values. A float64 layer keeps float64 throughout.
         param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         self.register_buffer("merge_count", torch.zeros((), dtype=torch.int64, device=device))
-        self.register_buffer("perm_in", torch.empty(in_features, dtype=torch.int64, device=device))
-        self.register_buffer(
-            "perm_out", torch.empty(out_features, dtype=torch.int64, device=device)
-        )
+        for side, layout in (("in", self.layout_in), ("out", self.layout_out)):
+            self.register_buffer(f"perm_{side}",
+                                 torch.empty(layout.dim, dtype=torch.int64, device=device))
+            self.register_buffer(f"index_{side}",
+                                 torch.empty(layout.padded_dim, dtype=torch.int64, device=device))
+            self.register_buffer(f"inv_{side}",
+                                 torch.empty(layout.dim, dtype=torch.int32, device=device))
         self._draw_permutations()
         self.theta_in = nn.Parameter(
             torch.zeros(self.layout_in.num_blocks, num_skew_params(self.layout_in.block),
@@ -74,20 +87,76 @@ class POETLinear(nn.Module):
             torch.zeros(self.layout_out.num_blocks, num_skew_params(self.layout_out.block),
                         device=device, dtype=param_dtype)
         )
+        fmt = self.config.w0_format
+        storage = dtype if fmt == "auto" else STORAGE_DTYPES[fmt]
         self.w0 = nn.Parameter(
-            torch.empty(out_features, in_features, device=device, dtype=dtype),
+            torch.empty(out_features, in_features, device=device, dtype=storage),
             requires_grad=False,
         )
+        groups = num_groups(in_features, self.config.quant_group_size)
         self.w0_scale: nn.Parameter | None = None
+        if fmt != "auto":
+            self.w0_scale = nn.Parameter(
+                torch.empty(out_features, groups, device=device, dtype=torch.float32),
+                requires_grad=False,
+            )
         self.bias = (
             nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
         )
+        self._register_residual(storage, groups, device)
         if weight is None:
             gen_device = torch.device(device) if device is not None else torch.device("cpu")
             gen = torch.Generator(device=gen_device)
             gen.manual_seed(layer_seed(self.config.seed, name, 0, "w0"))
             weight = normalized_gaussian(out_features, in_features, gen, gen_device)
         self.set_dense_weight(weight)
+
+    def _register_residual(self, storage: torch.dtype, groups: int,
+                           device: torch.device | str | None) -> None:
+        place = self.config.w0_residual
+        quantized = self.w0_scale is not None
+        if place == "off" or not (quantized or storage in _LOW_PRECISION):
+            self.w0_residual = self.w0_residual_scale = None
+            return
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        if place == "host":
+            pin = device.type == "cuda"
+            device = torch.device("cpu")
+        else:
+            pin = False
+        shape = (self.out_features, self.in_features)
+        self.register_buffer("w0_residual",
+                             torch.zeros(shape, dtype=storage, device=device, pin_memory=pin))
+        scale = None
+        if quantized:
+            scale = torch.zeros(self.out_features, groups, dtype=torch.float32, device=device,
+                                pin_memory=pin)
+        self.register_buffer("w0_residual_scale", scale)
+
+    def _apply(self, fn, recurse=True):
+        if self.config.w0_residual != "host":
+            return super()._apply(fn, recurse)
+        # Keep the residual where it is (CPU): it is only read and written during merges.
+        held = {k: self._buffers[k] for k in _RESIDUAL_BUFFERS
+                if self._buffers.get(k) is not None}
+        for k in held:
+            self._buffers[k] = None
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            self._buffers.update(held)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        # A state saved by a float32 layer (no residual) loads into a bf16 / int8 one: the
+        # residual starts at zero, as for a freshly stored W0.
+        for name in _RESIDUAL_BUFFERS:
+            key = prefix + name
+            if getattr(self, name) is not None and key in missing_keys:
+                missing_keys.remove(key)
+                getattr(self, name).zero_()
 
     # construction -----------------------------------------------------------------------------
     @classmethod
@@ -112,29 +181,60 @@ class POETLinear(nn.Module):
         if weight.shape != (self.out_features, self.in_features):
             expected = (self.out_features, self.in_features)
             raise ValueError(f"weight must be {expected}, got {tuple(weight.shape)}")
-        permuted = weight.to(self.perm_in.device)[self.perm_out][:, self.perm_in]
+        weight = weight.to(self.perm_in.device)
+        permuted = weight.index_select(0, self.perm_out).index_select(1, self.perm_in)
         del weight
-        self._store_w0(permuted)
+        self._store_w0(permuted.to(self._wide_dtype()))
 
+    def _wide_dtype(self) -> torch.dtype:
+        return torch.float64 if self.compute_dtype == torch.float64 else torch.float32
+
+    @torch.no_grad()
     def _store_w0(self, permuted: Tensor) -> None:
-        fmt = self.config.w0_format
-        if fmt == "auto":
-            self.w0.data = permuted.to(self.compute_dtype).contiguous()
-            return
-        q, scale = quantize(permuted, fmt, self.config.quant_group_size)
-        assert q.dtype == STORAGE_DTYPES[fmt]
-        self.w0.data = q
+        """Store ``(out, in)`` ``permuted`` (float32/64, permuted frame) into ``W0``'s existing
+        storage, and what the rounding lost into the residual."""
+        group = self.config.quant_group_size
+        residual = self.w0_residual
         if self.w0_scale is None:
-            self.w0_scale = nn.Parameter(scale, requires_grad=False)
-        else:
-            self.w0_scale.data = scale
+            self.w0.copy_(permuted)
+            if residual is not None:
+                residual.copy_(permuted - self.w0.to(permuted.dtype))
+            return
+        fmt = self.config.w0_format
+        q, scale = quantize(permuted, fmt, group)
+        self.w0.copy_(q)
+        self.w0_scale.copy_(scale)
+        if residual is not None:
+            lost = permuted - dequantize(q, scale, group, permuted.dtype)
+            rq, rscale = quantize(lost, fmt, group)
+            residual.copy_(rq)
+            self.w0_residual_scale.copy_(rscale)
 
+    def _stored_w0(self, dtype: torch.dtype) -> Tensor:
+        """``W0`` as stored plus the residual: the best value of ``W0`` (permuted, ``dtype``)."""
+        group = self.config.quant_group_size
+        w = dense_w0(self.w0, self.w0_scale, group, dtype)
+        if self.w0_residual is None:
+            return w
+        res = self.w0_residual.to(self.w0.device, non_blocking=True)
+        if self.w0_scale is None:
+            return w + res.to(dtype)
+        res_scale = self.w0_residual_scale.to(self.w0.device, non_blocking=True)
+        return w + dequantize(res, res_scale, group, dtype)
+
+    @torch.no_grad()
     def _draw_permutations(self) -> None:
         count = int(self.merge_count)
-        for side, buf, dim in (("in", self.perm_in, self.in_features),
-                               ("out", self.perm_out, self.out_features)):
-            seed = layer_seed(self.config.seed, self.layer_name, count, side)
-            buf.copy_(draw_permutation(dim, seed))
+        for side, layout in (("in", self.layout_in), ("out", self.layout_out)):
+            perm = draw_permutation(layout.dim, layer_seed(self.config.seed, self.layer_name,
+                                                           count, side))
+            getattr(self, f"perm_{side}").copy_(perm)
+            index = getattr(self, f"index_{side}")
+            index.fill_(-1)
+            index[: layout.dim].copy_(perm)
+            inv = torch.empty(layout.dim, dtype=torch.int32)
+            inv[perm] = torch.arange(layout.dim, dtype=torch.int32)
+            getattr(self, f"inv_{side}").copy_(inv)
 
     # forward ----------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -146,10 +246,9 @@ class POETLinear(nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"{self._label()}: input must be floating point, got {x.dtype}")
         y = poet_linear(
-            x, self.w0, self.w0_scale, self.theta_in, self.theta_out,
-            self.layout_in.padded_index(self.perm_in), self.layout_out.padded_index(self.perm_out),
-            self.layout_in.block, self.layout_out.block, self.config.neumann_terms,
-            self.config.mode == "fast",
+            x, self.w0, self.w0_scale, self.config.quant_group_size, self.theta_in,
+            self.theta_out, self.index_in, self.index_out, self.layout_in.block,
+            self.layout_out.block, self.config.neumann_terms, self.config.mode == "fast",
         )
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
@@ -159,44 +258,71 @@ class POETLinear(nn.Module):
     def _label(self) -> str:
         return f"POETLinear {self.layer_name!r}" if self.layer_name else "POETLinear"
 
-    def _blocks(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """Dense block-diagonal ``P`` and ``R`` in the permuted frames (padded, ``dtype``)."""
-        mats = []
-        for theta, layout in ((self.theta_in, self.layout_in), (self.theta_out, self.layout_out)):
-            delta = rotation_delta(theta.detach().to(dtype), layout.block,
-                                   self.config.neumann_terms, layout.valid_last, dtype)
-            eye = torch.eye(layout.block, dtype=dtype, device=delta.device)
-            mats.append(torch.block_diag(*(eye + delta)))
-        return mats[0], mats[1]
+    def rotation_blocks(self, dtype: torch.dtype, exact: bool) -> tuple[Tensor, Tensor]:
+        """The blocks of ``P`` and ``R``: ``(nb_in, b, b)``, ``(nb_out, b, b)`` in ``dtype``.
 
-    @torch.no_grad()
-    def _rotated_w0_permuted(self, dtype: torch.dtype) -> Tensor:
-        """``R_bd · W0s · P_bd`` ``(out, in)`` in the current permuted frames."""
-        p_bd, r_bd = self._blocks(dtype)
-        w = dense_w0(self.w0, self.w0_scale, dtype)
+        ``exact=False``: the truncated Cayley-Neumann map the forward uses; ``exact=True``: the
+        exact Cayley map ``(I + Q)(I - Q)^-1`` of the same ``Q``, orthogonal to rounding. For
+        ``||Q|| < 1`` it is also the orthogonal polar factor of the truncated map, which equals
+        ``C (I - Q^(k+1))`` with ``C`` the exact map."""
+        out = []
+        for theta, layout in ((self.theta_in, self.layout_in), (self.theta_out, self.layout_out)):
+            if exact:
+                wide = torch.float64 if dtype == torch.float64 else torch.float32
+                delta = rotation_delta_reference(theta.detach().to(wide), layout.block, None,
+                                                 layout.valid_last).to(dtype)
+            else:
+                delta = rotation_delta(theta.detach(), layout.block, self.config.neumann_terms,
+                                       layout.valid_last, dtype)
+            out.append(delta + torch.eye(layout.block, dtype=dtype, device=delta.device))
+        return out[0], out[1]
+
+    def _rotate_permuted(self, w: Tensor, p_blocks: Tensor, r_blocks: Tensor) -> Tensor:
+        """``R_bd · w · P_bd`` for ``w`` ``(out, in)`` in the permuted frames, as two batched
+        block products (``O(m n b)``; no dense block-diagonal matrix is formed)."""
         m, n = w.shape
-        w = torch.nn.functional.pad(
-            w, (0, self.layout_in.padded_dim - n, 0, self.layout_out.padded_dim - m)
-        )
-        return (r_bd @ w @ p_bd)[:m, :n]
+        mp, np_ = self.layout_out.padded_dim, self.layout_in.padded_dim
+        if (mp, np_) != (m, n):
+            w = torch.nn.functional.pad(w, (0, np_ - n, 0, mp - m))
+        bo, bi = self.layout_out.block, self.layout_in.block
+        w = torch.bmm(r_blocks, w.view(mp // bo, bo, np_)).view(mp, np_)
+        w = torch.einsum("mkj,kji->mki", w.view(mp, np_ // bi, bi), p_blocks).reshape(mp, np_)
+        return w[:m, :n] if (mp, np_) != (m, n) else w
 
     @torch.no_grad()
     def effective_weight(self, dtype: torch.dtype | None = None) -> Tensor:
-        """The dense ``R · W0 · P`` ``(out, in)`` in the original frame (tests and export only)."""
-        dtype = dtype or torch.float32
-        w = self._rotated_w0_permuted(dtype)
-        return w[inverse_permutation(self.perm_out)][:, inverse_permutation(self.perm_in)]
+        """The dense ``R · W0 · P`` ``(out, in)`` the forward computes, in the original frame and
+        in ``dtype`` (default: the layer's dtype). For tests, export and plots."""
+        dtype = dtype or self.compute_dtype
+        wide = torch.float64 if dtype == torch.float64 else self._wide_dtype()
+        p_blocks, r_blocks = self.rotation_blocks(wide, exact=False)
+        w = self._rotate_permuted(dense_w0(self.w0, self.w0_scale, self.config.quant_group_size,
+                                           wide), p_blocks, r_blocks)
+        inv_out, inv_in = self.inv_out.long(), self.inv_in.long()
+        return w.index_select(0, inv_out).index_select(1, inv_in).to(dtype)
 
     @torch.no_grad()
     def merge_(self) -> None:
-        """``W0 <- R W0 P``; draw new permutations; zero the skew parameters (in place, so the
-        optimizer keeps referring to the same tensors; its state is cleared by the schedule)."""
-        merged = self.effective_weight(
-            torch.float64 if self.compute_dtype == torch.float64 else torch.float32
-        )
+        """``W0 <- C_R W0 C_P`` with the exact Cayley rotations of the trained ``Q`` (so ``W0``
+        keeps its singular values through any number of merges), new permutations, skew
+        parameters zeroed. In place: every tensor keeps its storage (the optimizer keeps
+        referring to the same parameters; its state is handled by the schedule).
+
+        The function changes by the difference between the truncated map the forward used and
+        the exact one, ``R_k = C (I - Q^(k+1))``: relative change at most about
+        ``||Q_R||^(k+1) + ||Q_P||^(k+1)`` (spectral norms)."""
+        wide = self._wide_dtype()
+        p_blocks, r_blocks = self.rotation_blocks(wide, exact=True)
+        rotated = self._rotate_permuted(self._stored_w0(wide), p_blocks, r_blocks)
+        del p_blocks, r_blocks
+        old_inv_out, old_inv_in = self.inv_out.long(), self.inv_in.long()
         self.merge_count += 1
         self._draw_permutations()
-        self.set_dense_weight(merged)
+        # New frame: new[a, j] = W[perm_out'[a], perm_in'[j]], and W[c, d] sits at
+        # rotated[old_inv_out[c], old_inv_in[d]].
+        rows = old_inv_out.index_select(0, self.perm_out)
+        cols = old_inv_in.index_select(0, self.perm_in)
+        self._store_w0(rotated.index_select(0, rows).index_select(1, cols))
         self.theta_in.zero_()
         self.theta_out.zero_()
 
@@ -205,7 +331,7 @@ class POETLinear(nn.Module):
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device=self.w0.device, dtype=self.compute_dtype)
         with torch.no_grad():
-            linear.weight.copy_(self.effective_weight(torch.float32))
+            linear.weight.copy_(self.effective_weight())
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
         return linear

@@ -5,7 +5,8 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterator
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from poetx.config import POETConfig
 from poetx.layers.poet_linear import POETLinear
@@ -81,6 +82,18 @@ def unwrap(model: nn.Module) -> nn.Module:
 def rotation_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The skew parameters of all ``POETLinear`` layers (what the merge schedule resets)."""
     return [p for _, layer in poet_layers(model) for p in (layer.theta_in, layer.theta_out)]
+
+
+def rotation_norm_max(model: nn.Module) -> Tensor:
+    """Largest Frobenius norm ``||Q||_F`` of any block's skew matrix over every ``POETLinear``:
+    a 0-dim tensor on the parameters' device, computed without a host sync (one small reduction
+    per parameter, one stacked max). ``||Q||_F >= ||Q||_2``, so it bounds the spectral norm that
+    governs the truncated Cayley map's error; each off-diagonal entry counts twice."""
+    params = rotation_parameters(model)
+    if not params:
+        return torch.zeros(())
+    per_param = [torch.linalg.vector_norm(p.detach(), dim=1).amax() for p in params]
+    return torch.stack([v.to(per_param[0].dtype) for v in per_param]).amax() * 2**0.5
 
 
 def merge_all_(model: nn.Module) -> int:

@@ -34,12 +34,12 @@ def _terms(terms: int) -> int | None:
     return None if terms == EXACT_CAYLEY else terms
 
 
-def dense_w0(w0: Tensor, w0_scale: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """The frozen weight in ``dtype`` (dequantized when stored as int8/fp8)."""
+def dense_w0(w0: Tensor, w0_scale: Tensor | None, quant_group: int, dtype: torch.dtype) -> Tensor:
+    """The frozen weight in ``dtype`` (dequantized with groups of ``quant_group`` columns when
+    stored as int8/fp8; ``quant_group`` is ignored for float storage)."""
     if w0_scale is None:
         return w0 if w0.dtype == dtype else w0.to(dtype)
-    group = -(-w0.shape[1] // w0_scale.shape[1])
-    return dequantize(w0, w0_scale, group, dtype)
+    return dequantize(w0, w0_scale, quant_group, dtype)
 
 
 def _deltas(x, theta_in, theta_out, n, m, block_in, block_out, terms):
@@ -52,10 +52,10 @@ def _deltas(x, theta_in, theta_out, n, m, block_in, block_out, terms):
     return d_in, d_out
 
 
-def _forward_rotated_input(x, w0, w0_scale, d_in, index_in):
+def _forward_rotated_input(x, w0, w0_scale, quant_group, d_in, index_in):
     n = x.shape[1]
     u = backend.rotate(x, d_in, index_in, None, n)
-    return u @ dense_w0(w0, w0_scale, x.dtype).t()
+    return u @ dense_w0(w0, w0_scale, quant_group, x.dtype).t()
 
 
 @torch.library.custom_op("poetx::poet_linear", mutates_args=())
@@ -63,6 +63,7 @@ def poet_linear_op(
     x: Tensor,
     w0: Tensor,
     w0_scale: Tensor | None,
+    quant_group: int,
     theta_in: Tensor,
     theta_out: Tensor,
     index_in: Tensor,
@@ -76,7 +77,7 @@ def poet_linear_op(
     are returned for backward when ``save_intermediate``, else empty."""
     m, n = w0.shape
     d_in, d_out = _deltas(x, theta_in, theta_out, n, m, block_in, block_out, terms)
-    v = _forward_rotated_input(x, w0, w0_scale, d_in, index_in)
+    v = _forward_rotated_input(x, w0, w0_scale, quant_group, d_in, index_in)
     y = backend.rotate(v, d_out, None, index_out, m)
     if not save_intermediate:
         return y, x.new_empty(0), x.new_empty(0), x.new_empty(0)
@@ -84,8 +85,8 @@ def poet_linear_op(
 
 
 @poet_linear_op.register_fake
-def _(x, w0, w0_scale, theta_in, theta_out, index_in, index_out, block_in, block_out, terms,
-      save_intermediate):
+def _(x, w0, w0_scale, quant_group, theta_in, theta_out, index_in, index_out, block_in, block_out,
+      terms, save_intermediate):
     m, n = w0.shape
     y = x.new_empty(x.shape[0], m)
     if not save_intermediate:
@@ -104,6 +105,7 @@ def poet_linear_backward_op(
     d_out: Tensor,
     w0: Tensor,
     w0_scale: Tensor | None,
+    quant_group: int,
     theta_in: Tensor,
     theta_out: Tensor,
     index_in: Tensor,
@@ -117,7 +119,7 @@ def poet_linear_backward_op(
     grad_y = grad_y.contiguous()
     if d_in.numel() == 0:
         d_in, d_out = _deltas(x, theta_in, theta_out, n, m, block_in, block_out, terms)
-    weight = dense_w0(w0, w0_scale, x.dtype)
+    weight = dense_w0(w0, w0_scale, quant_group, x.dtype)
     if v.numel() == 0:
         v = backend.rotate(x, d_in, index_in, None, n) @ weight.t()
     nb_in, nb_out = theta_in.shape[0], theta_out.shape[0]
@@ -137,17 +139,18 @@ def poet_linear_backward_op(
 
 
 @poet_linear_backward_op.register_fake
-def _(grad_y, x, v, d_in, d_out, w0, w0_scale, theta_in, theta_out, index_in, index_out,
-      block_in, block_out, terms):
+def _(grad_y, x, v, d_in, d_out, w0, w0_scale, quant_group, theta_in, theta_out, index_in,
+      index_out, block_in, block_out, terms):
     return torch.empty_like(x), torch.empty_like(theta_in), torch.empty_like(theta_out)
 
 
 def _setup_context(ctx, inputs, output):
-    (x, w0, w0_scale, theta_in, theta_out, index_in, index_out, block_in, block_out, terms,
-     _save) = inputs
+    (x, w0, w0_scale, quant_group, theta_in, theta_out, index_in, index_out, block_in, block_out,
+     terms, _save) = inputs
     _, v, d_in, d_out = output
     ctx.save_for_backward(x, v, d_in, d_out, w0, w0_scale, theta_in, theta_out, index_in,
                           index_out)
+    ctx.quant_group = quant_group
     ctx.geometry = (block_in, block_out, terms)
     # The extra outputs only carry saved state: don't zero-fill gradients for them.
     ctx.set_materialize_grads(False)
@@ -158,8 +161,12 @@ def _backward(ctx, grad_y, *_unused_grads):
     x = saved[0]
     if grad_y is None:
         grad_y = x.new_zeros(x.shape[0], saved[4].shape[0])
-    grad_x, grad_theta_in, grad_theta_out = poet_linear_backward_op(grad_y, *saved, *ctx.geometry)
-    return grad_x, None, None, grad_theta_in, grad_theta_out, None, None, None, None, None, None
+    x, v, d_in, d_out, w0, w0_scale, *rest = saved
+    grad_x, grad_theta_in, grad_theta_out = poet_linear_backward_op(
+        grad_y, x, v, d_in, d_out, w0, w0_scale, ctx.quant_group, *rest, *ctx.geometry
+    )
+    return (grad_x, None, None, None, grad_theta_in, grad_theta_out, None, None, None, None, None,
+            None)
 
 
 poet_linear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -169,6 +176,7 @@ def poet_linear(
     x: Tensor,
     w0: Tensor,
     w0_scale: Tensor | None,
+    quant_group: int,
     theta_in: Tensor,
     theta_out: Tensor,
     index_in: Tensor,
@@ -183,6 +191,7 @@ def poet_linear(
     Args:
         w0: ``(m, n)`` frozen weight in the permuted frames (float, int8 or float8_e4m3fn).
         w0_scale: ``(m, groups)`` float32 scales for int8/fp8 ``w0``, else ``None``.
+        quant_group: columns per scale group of int8/fp8 ``w0`` (see ``poetx.kernels.quant_ref``).
         theta_in / theta_out: ``(nb, b(b-1)/2)`` skew parameters of ``P`` / ``R``.
         index_in / index_out: padded permutations ``(nb*b,)``, ``-1`` for phantom coordinates.
         terms: Neumann terms, ``None`` for the exact Cayley map.
@@ -192,7 +201,7 @@ def poet_linear(
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     y = poet_linear_op(
-        x2, w0, w0_scale, theta_in, theta_out, index_in, index_out, block_in, block_out,
-        EXACT_CAYLEY if terms is None else terms, save_intermediate,
+        x2, w0, w0_scale, quant_group, theta_in, theta_out, index_in, index_out, block_in,
+        block_out, EXACT_CAYLEY if terms is None else terms, save_intermediate,
     )[0]
     return y.reshape(*lead, w0.shape[0])

@@ -10,6 +10,8 @@ from poetx.model.wrap import rotation_parameters
 POET_GROUP = "poet"
 DECAY_GROUP = "decay"
 NO_DECAY_GROUP = "no_decay"
+# Adam eps of the rotation group (see make_optimizer).
+POET_EPS = 1e-6
 
 
 def make_optimizer(
@@ -21,6 +23,7 @@ def make_optimizer(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     fused: bool | None = None,
+    poet_eps: float = POET_EPS,
 ) -> torch.optim.AdamW:
     """A standard ``torch.optim.AdamW`` over the trainable parameters of ``model``.
 
@@ -30,8 +33,15 @@ def make_optimizer(
     ``weight_decay``; ``"no_decay"`` — vectors (norms, biases) at ``lr`` without decay. Frozen
     ``W0`` has ``requires_grad=False`` and gets no state. ``fused`` defaults to True when every
     parameter is on CUDA, else the foreach implementation is used.
+
+    Rotation convention: the ``"poet"`` group runs at ``poet_lr`` with its own Adam ``poet_eps``
+    (default ``1e-6``, as the authors). The skew gradients are small (``1e-6`` .. ``1e-4``), so
+    with ``eps = 1e-8`` Adam moves nearly every entry by ``lr`` per step whatever its gradient;
+    ``1e-6`` damps the entries whose gradient is at noise level. The presets' ``poet_lr``
+    values (``poetx.train.config``) are chosen with it so that the largest block ``||Q||``
+    stays small within a merge period (see README, "Rotation size").
     """
-    for name, value in (("lr", lr), ("poet_lr", poet_lr)):
+    for name, value in (("lr", lr), ("poet_lr", poet_lr), ("poet_eps", poet_eps)):
         if not value > 0:
             raise ValueError(f"{name}: must be positive, got {value}")
     if weight_decay < 0 or poet_weight_decay < 0:
@@ -44,7 +54,8 @@ def make_optimizer(
             continue
         (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [
-        {"params": rotation, "lr": poet_lr, "weight_decay": poet_weight_decay, "name": POET_GROUP},
+        {"params": rotation, "lr": poet_lr, "weight_decay": poet_weight_decay, "eps": poet_eps,
+         "name": POET_GROUP},
         {"params": decay, "lr": lr, "weight_decay": weight_decay, "name": DECAY_GROUP},
         {"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": NO_DECAY_GROUP},
     ]

@@ -21,6 +21,7 @@ import torch
 
 from poetx import MergeSchedule, make_optimizer
 from poetx.model.llama import count_parameters
+from poetx.model.wrap import rotation_norm_max
 from poetx.train.checkpoint import (
     clean_stale,
     list_checkpoints,
@@ -388,6 +389,8 @@ def _train(cfg: TrainConfig, resume_from: Path | None) -> RunResult:
                 optimizer.zero_grad(set_to_none=True)
                 # Schedules follow the global step even on a skipped step.
                 scheduler.step()
+                # Read before the merge zeroes Q; on device, copied out with the record.
+                q_norm = rotation_norm_max(model) if merge is not None else None
                 merged = merge.step() if merge is not None else False
                 tokens_seen += batch_tokens(batch)
                 step = step_i
@@ -405,7 +408,7 @@ def _train(cfg: TrainConfig, resume_from: Path | None) -> RunResult:
                     "skipped": skipped,
                 }
                 if merge is not None:
-                    record.update(poet_lr=poet_lr_used, merged=merged)
+                    record.update(poet_lr=poet_lr_used, merged=merged, q_norm_max=float(q_norm))
                 logger.log(record)
                 progress.update(loss_value, record["tokens_per_s"], lr_used, mem)
                 if skipped:
