@@ -78,7 +78,7 @@ assert set(PRESET_DEFAULTS) == set(PRESETS)
 RESUME_LOCKED = ("preset", "optimizer", "data", "vocab_size", "seq_len", "batch_size", "seed",
                  "dtype")
 RESUME_LOCKED_POET = ("block_size", "neumann_terms", "init", "exclude", "seed", "w0_format",
-                      "quant_group_size")
+                      "quant_group_size", "w0_residual")
 
 
 @dataclass
