@@ -166,7 +166,8 @@ class ModelShape:
 
 @dataclass
 class MemoryPlan:
-    """A predicted peak and its parts (bytes). ``sum(parts.values()) == peak_bytes``."""
+    """A predicted peak and its parts (bytes). ``sum(parts.values()) == peak_bytes``;
+    ``moments`` holds the parts at every moment considered (``phase`` is the largest)."""
 
     preset: str
     seq_len: int
@@ -175,6 +176,7 @@ class MemoryPlan:
     peak_bytes: int
     phase: str
     parts: dict[str, int] = field(default_factory=dict)
+    moments: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def peak_gib(self) -> float:
@@ -190,6 +192,7 @@ class MemoryPlan:
             "setting": self.setting.name, "options": asdict(self.setting),
             "peak_gib": self.peak_gib, "required_gib": self.required_bytes() / GIB,
             "phase": self.phase, "parts_gib": {k: v / GIB for k, v in self.parts.items()},
+            "moments_gib": {k: sum(v.values()) / GIB for k, v in self.moments.items()},
         }
 
 
@@ -258,7 +261,7 @@ def predict(
     grads: dict[str, int] = {}
     grad_embed = _tensors(rb, [vocab * d * e])
     grads["embed_head_norm_grads"] = grad_embed * len(embed_sizes) + _tensors(
-        [d * e for _ in norm_sizes])
+        rb, [d * e for _ in norm_sizes])
 
     if poet:
         w0_bytes, buffers = 0, 0
@@ -288,11 +291,8 @@ def predict(
     grad_part = "rotation_grads" if poet else "dense_linear_grads"
 
     # ---- activations -------------------------------------------------------------------------
-    saved_layer = _saved_layer_bytes(rb, shape, t, setting, e)
-    ckpt_layer = rb(t * d * e)
-    kept_layer = ckpt_layer if setting.checkpointing else saved_layer
-    # rotary cos/sin of the batch, the final RMSNorm (float32 copy, normalized, output)
-    final = 2 * rb(t * shape.head_dim * e) + _norm_saved(rb, t, d, e)
+    saved = saved_activations(shape, seq_len, batch_size, setting, e, cuda_allocator)
+    saved_layer, kept_layer, final = saved["layer"], saved["kept_layer"], saved["final"]
     all_saved = n_layers * kept_layer + final
 
     moments: list[tuple[str, dict[str, int]]] = []
@@ -327,7 +327,25 @@ def predict(
     phase, parts = max(moments, key=lambda item: sum(item[1].values()))
     assert static <= sum(parts.values())
     return MemoryPlan(preset=preset, seq_len=seq_len, batch_size=batch_size, setting=setting,
-                      peak_bytes=sum(parts.values()), phase=phase, parts=parts)
+                      peak_bytes=sum(parts.values()), phase=phase, parts=parts,
+                      moments=dict(moments))
+
+
+def saved_activations(shape: ModelShape, seq_len: int, batch_size: int, setting: Setting,
+                      dtype_bytes: int = 2, cuda_allocator: bool = True) -> dict[str, int]:
+    """Bytes kept for backward between forward and backward.
+
+    Returns ``layer`` (one decoder layer's saved tensors, as recomputed under checkpointing),
+    ``kept_layer`` (what each layer keeps until its backward: ``layer``, or only its input under
+    checkpointing) and ``final`` (rotary ``cos``/``sin`` of one sequence, shared by the batch,
+    and the final RMSNorm with its output, which the loss saves).
+    """
+    rb: Round = block_bytes if cuda_allocator else _exact
+    e, t, d = dtype_bytes, seq_len * batch_size, shape.hidden
+    layer = _saved_layer_bytes(rb, shape, t, setting, e)
+    kept = rb(t * d * e) if setting.checkpointing else layer
+    final = 2 * rb(seq_len * shape.head_dim * e) + _norm_saved(rb, t, d, e)
+    return {"layer": layer, "kept_layer": kept, "final": final}
 
 
 def _layer_theta_bytes(rb: Round, linears: list[tuple[str, int, int]], block_size: int) -> int:
@@ -340,9 +358,10 @@ def _layer_theta_bytes(rb: Round, linears: list[tuple[str, int, int]], block_siz
 
 
 def _norm_saved(rb: Round, t: int, d: int, e: int) -> int:
-    """An RMSNorm saves its float32 input copy and its normalized value; its output is saved by
-    whatever consumes it (counted here too, as every consumer shares that one tensor)."""
-    return rb(4 * t * d) + 2 * rb(e * t * d)
+    """An RMSNorm saves its float32 input copy, the float32 ``rsqrt`` per token and its
+    normalized value; its output is saved by whatever consumes it (counted here too, as every
+    consumer shares that one tensor)."""
+    return rb(4 * t * d) + rb(4 * t) + 2 * rb(e * t * d)
 
 
 def _saved_layer_bytes(rb: Round, shape: ModelShape, t: int, setting: Setting, e: int) -> int:
