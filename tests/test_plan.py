@@ -20,6 +20,7 @@ from poetx.model.wrap import rotation_parameters
 from poetx.optim.optimizer import make_optimizer
 from poetx.plan.fit import check_fits, flags_of
 from poetx.plan.memory import (
+    COMPENSATED_CHUNK,
     GIB,
     MIB,
     ModelShape,
@@ -74,6 +75,8 @@ SETTINGS = [
     Setting(mode="mem", block_size=64, checkpointing=True),
     Setting(mode="mem", block_size=64, w0_format="int8", quant_group_size=32),
     Setting(mode="fast", block_size=48, w0_format="fp8", quant_group_size=32),
+    Setting(mode="mem", block_size=64, dense_optimizer="adamw-kahan"),
+    Setting(mode="mem", block_size=64, dense_optimizer="adamw-fp32-master"),
 ]
 
 
@@ -97,7 +100,8 @@ def test_block_bytes_follows_the_caching_allocator():
 def test_persistent_parts_are_the_models_tensors(setting):
     """Weights, W0 (+ scales), rotations, their gradients and AdamW states, as allocated."""
     model = build(setting)
-    opt = make_optimizer(model, lr=1e-3, poet_lr=1e-3) if setting.optimizer == "poetx" else (
+    opt = make_optimizer(model, lr=1e-3, poet_lr=1e-3, dense_optimizer=setting.dense_optimizer
+                         ) if setting.optimizer == "poetx" else (
         torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True))
     batch = torch.randint(0, SHAPE.vocab, (BATCH, SEQ + 1))
     causal_lm_loss(model, batch).backward()
@@ -164,6 +168,12 @@ def test_saved_activations_are_what_autograd_keeps(setting):
                                   cuda_allocator=False)
         assert s["layer"] == plain["layer"]
     loss.backward()
+
+
+def test_compensated_scratch_constant_matches_the_optimizer():
+    from poetx.optim.dense_update import DEFAULT_CHUNK
+
+    assert COMPENSATED_CHUNK == DEFAULT_CHUNK
 
 
 def test_parts_sum_to_the_peak_and_the_peak_is_the_largest_moment():

@@ -461,15 +461,17 @@ def _dense_states(rb: Round, setting: Setting, embed_sizes: list[int], norm_size
     return total
 
 
-# Elements processed at once by poetx's compensated update (poetx.optim.compensated).
-COMPENSATED_CHUNK = 1 << 24
+# Values updated at once by the compensated AdamW (poetx.optim.dense_update.DEFAULT_CHUNK),
+# which holds at most five float32 slices of that size.
+COMPENSATED_CHUNK = 1 << 22
+COMPENSATED_SCRATCH_SLICES = 5
 
 
 def _step_temporaries(rb: Round, setting: Setting, embed_sizes: list[int], e: int) -> int:
     """Scratch of the optimizer step beyond states and gradients (bytes)."""
     if setting.dense_optimizer in ("adamw-kahan", "adamw-fp32-master"):
         chunk = min(COMPENSATED_CHUNK, max(embed_sizes))
-        return 4 * rb(4 * chunk)
+        return COMPENSATED_SCRATCH_SLICES * rb(4 * chunk)
     return 0
 
 

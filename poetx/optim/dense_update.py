@@ -1,0 +1,166 @@
+"""AdamW whose bf16 parameters do not silently drop small updates.
+
+A bf16 number has 8 significant bits: once ``|lr * update| < |p| / 512`` (late in a cosine
+schedule, for embeddings, lm_head and norms), ``p + update`` rounds back to ``p`` and plain bf16
+AdamW stops moving the parameter. Two remedies, chosen per optimizer:
+
+- ``"kahan"``: compensated summation. Each bf16 parameter keeps a bf16 buffer of the rounding
+  error of its last update, added to the next one, so updates accumulate until they move the
+  parameter (2 extra bytes per parameter).
+- ``"fp32-master"``: a float32 master copy receives the updates; the bf16 parameter is its
+  rounding (4 extra bytes per parameter).
+
+Float32 parameters (the rotations) are stepped by ``torch.optim.AdamW`` itself (fused on CUDA),
+exactly as without this option. The compensated update runs in slices of ``chunk_elements``
+values, so its float32 scratch stays bounded (at most five float32 slices, ``20 *
+chunk_elements`` bytes) even for a 128k x 4096 lm_head.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+COMPENSATIONS = ("kahan", "fp32-master")
+DEFAULT_CHUNK = 1 << 22
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+class CompensatedAdamW(torch.optim.AdamW):
+    """``torch.optim.AdamW`` with compensated updates of bf16/fp16 parameters.
+
+    Args:
+        params, lr, betas, eps, weight_decay, fused, foreach: as ``torch.optim.AdamW``.
+        compensation: ``"kahan"`` (state ``"compensation"``, parameter dtype) or
+            ``"fp32-master"`` (state ``"master"``, float32).
+        chunk_elements: values updated at once in a low-precision parameter.
+
+    Low-precision parameters keep ``exp_avg`` / ``exp_avg_sq`` in their own dtype, as
+    ``torch.optim.AdamW`` does; the arithmetic is float32.
+    """
+
+    def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, *,
+                 compensation: str = "kahan", chunk_elements: int = DEFAULT_CHUNK,
+                 fused: bool | None = None, foreach: bool | None = None) -> None:
+        if compensation not in COMPENSATIONS:
+            raise ValueError(f"compensation: must be one of {', '.join(COMPENSATIONS)}; "
+                             f"got {compensation!r}")
+        if chunk_elements < 1:
+            raise ValueError(f"chunk_elements: must be positive, got {chunk_elements}")
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         fused=fused, foreach=foreach)
+        self.compensation = compensation
+        self.chunk_elements = chunk_elements
+
+    @staticmethod
+    def _compensated(p: Tensor) -> bool:
+        return p.dtype in _LOW_PRECISION
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # Hide the low-precision gradients from torch's AdamW (it skips parameters without a
+        # gradient), step the rest with it, then update the hidden ones here.
+        hidden: list[tuple[dict, Tensor, Tensor]] = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and self._compensated(p):
+                    hidden.append((group, p, p.grad))
+                    p.grad = None
+        try:
+            super().step()
+        finally:
+            for _, p, grad in hidden:
+                p.grad = grad
+        for group, p, grad in hidden:
+            self._update(group, p, grad)
+        return loss
+
+    def _state(self, p: Tensor) -> dict[str, Any]:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if self.compensation == "kahan":
+                state["compensation"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            else:
+                state["master"] = p.detach().float().clone()
+        return state
+
+    def _update(self, group: dict[str, Any], p: Tensor, grad: Tensor) -> None:
+        if grad.is_sparse:
+            raise RuntimeError("CompensatedAdamW does not support sparse gradients")
+        if group.get("amsgrad") or group.get("maximize"):
+            raise ValueError("CompensatedAdamW supports neither amsgrad nor maximize")
+        state = self._state(p)
+        state["step"] += 1
+        step = float(state["step"])
+        beta1, beta2 = (float(b) for b in group["betas"])
+        lr, wd, eps = float(group["lr"]), float(group["weight_decay"]), float(group["eps"])
+        step_size = lr / (1 - beta1**step)
+        root_bias2 = math.sqrt(1 - beta2**step)
+        kahan = self.compensation == "kahan"
+        extra = state["compensation" if kahan else "master"]
+        flat = [t.view(-1) for t in (p.data, grad, state["exp_avg"], state["exp_avg_sq"], extra)]
+        for start in range(0, p.numel(), self.chunk_elements):
+            end = min(start + self.chunk_elements, p.numel())
+            pc, gc, mc, vc, xc = (t[start:end] for t in flat)
+            g = gc.float()
+            m = mc.float().mul_(beta1).add_(g, alpha=1 - beta1)
+            v = vc.float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            del g
+            mc.copy_(m)
+            vc.copy_(v)
+            v.sqrt_().div_(root_bias2).add_(eps)
+            delta = m.div_(v).mul_(-step_size)
+            del v
+            if kahan:
+                old = pc.float()
+                if wd:
+                    delta.add_(old, alpha=-lr * wd)
+                delta.add_(xc.float())  # the rounding error carried from the last update
+                new = old + delta
+                pc.copy_(new)
+                # what the rounded parameter failed to take of this update
+                xc.copy_(delta.sub_(pc.float().sub_(old)))
+            else:
+                if wd:
+                    xc.mul_(1 - lr * wd)
+                xc.add_(delta)
+                pc.copy_(xc)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As ``torch.optim.Optimizer``'s, but float32 master copies stay float32 (torch casts
+        every floating state to its parameter's dtype)."""
+        masters: dict[int, Tensor] = {}
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        for i, s in state_dict["state"].items():
+            if "master" in s:
+                masters[i] = s["master"]
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(saved_ids, params, strict=True):
+            if i in masters:
+                self.state[p]["master"] = masters[i].to(device=p.device, dtype=torch.float32)
+
+
+DENSE_OPTIMIZERS = ("adamw", "adamw-kahan", "adamw-fp32-master")
+
+
+def make_dense_variant(name: str, groups: list[dict[str, Any]], **kwargs: Any
+                       ) -> torch.optim.AdamW:
+    """The optimizer of ``make_optimizer(..., dense_optimizer=name)`` over its ``groups``."""
+    if name == "adamw":
+        return torch.optim.AdamW(groups, **kwargs)
+    if name in ("adamw-kahan", "adamw-fp32-master"):
+        return CompensatedAdamW(groups, compensation=name.removeprefix("adamw-"), **kwargs)
+    raise ValueError(f"dense_optimizer: must be one of {', '.join(DENSE_OPTIMIZERS)}; "
+                     f"got {name!r}")
