@@ -157,3 +157,48 @@ def test_make_optimizer_option_and_merge_schedule():
         make_dense_variant("adamw-magic", [{"params": [nn.Parameter(torch.ones(2))]}])
     with pytest.raises(ValueError, match="compensation"):
         CompensatedAdamW([nn.Parameter(torch.ones(2))], compensation="none")
+
+
+def test_lowbit_adamw_states_are_8bit_and_tiny_updates_survive_in_expectation():
+    pytest.importorskip("torchao")
+    from poetx.optim.dense_update import LowBitAdamW
+
+    steps, lr, n = 60, 1e-4, 4096
+    emb = nn.Parameter(torch.ones(n, dtype=torch.bfloat16))
+    norm = nn.Parameter(torch.ones(64, dtype=torch.bfloat16))  # under 4096 values: plain states
+    rot = nn.Parameter(torch.zeros(300))
+    ref_rot = nn.Parameter(torch.zeros(300))
+    groups = [{"params": [rot], "lr": lr, "weight_decay": 0.0, "name": "poet"},
+              {"params": [emb, norm], "lr": lr, "weight_decay": 0.0, "name": "decay"}]
+    opt = LowBitAdamW(groups, lr=lr, foreach=True)
+    ref = torch.optim.AdamW([ref_rot], lr=lr, weight_decay=0.0, foreach=True)
+    torch.manual_seed(0)
+    for _ in range(steps):
+        g = torch.randn(300)
+        rot.grad, ref_rot.grad = g.clone(), g.clone()
+        emb.grad = torch.full((n,), 0.5, dtype=torch.bfloat16)
+        norm.grad = torch.full((64,), 0.5, dtype=torch.bfloat16)
+        opt.step()
+        ref.step()
+    assert torch.equal(rot, ref_rot)  # float32 parameters: torch's AdamW, untouched
+    inner = opt.lowbit.state[emb]
+    codes = inner["exp_avg"]
+    assert type(codes).__name__ == "OptimState8bit"
+    assert codes.codes.dtype == torch.uint8 and codes.codes.numel() == n
+    assert codes.scale.numel() == n // 256
+    assert opt.lowbit.state[norm]["exp_avg"].dtype == torch.bfloat16
+    # every update (1e-4) is below half the bf16 spacing at 1.0; plain bf16 AdamW would not move
+    # at all, stochastic rounding moves the mean by the sum of the updates
+    moved = 1 - emb.float().mean().item()
+    assert abs(moved - steps * lr) < 0.15 * steps * lr, moved
+    # lr follows the outer group (a schedule writes floats)
+    opt.param_groups[1]["lr"] = 0.0
+    before = emb.detach().clone()
+    emb.grad = torch.full((n,), 0.5, dtype=torch.bfloat16)
+    opt.step()
+    assert torch.equal(emb, before)
+    # state round trip
+    sd = opt.state_dict()
+    again = LowBitAdamW([{"params": [rot], "name": "poet"}, {"params": [emb, norm]}], lr=lr)
+    again.load_state_dict(sd)
+    assert float(again.lowbit.state[emb]["step"]) == steps + 1

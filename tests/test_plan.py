@@ -3,6 +3,7 @@ the peaks recorded on a GPU, ``check_fits`` and ``poetx plan``."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -77,6 +78,9 @@ SETTINGS = [
     Setting(mode="fast", block_size=48, w0_format="fp8", quant_group_size=32),
     Setting(mode="mem", block_size=64, dense_optimizer="adamw-kahan"),
     Setting(mode="mem", block_size=64, dense_optimizer="adamw-fp32-master"),
+    pytest.param(Setting(mode="mem", block_size=64, dense_optimizer="adamw8bit"),
+                 marks=pytest.mark.skipif(importlib.util.find_spec("torchao") is None,
+                                          reason="needs torchao")),
 ]
 
 
@@ -119,7 +123,13 @@ def test_persistent_parts_are_the_models_tensors(setting):
     rot = [p for p in model.parameters() if id(p) in rotation]
 
     def states(params):  # the step counters are scalars, not modelled
-        return [v for p in params for k, v in opt.state[p].items() if k != "step"]
+        out = []
+        for p in params:
+            state = opt.state[p] or opt.lowbit.state[p]  # 8-bit: torchao's inner optimizer
+            for k, v in state.items():
+                if k != "step":  # 8-bit states: their codes and scales
+                    out += [v.codes, v.scale] if hasattr(v, "codes") else [v]
+        return out
 
     expected = {
         "w0": nbytes(w0),
@@ -139,7 +149,7 @@ def test_persistent_parts_are_the_models_tensors(setting):
     assert at_step["overhead"] == 0
 
 
-@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: s.name)
+@pytest.mark.parametrize("setting", SETTINGS[:6], ids=lambda s: s.name)
 def test_saved_activations_are_what_autograd_keeps(setting):
     """Every floating tensor autograd saves in forward (the loss included), by storage."""
     model = build(setting)
@@ -177,7 +187,7 @@ def test_compensated_scratch_constant_matches_the_optimizer():
 
 
 def test_parts_sum_to_the_peak_and_the_peak_is_the_largest_moment():
-    for setting in SETTINGS:
+    for setting in [s for s in SETTINGS if isinstance(s, Setting)]:
         p = predict(SHAPE, SEQ, BATCH, setting)
         assert sum(p.parts.values()) == p.peak_bytes
         assert p.peak_bytes == max(sum(m.values()) for m in p.moments.values())

@@ -1,14 +1,17 @@
-"""AdamW whose bf16 parameters do not silently drop small updates.
+"""AdamW whose bf16 parameters do not silently drop small updates (and may keep 8-bit states).
 
 A bf16 number has 8 significant bits: once ``|lr * update| < |p| / 512`` (late in a cosine
 schedule, for embeddings, lm_head and norms), ``p + update`` rounds back to ``p`` and plain bf16
-AdamW stops moving the parameter. Two remedies, chosen per optimizer:
+AdamW stops moving the parameter. Remedies, chosen per optimizer (``make_optimizer``'s
+``dense_optimizer``):
 
 - ``"kahan"``: compensated summation. Each bf16 parameter keeps a bf16 buffer of the rounding
   error of its last update, added to the next one, so updates accumulate until they move the
   parameter (2 extra bytes per parameter).
 - ``"fp32-master"``: a float32 master copy receives the updates; the bf16 parameter is its
   rounding (4 extra bytes per parameter).
+- ``"adamw8bit"`` (:class:`LowBitAdamW`): torchao's 8-bit Adam states (about 2 bytes per
+  parameter instead of 4) and stochastic rounding of the bf16 parameter.
 
 Float32 parameters (the rotations) are stepped by ``torch.optim.AdamW`` itself (fused on CUDA),
 exactly as without this option. The compensated update runs in slices of ``chunk_elements``
@@ -29,7 +32,43 @@ DEFAULT_CHUNK = 1 << 22
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
-class CompensatedAdamW(torch.optim.AdamW):
+class _SplitAdamW(torch.optim.AdamW):
+    """``torch.optim.AdamW`` for float32 parameters; bf16/fp16 ones are stepped by
+    :meth:`_step_low_precision`. Groups (and their ``lr``) are shared, so schedules, the merge
+    schedule (which clears rotation state in ``self.state``) and gradient clipping see one
+    optimizer."""
+
+    @staticmethod
+    def _low_precision(p: Tensor) -> bool:
+        return p.dtype in _LOW_PRECISION
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # Hide the low-precision gradients from torch's AdamW (it skips parameters without a
+        # gradient), step the rest with it, then step the hidden ones.
+        hidden: list[tuple[dict, Tensor, Tensor]] = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and self._low_precision(p):
+                    hidden.append((group, p, p.grad))
+                    p.grad = None
+        try:
+            super().step()
+        finally:
+            for _, p, grad in hidden:
+                p.grad = grad
+        self._step_low_precision(hidden)
+        return loss
+
+    def _step_low_precision(self, items: list[tuple[dict, Tensor, Tensor]]) -> None:
+        raise NotImplementedError
+
+
+class CompensatedAdamW(_SplitAdamW):
     """``torch.optim.AdamW`` with compensated updates of bf16/fp16 parameters.
 
     Args:
@@ -56,32 +95,9 @@ class CompensatedAdamW(torch.optim.AdamW):
         self.compensation = compensation
         self.chunk_elements = chunk_elements
 
-    @staticmethod
-    def _compensated(p: Tensor) -> bool:
-        return p.dtype in _LOW_PRECISION
-
-    @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        # Hide the low-precision gradients from torch's AdamW (it skips parameters without a
-        # gradient), step the rest with it, then update the hidden ones here.
-        hidden: list[tuple[dict, Tensor, Tensor]] = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and self._compensated(p):
-                    hidden.append((group, p, p.grad))
-                    p.grad = None
-        try:
-            super().step()
-        finally:
-            for _, p, grad in hidden:
-                p.grad = grad
-        for group, p, grad in hidden:
+    def _step_low_precision(self, items: list[tuple[dict, Tensor, Tensor]]) -> None:
+        for group, p, grad in items:
             self._update(group, p, grad)
-        return loss
 
     def _state(self, p: Tensor) -> dict[str, Any]:
         state = self.state[p]
@@ -152,7 +168,70 @@ class CompensatedAdamW(torch.optim.AdamW):
                 self.state[p]["master"] = masters[i].to(device=p.device, dtype=torch.float32)
 
 
-DENSE_OPTIMIZERS = ("adamw", "adamw-kahan", "adamw-fp32-master")
+class LowBitAdamW(_SplitAdamW):
+    """``torch.optim.AdamW`` for float32 parameters; torchao's ``AdamW8bit`` for bf16/fp16 ones:
+    8-bit block-quantized Adam states (uint8 codes + one float32 scale per ``block_size``
+    values, for tensors of at least 4096 values that ``block_size`` divides; smaller ones keep
+    states in their dtype) and stochastic rounding of bf16 parameters, so small updates are
+    kept in expectation. Needs the ``lowbit`` extra (torchao).
+
+    The low-precision states live in the inner torchao optimizer; ``state_dict`` carries them
+    under ``"lowbit"``. Its groups mirror this optimizer's and take their ``lr``, ``betas``,
+    ``eps`` and ``weight_decay`` at every step.
+    """
+
+    def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, *, block_size: int = 256,
+                 fused: bool | None = None, foreach: bool | None = None) -> None:
+        try:
+            from torchao.optim import AdamW8bit
+        except ImportError as e:
+            raise ImportError("dense_optimizer 'adamw8bit' needs torchao: "
+                              "pip install 'poetx[lowbit]'") from e
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         fused=fused, foreach=foreach)
+        self._mirrors: list[tuple[dict, dict]] = []
+        inner_groups = []
+        for group in self.param_groups:
+            low = [p for p in group["params"] if self._low_precision(p)]
+            if low:
+                inner_groups.append({"params": low, "lr": float(group["lr"]),
+                                     "betas": group["betas"], "eps": group["eps"],
+                                     "weight_decay": group["weight_decay"]})
+        # torchao needs at least one parameter; a model without bf16 parameters has no inner
+        self.lowbit = (AdamW8bit(inner_groups, lr=lr, betas=betas, eps=eps, block_size=block_size,
+                                 bf16_stochastic_round=True) if inner_groups else None)
+        if self.lowbit is not None:
+            outer = [g for g in self.param_groups if any(map(self._low_precision, g["params"]))]
+            self._mirrors = list(zip(outer, self.lowbit.param_groups, strict=True))
+
+    def _step_low_precision(self, items: list[tuple[dict, Tensor, Tensor]]) -> None:
+        if not items or self.lowbit is None:
+            return
+        for outer, inner in self._mirrors:
+            inner["lr"].fill_(float(outer["lr"]))  # torchao keeps lr as a tensor
+            for key in ("betas", "eps", "weight_decay"):
+                inner[key] = outer[key]
+        self.lowbit.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        if self.lowbit is not None:
+            sd["lowbit"] = self.lowbit.state_dict()
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        inner = state_dict.pop("lowbit", None)
+        super().load_state_dict(state_dict)
+        if (inner is None) != (self.lowbit is None):
+            raise ValueError("optimizer state: the 8-bit states do not match this model's "
+                             "bf16 parameters")
+        if inner is not None:
+            self.lowbit.load_state_dict(inner)
+
+
+DENSE_OPTIMIZERS = ("adamw", "adamw-kahan", "adamw-fp32-master", "adamw8bit")
 
 
 def make_dense_variant(name: str, groups: list[dict[str, Any]], **kwargs: Any
@@ -162,5 +241,7 @@ def make_dense_variant(name: str, groups: list[dict[str, Any]], **kwargs: Any
         return torch.optim.AdamW(groups, **kwargs)
     if name in ("adamw-kahan", "adamw-fp32-master"):
         return CompensatedAdamW(groups, compensation=name.removeprefix("adamw-"), **kwargs)
+    if name == "adamw8bit":
+        return LowBitAdamW(groups, **kwargs)
     raise ValueError(f"dense_optimizer: must be one of {', '.join(DENSE_OPTIMIZERS)}; "
                      f"got {name!r}")

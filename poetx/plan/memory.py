@@ -451,13 +451,13 @@ def _dense_states(rb: Round, setting: Setting, embed_sizes: list[int], norm_size
     if setting.dense_optimizer == "adamw-fp32-master":
         return plain + _tensors(rb, [s * 4 for s in sizes])
     # torchao AdamW8bit: uint8 codes + one float32 scale per 256 values, for tensors of at least
-    # 4096 elements that 256 divides; others keep float32 states
+    # 4096 elements that 256 divides; others keep states in the parameter dtype
     total = 0
     for s in sizes:
         if s >= 4096 and s % 256 == 0:
             total += 2 * (rb(s) + rb(4 * s // 256))
         else:
-            total += 2 * rb(4 * s)
+            total += 2 * rb(e * s)
     return total
 
 
