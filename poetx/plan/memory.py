@@ -482,7 +482,7 @@ def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
 
 def shape_of(preset: str, vocab_size: int | None = None) -> ModelShape:
     """The :class:`ModelShape` of a preset (``vocab_size`` overrides the preset's)."""
-    from poetx.model.llama import get_shape
+    from poetx.model.presets import get_shape
 
     s = get_shape(preset)
     vocab = s.vocab if vocab_size is None else vocab_size
