@@ -27,6 +27,12 @@ BENCH_METHODS: dict[str, dict[str, Any]] = {
     "mem-ckpt": {"mode": "mem", "checkpointing": True},
     "int8": {"mode": "mem", "w0_format": "int8", "checkpointing": True},
     "fp8": {"mode": "mem", "w0_format": "fp8", "checkpointing": True},
+    "int8-kahan": {"mode": "mem", "w0_format": "int8", "checkpointing": True,
+                   "dense_optimizer": "adamw-kahan"},
+    "int8-master": {"mode": "mem", "w0_format": "int8", "checkpointing": True,
+                    "dense_optimizer": "adamw-fp32-master"},
+    "int8-8bit": {"mode": "mem", "w0_format": "int8", "checkpointing": True,
+                  "dense_optimizer": "adamw8bit"},
 }
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from bench.plan_check import compare
+from bench.plan_check import BENCH_METHODS, compare
 from poetx.cli.main import main
 from poetx.config import POETConfig
 from poetx.layers.poet_linear import POETLinear
@@ -222,6 +222,19 @@ def test_predictions_match_the_recorded_gpu_peaks():
     for r in records:
         if r["status"] == "oom":  # ran out of memory on an 80 GB H100
             assert r["predicted_gib"] > 80e9 / GIB
+
+
+def test_every_bench_method_has_a_planner_setting():
+    from bench.model import METHODS
+
+    assert set(METHODS) == set(BENCH_METHODS)
+    for name, method in METHODS.items():
+        setting = Setting(**BENCH_METHODS[name])
+        assert setting.optimizer == ("poetx" if method.poetx else "adamw")
+        assert setting.checkpointing == method.checkpointing
+        assert setting.dense_optimizer == method.dense_optimizer
+        if method.poetx:
+            assert (setting.mode, setting.w0_format) == (method.mode, method.w0_format)
 
 
 def test_setting_rejects_bad_values():
