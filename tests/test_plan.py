@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from bench.plan_check import BENCH_METHODS, compare
+from bench.plan_check import BENCH_METHODS, compare, compare_largest
 from poetx.cli.main import main
 from poetx.config import POETConfig
 from poetx.layers.poet_linear import POETLinear
@@ -222,6 +222,10 @@ def test_predictions_match_the_recorded_gpu_peaks():
     for r in records:
         if r["status"] == "oom":  # ran out of memory on an 80 GB H100
             assert r["predicted_gib"] > 80e9 / GIB
+    # the 32B-parameter run of bench/largest.py: another shape, batch 2, gradient clipping
+    largest = compare_largest(json.loads((REPO / "bench/results/largest.json").read_text()))
+    assert largest["model"] == "llama-30b" and largest["batch"] == 2
+    assert abs(largest["error_pct"]) <= GPU_TOLERANCE_PCT, largest
 
 
 def test_every_bench_method_has_a_planner_setting():

@@ -16,7 +16,8 @@ _COLUMNS: list[tuple[str, tuple[str, ...]]] = [
     ("rot p+g+s", ("rotation_params", "rotation_grads", "rotation_states")),
     ("activations", ("activations",)),
     ("loss tmp", ("loss_temporaries",)),
-    ("other", ("buffers", "step_temporaries", "overhead")),
+    ("bwd+opt tmp", ("backward_temporaries", "optimizer_temporaries")),
+    ("other", ("buffers", "overhead")),
 ]
 
 

@@ -83,7 +83,8 @@ PARTS = (
     "buffers",
     "activations",
     "loss_temporaries",
-    "step_temporaries",
+    "backward_temporaries",
+    "optimizer_temporaries",
     "overhead",
 )
 
@@ -297,18 +298,20 @@ def predict(
 
     moments: list[tuple[str, dict[str, int]]] = []
 
-    def moment(name: str, acts: int, loss: int, step: int, grad_bytes: dict[str, int]) -> None:
+    def moment(name: str, grad_bytes: dict[str, int], activations: int = 0, loss: int = 0,
+               backward: int = 0, optimizer: int = 0) -> None:
         parts = dict(persistent)
         for k, v in grad_bytes.items():
             parts[k] += v
-        parts["activations"] += acts
+        parts["activations"] += activations
         parts["loss_temporaries"] += loss
-        parts["step_temporaries"] += step
+        parts["backward_temporaries"] += backward
+        parts["optimizer_temporaries"] += optimizer
         moments.append((name, parts))
 
     loss_fwd, loss_bwd = _loss_temporaries(rb, t, d, vocab, e)
-    moment("loss-forward", all_saved, loss_fwd, 0, {})
-    moment("loss-backward", all_saved, loss_bwd, 0, {})
+    moment("loss-forward", {}, activations=all_saved, loss=loss_fwd)
+    moment("loss-backward", {}, activations=all_saved, loss=loss_bwd)
 
     head_grad = {"embed_head_norm_grads": grad_embed + _tensors(rb, [d * e])}
     grad_flow = 2 * rb(t * d * e)  # gradient into and out of the layer
@@ -319,10 +322,9 @@ def predict(
         g = dict(head_grad)
         g[grad_part] = g.get(grad_part, 0) + (done + 1) * layer_grad
         acts = position * kept_layer + kept_layer + recompute + final + grad_flow
-        moment(f"layer-backward ({label} layer)", acts, 0, layer_work, g)
+        moment(f"layer-backward ({label} layer)", g, activations=acts, backward=layer_work)
 
-    step_work = _step_temporaries(rb, setting, embed_sizes, e)
-    moment("optimizer-step", 0, 0, step_work, grads)
+    moment("optimizer-step", grads, optimizer=_step_temporaries(rb, setting, embed_sizes, e))
 
     phase, parts = max(moments, key=lambda item: sum(item[1].values()))
     assert static <= sum(parts.values())
