@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Grouped-query attention, an intermediate size that 64 does not divide, untied embeddings.
 SHAPE = ModelShape(hidden=128, intermediate=344, layers=3, heads=4, kv_heads=2, vocab=300)
 BATCH, SEQ = 2, 24
-# Largest |error| of the prediction against the recorded GPU peaks: the planner achieves 1.4%.
+# Largest |error| of the prediction against the recorded GPU peaks: the planner achieves 1.6%.
 GPU_TOLERANCE_PCT = 2.0
 
 
@@ -168,10 +168,11 @@ def test_saved_activations_are_what_autograd_keeps(setting):
     got = sum(saved.values())
 
     s = saved_activations(SHAPE, SEQ, BATCH, setting, cuda_allocator=False)
-    want = SHAPE.layers * s["kept_layer"] + s["final"]
-    if setting.checkpointing:
-        # cos/sin reach the layers as checkpoint inputs: alive, but not through autograd's hooks
-        want -= 2 * SEQ * SHAPE.head_dim * 2
+    want = SHAPE.layers * s["kept_layer"] + s["final_norm"]
+    if not setting.checkpointing:
+        # under checkpointing cos/sin reach the layers as checkpoint inputs: alive, but not
+        # through autograd's hooks
+        want += s["rope"]
     assert got == want
     if setting.checkpointing:  # the recomputed layer saves what an unchecked layer does
         plain = saved_activations(SHAPE, SEQ, BATCH, Setting(mode=setting.mode, block_size=64),

@@ -288,13 +288,12 @@ def predict(
         layer_grad = weights
         grads["dense_linear_grads"] = weights * n_layers
     persistent["overhead"] = GEMM_THREADS * CUBLAS_WORKSPACE if cuda_allocator else 0
-    static = sum(persistent.values())
     grad_part = "rotation_grads" if poet else "dense_linear_grads"
 
     # ---- activations -------------------------------------------------------------------------
     saved = saved_activations(shape, seq_len, batch_size, setting, e, cuda_allocator)
-    saved_layer, kept_layer, final = saved["layer"], saved["kept_layer"], saved["final"]
-    all_saved = n_layers * kept_layer + final
+    saved_layer, kept_layer = saved["layer"], saved["kept_layer"]
+    all_saved = n_layers * kept_layer + saved["rope"] + saved["final_norm"]
 
     moments: list[tuple[str, dict[str, int]]] = []
 
@@ -321,13 +320,13 @@ def predict(
         done = n_layers - 1 - position
         g = dict(head_grad)
         g[grad_part] = g.get(grad_part, 0) + (done + 1) * layer_grad
-        acts = position * kept_layer + kept_layer + recompute + final + grad_flow
+        # the final norm's and the loss's saved tensors are freed once their backward ran
+        acts = (position + 1) * kept_layer + recompute + saved["rope"] + grad_flow
         moment(f"layer-backward ({label} layer)", g, activations=acts, backward=layer_work)
 
     moment("optimizer-step", grads, optimizer=_step_temporaries(rb, setting, embed_sizes, e))
 
     phase, parts = max(moments, key=lambda item: sum(item[1].values()))
-    assert static <= sum(parts.values())
     return MemoryPlan(preset=preset, seq_len=seq_len, batch_size=batch_size, setting=setting,
                       peak_bytes=sum(parts.values()), phase=phase, parts=parts,
                       moments=dict(moments))
@@ -339,15 +338,15 @@ def saved_activations(shape: ModelShape, seq_len: int, batch_size: int, setting:
 
     Returns ``layer`` (one decoder layer's saved tensors, as recomputed under checkpointing),
     ``kept_layer`` (what each layer keeps until its backward: ``layer``, or only its input under
-    checkpointing) and ``final`` (rotary ``cos``/``sin`` of one sequence, shared by the batch,
-    and the final RMSNorm with its output, which the loss saves).
+    checkpointing), ``rope`` (rotary ``cos``/``sin`` of one sequence, shared by the batch and
+    the layers) and ``final_norm`` (the final RMSNorm with its output, which the loss saves).
     """
     rb: Round = block_bytes if cuda_allocator else _exact
     e, t, d = dtype_bytes, seq_len * batch_size, shape.hidden
     layer = _saved_layer_bytes(rb, shape, t, setting, e)
     kept = rb(t * d * e) if setting.checkpointing else layer
-    final = 2 * rb(seq_len * shape.head_dim * e) + _norm_saved(rb, t, d, e)
-    return {"layer": layer, "kept_layer": kept, "final": final}
+    return {"layer": layer, "kept_layer": kept, "rope": 2 * rb(seq_len * shape.head_dim * e),
+            "final_norm": _norm_saved(rb, t, d, e)}
 
 
 def _layer_theta_bytes(rb: Round, linears: list[tuple[str, int, int]], block_size: int) -> int:
