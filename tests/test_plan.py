@@ -276,6 +276,12 @@ def test_check_fits_names_a_setting_that_fits():
     assert fits.required_bytes() <= 24 * GIB
     assert flags_of(fits.setting) in message or "fp8" in suggested
 
+    # the suggestion is a valid `poetx train` command line
+    from poetx.cli.main import build_parser
+
+    args = build_parser().parse_args(["train", *suggested.split()])
+    assert args.command == "train"
+
     ok = check_fits(cfg, "cuda:0", budget_bytes=60 * GIB)
     assert ok is not None and ok.setting.mode == "fast"
     assert check_fits(cfg, "cpu") is None
