@@ -13,7 +13,9 @@ moments where memory can be highest:
   activations (recomputed under checkpointing), the gradients accumulated so far and the
   temporaries of one POET-X linear backward (rotation blocks, dequantized ``W0``, ``T x m``
   buffers, Cayley-Neumann scratch);
-- ``optimizer-step``: every gradient and optimizer state (and the optimizer's scratch).
+- ``optimizer-step``: every gradient and optimizer state, and the optimizer's scratch: none
+  for torch's fused AdamW; five float32 slices of ``COMPENSATED_CHUNK`` values for the
+  compensated update; none assumed for torchao's compiled 8-bit step (not yet measured).
 
 Saved activations follow the code: Hugging Face ``LlamaDecoderLayer`` with SDPA (flash)
 attention saves, per token, the float32 input copy and the normalized bf16 value of each
@@ -35,12 +37,11 @@ Constants that are not shapes (stated, not fitted to the measurements):
   the CUDA context and kernels' memory outside the allocator, and a margin for the allocator's
   reserved-but-free blocks.
 
-This module imports neither torch nor transformers, so ``poetx plan`` starts fast.
+This module imports neither torch nor transformers.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -513,10 +514,3 @@ def standard_settings(block_sizes: tuple[int, ...] = (256,)) -> list[Setting]:
     out += [replace(lean, dense_optimizer=o) for o in DENSE_OPTIMIZERS if o != "adamw"]
     return out
 
-
-def gib(nbytes: float) -> float:
-    return nbytes / GIB
-
-
-def ceil_gib(nbytes: float) -> float:
-    return math.ceil(nbytes / GIB * 100) / 100
