@@ -202,3 +202,40 @@ def test_lowbit_adamw_states_are_8bit_and_tiny_updates_survive_in_expectation():
     again = LowBitAdamW([{"params": [rot], "name": "poet"}, {"params": [emb, norm]}], lr=lr)
     again.load_state_dict(sd)
     assert float(again.lowbit.state[emb]["step"]) == steps + 1
+
+
+def test_compensated_state_survives_the_checkpoint_format(tmp_path):
+    """Through ``poetx train``'s optimizer checkpoint (safetensors + JSON): the compensation /
+    master tensors come back with their dtype, and the next step is bitwise the same."""
+    from safetensors.torch import save_file
+
+    from poetx.train.checkpoint.format import OPTIMIZER_FILE
+    from poetx.train.checkpoint.optimizer_state import load_optimizer_state, optimizer_to_tensors
+
+    for compensation in ("kahan", "fp32-master"):
+        torch.manual_seed(4)
+
+        def fresh(compensation=compensation):
+            emb = nn.Parameter(torch.randn(20, 8).bfloat16())
+            rot = nn.Parameter(torch.zeros(30))
+            groups = [{"params": [rot], "name": "poet"}, {"params": [emb], "name": "decay"}]
+            return emb, rot, CompensatedAdamW(groups, lr=1e-3, compensation=compensation)
+
+        emb, rot, opt = fresh()
+        for _ in range(3):
+            emb.grad, rot.grad = torch.randn(20, 8).bfloat16(), torch.randn(30)
+            opt.step()
+        tensors, meta = optimizer_to_tensors(opt)
+        save_file(tensors, str(tmp_path / OPTIMIZER_FILE))
+        emb2, rot2, opt2 = fresh()
+        with torch.no_grad():
+            emb2.copy_(emb)
+            rot2.copy_(rot)
+        load_optimizer_state(tmp_path, opt2, {"optimizer": meta})
+        key = "compensation" if compensation == "kahan" else "master"
+        assert opt2.state[emb2][key].dtype == opt.state[emb][key].dtype
+        g_emb, g_rot = torch.randn(20, 8).bfloat16(), torch.randn(30)
+        emb.grad, rot.grad, emb2.grad, rot2.grad = g_emb, g_rot, g_emb.clone(), g_rot.clone()
+        opt.step()
+        opt2.step()
+        assert torch.equal(emb, emb2) and torch.equal(rot, rot2)
