@@ -168,3 +168,23 @@ def test_tensorboard_is_optional(tmp_path, monkeypatch):
     logger.log({"type": "train", "step": 1, "loss": 1.0})
     logger.close()
     assert any((tmp_path / "with" / "tensorboard").iterdir())
+
+
+def test_every_dependency_is_bounded():
+    """An open upper bound let a fresh install pull an untested release (triton 3.9)."""
+    import re
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    requirements = list(project["dependencies"])
+    for extra in project["optional-dependencies"].values():
+        requirements += extra
+    for requirement in requirements:
+        spec = requirement.split(";")[0]
+        assert re.search(r">=\s*[\d.]+", spec) and re.search(r"<\s*[\d.]+", spec), requirement
+    assert any(r.startswith("tomli") and "python_version < '3.11'" in r
+               for r in project["dependencies"])

@@ -14,6 +14,10 @@ A TOML file uses the field names of ``TrainConfig`` and a ``[poet]`` table for `
     [poet]
     block_size = 256
     merge_every = 200
+
+Fields are declared with :func:`poetx.settings.setting` (default, help, check, ``--help``
+group): adding a field to ``TrainConfig`` or ``POETConfig`` is all it takes to get a validated
+setting, a ``poetx train`` flag (:mod:`poetx.cli.flags`) and a TOML / ``config.json`` key.
 """
 
 from __future__ import annotations
