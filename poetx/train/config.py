@@ -24,14 +24,10 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10: the backport has the same API
-    import tomli as tomllib  # type: ignore[no-redef]
 
 from poetx.config import POETConfig
 from poetx.model.presets import PRESETS, preset_names
