@@ -47,7 +47,7 @@ def run_training(preset: str, steps: int, poet_lr: float, poet_eps: float, resta
     from poetx.data.dataset import build_data
     from poetx.train.config import TrainConfig
     from poetx.train.loss import compute_loss
-    from poetx.train.runs import build_run_model
+    from poetx.train.run_model import build_run_model
     from poetx.train.schedule import build_scheduler
 
     poet = {"adam_restart": restart, "max_q_norm": 0}
