@@ -43,14 +43,14 @@ def spectral_q_max(model) -> float:
 
 def run_training(preset: str, steps: int, poet_lr: float, poet_eps: float, restart: str,
                  batch_size: int | None, seq_len: int | None, merge_every: int | None,
-                 vocab_size: int | None) -> dict:
+                 vocab_size: int | None, max_q_norm: float = 0.0) -> dict:
     from poetx.data.dataset import build_data
     from poetx.train.config import TrainConfig
     from poetx.train.loss import compute_loss
     from poetx.train.run_model import build_run_model
     from poetx.train.schedule import build_scheduler
 
-    poet = {"adam_restart": restart, "max_q_norm": 0}
+    poet = {"adam_restart": restart, "max_q_norm": max_q_norm}
     if merge_every:
         poet["merge_every"] = merge_every
     cfg = TrainConfig(preset=preset, steps=steps, poet_lr=poet_lr, batch_size=batch_size,
@@ -81,6 +81,7 @@ def run_training(preset: str, steps: int, poet_lr: float, poet_eps: float, resta
     row = {"part": "qnorm", "preset": preset, "steps": steps, "batch": cfg.batch_size,
            "seq": cfg.seq_len, "block": cfg.poet.block_size, "T": cfg.poet.merge_every,
            "poet_lr": poet_lr, "poet_eps": poet_eps, "restart": restart,
+           "max_q_norm": max_q_norm, "merges": merges,
            "seconds": round(time.perf_counter() - t0, 1)}
     for start in range(0, steps, 100):
         stop = min(steps, start + 100)
@@ -129,7 +130,7 @@ def drift(n_in: int, n_out: int, block: int, merges: int, q_scale: float) -> lis
             ref = POETLinear(n_in, n_out, bias=False, config=ref_cfg, name="l",
                              dtype=torch.float64, weight=w_init)
             sv0 = torch.linalg.svdvals(w_init)
-            qs = []
+            qs, q2s = [], []
             for _ in range(merges):
                 with torch.no_grad():
                     for t in (layer.theta_in, layer.theta_out):
@@ -137,6 +138,7 @@ def drift(n_in: int, n_out: int, block: int, merges: int, q_scale: float) -> lis
                     ref.theta_in.copy_(layer.theta_in)
                     ref.theta_out.copy_(layer.theta_out)
                 qs.append(float(rotation_norm_max(layer)))
+                q2s.append(spectral_q_max(layer))
                 (_old_merge_ if variant == "old" else POETLinear.merge_)(layer)
                 ref.merge_()
             stored = layer.effective_weight(torch.float64)
@@ -146,6 +148,7 @@ def drift(n_in: int, n_out: int, block: int, merges: int, q_scale: float) -> lis
                 "part": "drift", "w0": "bf16" if fmt == "auto" else fmt, "merge": variant,
                 "shape": f"{n_out}x{n_in}", "block": block, "merges": merges,
                 "q_fro_mean": round(sum(qs) / len(qs), 3),
+                "q2_mean": round(sum(q2s) / len(q2s), 3),
                 "sigma_max_ratio": round(float(sv[0] / sv0[0]), 5),
                 "sigma_min_ratio": round(float(sv[-1] / sv0[-1]), 5),
                 "max_rel_sv_change": float(((sv - sv0).abs() / sv0[0]).max()),
@@ -190,6 +193,9 @@ def main() -> None:
     ap.add_argument("--merge-every", type=int, default=None)
     ap.add_argument("--conventions", default="5e-3:1e-8:reset,2.5e-3:1e-6:reset,2.5e-3:1e-6:rewarm",
                     help="poet_lr:poet_eps:restart, comma separated")
+    ap.add_argument("--q-scales", default="0.005,0.02",
+                    help="std of the random skew entries in the drift part, comma separated")
+    ap.add_argument("--max-q-norm", type=float, default=0.0, help="guard (0: off)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     env = environment()
@@ -198,15 +204,17 @@ def main() -> None:
         rows += merge_step(512, 256)
         print_table(rows[-5:], ["q_fro_max", "q2_max", "bound_2q4", "rel_output_change"])
     if args.part in ("drift", "all"):
-        rows += drift(1376, 256, 256, 50, 0.02)
+        for q_scale in args.q_scales.split(","):
+            rows += drift(1376, 256, 256, 50, float(q_scale))
         print_table([r for r in rows if r["part"] == "drift"],
-                    ["w0", "merge", "q_fro_mean", "sigma_max_ratio", "sigma_min_ratio",
+                    ["w0", "merge", "q_fro_mean", "q2_mean", "sigma_max_ratio", "sigma_min_ratio",
                      "max_rel_sv_change", "rel_dist_to_exact"])
     if args.part in ("qnorm", "all"):
         for conv in args.conventions.split(","):
             lr, eps, restart = conv.split(":")
             row = run_training(args.preset, args.steps, float(lr), float(eps), restart,
-                               args.batch_size, args.seq_len, args.merge_every, args.vocab_size)
+                               args.batch_size, args.seq_len, args.merge_every, args.vocab_size,
+                               args.max_q_norm)
             rows.append(row)
             short = {k: v for k, v in row.items() if k not in ("losses", "q_fro")}
             print(json.dumps(short), flush=True)
@@ -216,6 +224,8 @@ def main() -> None:
         r.get("part") == n.get("part") and r.get("preset", None) == n.get("preset", None)
         and r.get("poet_lr") == n.get("poet_lr") and r.get("poet_eps") == n.get("poet_eps")
         and r.get("restart") == n.get("restart") and r.get("w0") == n.get("w0")
+        and r.get("max_q_norm") == n.get("max_q_norm")
+        and r.get("q_fro_mean") == n.get("q_fro_mean")
         and r.get("merge") == n.get("merge") and r.get("q_fro_max") == n.get("q_fro_max")
         for n in rows)]
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -95,7 +95,7 @@ def test_build_model_dtype_and_wrap_keeps_skew_float32():
 # config -----------------------------------------------------------------------------------------
 def test_config_defaults_follow_optimizer_and_preset():
     p = TrainConfig(preset="llama-60m")
-    assert (p.lr, p.poet_lr, p.warmup_steps, p.max_grad_norm) == (1e-2, 2e-3, 0, 0.1)
+    assert (p.lr, p.poet_lr, p.warmup_steps, p.max_grad_norm) == (1e-2, 1e-3, 0, 0.1)
     assert (p.poet.block_size, p.poet.merge_every, p.weight_decay) == (256, 200, 0.0)
     a = TrainConfig(preset="llama-60m", optimizer="adamw", steps=1000)
     assert (a.lr, a.warmup_steps, a.max_grad_norm) == (1e-3, 100, 1.0)
@@ -163,7 +163,7 @@ def test_training_lowers_loss_and_writes_the_run_dir(corpus, tmp_path):
     train_recs = [r for r in records if r["type"] == "train"]
     evals = [r for r in records if r["type"] == "eval"]
     assert [r["step"] for r in train_recs] == list(range(1, 41))
-    for key in ("loss", "lr", "tokens_per_s", "peak_mem_gib", "grad_norm", "poet_lr"):
+    for key in ("loss", "lr", "tokens_per_s", "peak_mem_gib", "grad_norm", "poet_lr", "q_norm_max"):
         assert all(isinstance(r[key], float) for r in train_recs), key
     assert sum(r["merged"] for r in train_recs) == 2  # steps 15 and 30
     assert [e["step"] for e in evals] == [0, 20, 40]

@@ -23,6 +23,17 @@ _RESIDUAL_BUFFERS = ("w0_residual", "w0_residual_scale")
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
+def _zeros(shape: tuple[int, int], dtype: torch.dtype, device: torch.device, pin: bool) -> Tensor:
+    """Zeros on ``device``; page-locked when ``pin`` (fast merge-time copies), unless the host
+    refuses to lock that much memory."""
+    if pin:
+        try:
+            return torch.zeros(shape, dtype=dtype, device=device, pin_memory=True)
+        except RuntimeError:
+            pass
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
 class POETLinear(nn.Module):
     """``y = x (R W0 P)^T + bias`` with ``W0`` frozen and ``R``, ``P`` block-orthogonal.
 
@@ -125,12 +136,9 @@ class POETLinear(nn.Module):
         else:
             pin = False
         shape = (self.out_features, self.in_features)
-        self.register_buffer("w0_residual",
-                             torch.zeros(shape, dtype=storage, device=device, pin_memory=pin))
-        scale = None
-        if quantized:
-            scale = torch.zeros(self.out_features, groups, dtype=torch.float32, device=device,
-                                pin_memory=pin)
+        self.register_buffer("w0_residual", _zeros(shape, storage, device, pin))
+        scale = _zeros((self.out_features, groups), torch.float32, device, pin) if quantized \
+            else None
         self.register_buffer("w0_residual_scale", scale)
 
     def _apply(self, fn, recurse=True):

@@ -70,16 +70,21 @@ class PresetDefaults:
 # interpolated on a log scale and untuned. Batch sizes are per step on one GPU (the authors'
 # 512 x 256 global batch needs several GPUs). AdamW uses the usual GaLore-style 1e-3 baseline.
 # ``tiny`` is sized so that the CPU demo (200 steps) runs in a few minutes on two cores.
+# Rotation lr convention (README, "Rotation size and W0's spectrum"): the authors' poet_lr times
+# their scale 0.5 (Adam eps 1e-6 in make_optimizer), times 256 / b above b = 256 (a block's
+# ||Q|| grows with b at a given per-entry step); tiny keeps 0.5 x its former 5e-3. Measured on
+# tiny (bench/results/fidelity.json): largest block ||Q||_2 0.52 instead of 0.86 in the first
+# 100 steps; the ||Q|| guard (max_q_norm) merges early where it still grows too far.
 PRESET_DEFAULTS: dict[str, PresetDefaults] = {
-    "tiny": PresetDefaults(200, 32, 128, 1e-2, 5e-3, 3e-3, 64, 50, 50, 100),
-    "llama-60m": PresetDefaults(10_000, 64, 256, 1e-2, 2e-3, 1e-3, 256, 200, 1000, 1000),
-    "llama-130m": PresetDefaults(10_000, 64, 256, 5e-3, 2e-3, 1e-3, 256, 200, 1000, 1000),
-    "llama-350m": PresetDefaults(10_000, 32, 256, 3e-3, 2e-3, 1e-3, 256, 200, 1000, 1000),
-    "llama-1b": PresetDefaults(10_000, 16, 256, 2e-3, 1e-3, 1e-3, 256, 200, 1000, 1000),
-    "llama-3b": PresetDefaults(10_000, 4, 1024, 1e-3, 1e-3, 5e-4, 256, 200, 1000, 1000),
-    "llama-7b": PresetDefaults(10_000, 1, 2048, 1e-3, 1e-3, 3e-4, 512, 200, 1000, 1000),
-    "llama-8b": PresetDefaults(10_000, 1, 2048, 1e-3, 1e-3, 3e-4, 512, 200, 1000, 1000),
-    "llama-13b": PresetDefaults(10_000, 1, 2048, 1e-3, 1e-3, 3e-4, 512, 200, 1000, 1000),
+    "tiny": PresetDefaults(200, 32, 128, 1e-2, 2.5e-3, 3e-3, 64, 50, 50, 100),
+    "llama-60m": PresetDefaults(10_000, 64, 256, 1e-2, 1e-3, 1e-3, 256, 200, 1000, 1000),
+    "llama-130m": PresetDefaults(10_000, 64, 256, 5e-3, 1e-3, 1e-3, 256, 200, 1000, 1000),
+    "llama-350m": PresetDefaults(10_000, 32, 256, 3e-3, 1e-3, 1e-3, 256, 200, 1000, 1000),
+    "llama-1b": PresetDefaults(10_000, 16, 256, 2e-3, 5e-4, 1e-3, 256, 200, 1000, 1000),
+    "llama-3b": PresetDefaults(10_000, 4, 1024, 1e-3, 5e-4, 5e-4, 256, 200, 1000, 1000),
+    "llama-7b": PresetDefaults(10_000, 1, 2048, 1e-3, 2.5e-4, 3e-4, 512, 200, 1000, 1000),
+    "llama-8b": PresetDefaults(10_000, 1, 2048, 1e-3, 2.5e-4, 3e-4, 512, 200, 1000, 1000),
+    "llama-13b": PresetDefaults(10_000, 1, 2048, 1e-3, 2.5e-4, 3e-4, 512, 200, 1000, 1000),
 }
 assert set(PRESET_DEFAULTS) == set(PRESETS)
 
