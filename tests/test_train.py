@@ -186,8 +186,8 @@ def test_both_optimizers_run_through_the_same_loop(corpus, tmp_path):
         train(small(corpus, out, optimizer=opt, steps=4, eval_every=2, save_every=0))
         runs[opt] = read_metrics(out)
     keys = {opt: {k for r in recs if r["type"] == "train" for k in r} for opt, recs in runs.items()}
-    assert keys["adamw"] < keys["poetx"]  # poetx adds poet_lr and merged only
-    assert keys["poetx"] - keys["adamw"] == {"poet_lr", "merged"}
+    assert keys["adamw"] < keys["poetx"]  # poetx adds poet_lr, merged and q_norm_max only
+    assert keys["poetx"] - keys["adamw"] == {"poet_lr", "merged", "q_norm_max"}
     for recs in runs.values():
         assert [r["step"] for r in recs if r["type"] == "eval"] == [0, 2, 4]
     start = {opt: next(r for r in recs if r.get("event") == "start")
