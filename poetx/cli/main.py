@@ -77,6 +77,9 @@ _TRAIN_FIELDS: dict[str, tuple[str, bool]] = {
     "cache_dir": ("cache_dir", False),
     "steps": ("steps", False),
     "batch_size": ("batch_size", False),
+    "grad_accum": ("grad_accum", False),
+    "parallel": ("parallel", False),
+    "metrics_every": ("metrics_every", False),
     "seq_len": ("seq_len", False),
     "lr": ("lr", False),
     "poet_lr": ("poet_lr", False),
@@ -108,7 +111,7 @@ _TRAIN_FIELDS: dict[str, tuple[str, bool]] = {
 def _add_train(sub: argparse._SubParsersAction) -> None:
     from poetx.config import MODES, W0_FORMATS
     from poetx.model.llama import preset_names
-    from poetx.train.config import DTYPES, OPTIMIZERS
+    from poetx.train.config import DTYPES, OPTIMIZERS, PARALLEL
 
     p = sub.add_parser(
         "train", help="train a model (POET-X or the AdamW baseline)",
@@ -135,8 +138,15 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--vocab-size", type=_int_at_least(2, "at least 2"),
                    help="vocabulary of the tokenizer trained for the run")
     g.add_argument("--cache-dir", metavar="DIR", help="data cache (default $POETX_DATA_DIR)")
-    g.add_argument("--batch-size", type=_POSITIVE_INT, help="sequences per step")
+    g.add_argument("--batch-size", type=_POSITIVE_INT,
+                   help="sequences per micro-batch and process")
     g.add_argument("--seq-len", type=_int_at_least(2, "at least 2"), help="tokens per sequence")
+    g = p.add_argument_group("data parallel (under torchrun --nproc-per-node N)")
+    g.add_argument("--grad-accum", type=_POSITIVE_INT,
+                   help="micro-batches per step (global batch = batch x grad-accum x processes)")
+    g.add_argument("--parallel", choices=PARALLEL,
+                   help="auto (default: ddp with several processes, none with one), none, ddp; "
+                   "fsdp is not implemented yet")
     g = p.add_argument_group("optimization")
     g.add_argument("--steps", type=_POSITIVE_INT, help="optimizer steps")
     g.add_argument("--lr", type=_POSITIVE_FLOAT, help="learning rate of ordinary parameters")
@@ -164,6 +174,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--eval-batches", type=_POSITIVE_INT, help="validation batches to use")
     g.add_argument("--save-every", type=_NONNEG_INT, help="checkpoint every N steps (0 = at end)")
     g.add_argument("--keep-last", type=_POSITIVE_INT, help="checkpoints to keep")
+    g.add_argument("--metrics-every", type=_POSITIVE_INT,
+                   help="read step metrics from the device every N steps (default 10)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default on)")
     g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,

@@ -157,6 +157,13 @@ def _rng_tensors_and_meta() -> tuple[dict[str, Tensor], dict[str, Any]]:
     return tensors, meta
 
 
+def _json_value(value: Any) -> Any:
+    # A learning rate kept as a device tensor (for a captured step) is saved as its number.
+    if torch.is_tensor(value):
+        return value.item()
+    return list(value) if isinstance(value, tuple) else value
+
+
 def _optimizer_tensors_and_meta(
     optimizer: torch.optim.Optimizer,
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -169,8 +176,7 @@ def _optimizer_tensors_and_meta(
                 tensors[f"state.{idx}.{key}"] = _cpu_contiguous(value)
             else:
                 values[f"{idx}.{key}"] = value
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
-              for g in sd["param_groups"]]
+    groups = [{k: _json_value(v) for k, v in g.items()} for g in sd["param_groups"]]
     return tensors, {"param_groups": groups, "values": values}
 
 

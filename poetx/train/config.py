@@ -34,6 +34,9 @@ from poetx.config import POETConfig
 from poetx.model.llama import PRESETS
 
 OPTIMIZERS = ("poetx", "adamw")
+PARALLEL = ("auto", "none", "ddp", "fsdp")
+# Keys of config.json computed for the reader (world size, global batch); ignored on load.
+DERIVED_KEY = "derived"
 DTYPES = ("auto", "float32", "bfloat16")
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
@@ -75,8 +78,9 @@ assert set(PRESET_DEFAULTS) == set(PRESETS)
 
 # Fields that fix the model, the data stream or the optimizer's parameter layout: a resumed run
 # must keep them, or its checkpoint would not load or the run would no longer be one run.
-RESUME_LOCKED = ("preset", "optimizer", "data", "vocab_size", "seq_len", "batch_size", "seed",
-                 "dtype")
+# ``batch_size`` is not locked: the *global* batch (batch x grad_accum x processes) is, checked
+# when the checkpoint is loaded, so a run can resume on another number of GPUs.
+RESUME_LOCKED = ("preset", "optimizer", "data", "vocab_size", "seq_len", "seed", "dtype")
 RESUME_LOCKED_POET = ("block_size", "neumann_terms", "init", "exclude", "seed", "w0_format",
                       "quant_group_size")
 
@@ -94,7 +98,13 @@ class TrainConfig:
         vocab_size: size of the tokenizer trained for the run (default: the preset's, 512 for
             ``tiny``); the model's vocabulary is the tokenizer's.
         cache_dir: data cache (default ``$POETX_DATA_DIR`` or ``~/.cache/poetx``).
-        seq_len / batch_size: each step trains on ``batch_size`` sequences of ``seq_len`` tokens.
+        seq_len / batch_size: each micro-batch holds ``batch_size`` sequences of ``seq_len``
+            tokens, per process.
+        grad_accum: micro-batches per optimizer step and process (gradients accumulate; under
+            DDP they are all-reduced once, on the last). The global batch is
+            ``batch_size x grad_accum x processes`` sequences.
+        parallel: ``auto`` (none in one process, ``ddp`` under ``torchrun`` with several),
+            ``none``, ``ddp``; ``fsdp`` is not implemented yet.
         dtype: ``"auto"`` = bf16 on CUDA, float32 on CPU.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
     Optimization:
@@ -110,6 +120,9 @@ class TrainConfig:
     Bookkeeping:
         eval_every / save_every: period in steps (0 = only at the end); eval_batches: cap on the
         validation batches used (``None`` = all); eval_at_start: evaluate before step 1;
+        metrics_every: steps whose metrics are read from the device together (one wait for
+            the device each time; a NaN is reported naming its step up to that many steps
+            later; every step still gets its row);
         keep_last: checkpoints kept; out: the run directory (default
         ``runs/<preset>-<optimizer>``); seed; progress (tqdm bar);
         tensorboard (event files when the package is installed).
@@ -123,6 +136,8 @@ class TrainConfig:
     cache_dir: str | None = None
     seq_len: int | None = None
     batch_size: int | None = None
+    grad_accum: int = 1
+    parallel: str = "auto"
     dtype: str = "auto"
     device: str = "auto"
     steps: int | None = None
@@ -140,6 +155,7 @@ class TrainConfig:
     eval_batches: int | None = None
     eval_at_start: bool = True
     save_every: int | None = None
+    metrics_every: int = 10
     keep_last: int = 3
     out: str | None = None
     seed: int = 0
@@ -201,6 +217,9 @@ class TrainConfig:
         _check_int("vocab_size", self.vocab_size, 2)
         _check_int("seq_len", self.seq_len, 2)
         _check_int("batch_size", self.batch_size, 1)
+        _check_int("grad_accum", self.grad_accum, 1)
+        _check_choice("parallel", self.parallel, PARALLEL)
+        _check_int("metrics_every", self.metrics_every, 1)
         _check_int("steps", self.steps, 1)
         _check_int("warmup_steps", self.warmup_steps, 0)
         if self.warmup_steps > self.steps:
@@ -243,20 +262,21 @@ class TrainConfig:
         if not isinstance(d, dict):
             raise ValueError(f"{source}: expected a table of settings, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
+        unknown = sorted(set(d) - names - {DERIVED_KEY})
         if unknown:
             raise ValueError(
                 f"{source}: unknown setting(s) {', '.join(unknown)}; "
                 f"known: {', '.join(sorted(names))}"
             )
-        d = dict(d)
+        d = {k: v for k, v in d.items() if k != DERIVED_KEY}
         if isinstance(d.get("poet"), dict):
             d["poet"] = dict(d["poet"])
         return cls(**d)
 
     @property
     def tokens_per_step(self) -> int:
-        return self.batch_size * self.seq_len
+        """Tokens of one process's step (``batch_size x grad_accum x seq_len``)."""
+        return self.batch_size * self.grad_accum * self.seq_len
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
