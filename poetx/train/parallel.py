@@ -137,29 +137,30 @@ def resolve_parallel(parallel: str, ctx: DistContext) -> str:
     return "ddp"
 
 
-def frozen_state_names(module: nn.Module) -> list[str]:
-    """Names of the parameters that never train (``W0``, its quantization scales)."""
-    return [name for name, p in module.named_parameters() if not p.requires_grad]
+def rank_local_state_names(module: nn.Module) -> list[str]:
+    """Names DDP must leave alone: parameters that never train (``W0``, its quantization
+    scales) and every buffer (permutations, merge counters, rotary tables)."""
+    frozen = [name for name, p in module.named_parameters() if not p.requires_grad]
+    return frozen + [name for name, _ in module.named_buffers()]
 
 
 def parallelize(module: nn.Module, scheme: str, device: torch.device) -> nn.Module:
     """The training module for ``scheme``: ``module`` itself (``none``) or a DDP wrapper.
 
     ``module`` computes the loss in its forward (``CausalLMWithLoss``), so DDP's reducer sees
-    every trainable parameter's gradient. Frozen parameters and buffers are left to each rank
-    (``broadcast_buffers=False``, frozen names ignored): nothing of ``W0`` ever crosses.
+    every trainable parameter's gradient. Frozen parameters and all buffers are excluded from
+    DDP (no start-up broadcast, no per-forward buffer broadcast, the effect of
+    ``broadcast_buffers=False`` without its deprecation): nothing of ``W0`` ever crosses.
     """
     if scheme == "none":
         return module
     if scheme != "ddp":
         raise ValueError(f"parallelize: unknown scheme {scheme!r}")
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-        module, frozen_state_names(module)
+        module, rank_local_state_names(module)
     )
     device_ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(
-        module, device_ids=device_ids, broadcast_buffers=False,
-    )
+    return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
 
 
 def no_sync(module: nn.Module, last: bool) -> contextlib.AbstractContextManager:
