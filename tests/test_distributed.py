@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -219,3 +220,53 @@ def test_resume_refuses_another_global_batch(dp_corpus, reference, tmp_path):
     shutil.copytree(reference, run)
     with pytest.raises(TrainError, match="global batch of 4"):
         _run({"out": str(run), "batch_size": 2, "steps": STEPS_DP + 1}, resume=True)
+
+
+def _disagree_worker(rank: int, world: int, port: int, out: str) -> None:
+    from poetx.train.parallel import DistContext, RankDisagreement, check_ranks_agree
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    ctx = DistContext(rank, world)
+    model = _model()
+    check_ranks_agree(model, ctx, 0)  # same seeds: no complaint
+    if rank == 1:
+        with torch.no_grad():
+            model[0].w0[0, 0] += 1e-12
+    try:
+        check_ranks_agree(model, ctx, 7)
+        message = "no error"
+    except RankDisagreement as e:
+        message = str(e)
+    with open(f"{out}.{rank}", "w") as f:
+        f.write(message)
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
+def test_rank_disagreement_after_a_merge_fails_loudly(tmp_path):
+    out = str(tmp_path / "msg")
+    mp.spawn(_disagree_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    for r in range(2):
+        message = Path(f"{out}.{r}").read_text()
+        assert "step 7" in message and "rank(s) [1]" in message, message
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
+def test_torchrun_runs_poetx_train(dp_corpus, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "cli"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", str(_free_port()), "-m", "poetx.cli.main", "train",
+           "--data", dp_corpus["data"], "--cache-dir", dp_corpus["cache_dir"],
+           "--vocab-size", "512", "--seq-len", "32", "--batch-size", "1", "--grad-accum", "2",
+           "--steps", "3", "--eval-batches", "1", "--device", "cpu", "--no-progress",
+           "--no-tensorboard", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "global batch 4 = batch 1 x grad accum 2 x 2 processes" in done.stdout
+    assert done.stdout.count("poetx train:") == 1  # rank 0 alone prints
+    assert len(_losses(out)) == 3
