@@ -149,3 +149,48 @@ def test_ranks_take_contiguous_shares_of_one_global_batch(world, accum):
               for r in range(world)]
     joined = torch.cat([s.flatten(0, 1) for s in shares])
     torch.testing.assert_close(joined, whole.load_batch(5).flatten(0, 1), rtol=0, atol=0)
+
+
+# CUDA: the same properties where they matter (skipped without a GPU) -------------------------
+def _cuda_trainer(**kw) -> Trainer:
+    settings = dict(preset="tiny", vocab_size=VOCAB, seq_len=SEQ, batch_size=4, steps=10,
+                    progress=False, tensorboard=False, poet={"merge_every": 3})
+    settings.update(kw)
+    cfg = TrainConfig(**settings)
+    torch.manual_seed(cfg.seed)
+    device = torch.device("cuda")
+    model = build_run_model(cfg, VOCAB, device, torch.bfloat16)
+    return Trainer(cfg, model, _data(cfg.batch_size * cfg.grad_accum), device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("optimizer", ["poetx", "adamw"])
+def test_cuda_train_step_runs_under_sync_debug_error(optimizer, monkeypatch):
+    import transformers.masking_utils as masking
+
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda position_ids: None)
+    t = _cuda_trainer(optimizer=optimizer, grad_accum=2, batch_size=2)
+    assert t.optimizer.defaults["fused"] and all(g["lr"].is_cuda for g in
+                                                 t.optimizer.param_groups)
+    t.step_fn(t.load_batch(0))
+    batch = t.load_batch(1)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        metrics = t.step_fn(batch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert metrics["loss"].is_cuda and not bool(metrics["nonfinite"])
+
+
+@pytest.mark.gpu
+def test_cuda_nonfinite_step_is_skipped_on_device(monkeypatch):
+    t = _cuda_trainer()
+    t.step_fn(t.load_batch(0))
+    before = _state(t)
+    real = trainer_mod.compute_loss
+    monkeypatch.setattr(trainer_mod, "compute_loss", lambda m, b: real(m, b) * float("nan"))
+    assert bool(t.step_fn(t.load_batch(1))["nonfinite"])
+    after = _state(t)
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key
