@@ -112,7 +112,8 @@ def _dump_final_state(path: str) -> None:
 
 def _run(settings: dict, resume: bool) -> None:
     from poetx.train.config import TrainConfig
-    from poetx.train.loop import config_from_sources, train
+    from poetx.train.loop import train
+    from poetx.train.run_dir import config_from_sources
 
     if resume:
         cfg, ckpt = config_from_sources(None, settings, resume=True)

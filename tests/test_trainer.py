@@ -15,7 +15,7 @@ import poetx.train.trainer as trainer_mod
 from poetx.data.packing import PackedBatches, validation_batches
 from poetx.train.config import TrainConfig
 from poetx.train.parallel import DistContext
-from poetx.train.runs import build_run_model
+from poetx.train.run_model import build_run_model
 from poetx.train.trainer import Trainer
 
 VOCAB = 64

@@ -1,8 +1,10 @@
-"""The training loop shared by ``--optimizer poetx`` and ``--optimizer adamw``.
+"""``train``: set a run up (process group, run directory, data, model) and hand it to the
+``Trainer``.
 
 Both optimizers go through the same code: same data order, same loss function, same
 evaluation batches, same clipping and schedule machinery. The only differences are the
-``poetx.wrap`` of the model, the POET parameter group and the merge schedule.
+``poetx.wrap`` of the model, the POET parameter group and the merge schedule. Under
+``torchrun`` every rank runs this function; rank 0 alone writes the run directory.
 """
 
 from __future__ import annotations
@@ -10,25 +12,14 @@ from __future__ import annotations
 import random
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
+from poetx.atomic import write_json_atomic
 from poetx.model.llama import count_parameters
-from poetx.train.checkpoint import (
-    clean_stale,
-    list_checkpoints,
-    read_state,
-    resolve_resume,
-)
-from poetx.train.config import (
-    TrainConfig,
-    build_config,
-    load_toml,
-    merge_settings,
-    resume_config,
-)
+from poetx.train.config import TrainConfig
+from poetx.train.device import resolve_device, resolve_dtype
 from poetx.train.errors import NonFiniteError, TrainError, TrainInterrupted
 from poetx.train.metrics import METRICS_FILE, MetricsLogger, truncate_metrics
 from poetx.train.parallel import (
@@ -38,19 +29,16 @@ from poetx.train.parallel import (
     resolve_parallel,
     shutdown_distributed,
 )
-from poetx.train.runs import (
-    CHECKPOINT_DIR,
+from poetx.train.run_dir import (
     CONFIG_FILE,
     TOKENIZER_FILE,
-    build_run_model,
-    resolve_device,
-    resolve_dtype,
-    write_json_atomic,
+    RunDirError,
+    claim_run_dir,
 )
+from poetx.train.run_model import build_run_model
 from poetx.train.trainer import RunResult, Trainer, data_fingerprint
 
-__all__ = ["NonFiniteError", "RunResult", "TrainError", "TrainInterrupted", "Trainer",
-           "config_from_sources", "train"]
+__all__ = ["NonFiniteError", "RunResult", "TrainError", "TrainInterrupted", "Trainer", "train"]
 
 OOM_HINT = (
     "out of GPU memory. Try --mode mem (recompute instead of storing the POET intermediate), "
@@ -65,48 +53,12 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
-def config_from_sources(config_file: str | None, overrides: dict[str, Any],
-                        resume: bool | str | None = None) -> tuple[TrainConfig, Path | None]:
-    """The run's config and, when resuming, the checkpoint to resume from.
-
-    Fresh run: preset defaults < TOML < flags. Resumed run (``resume`` True for the newest
-    checkpoint of ``--out``, or a checkpoint path): the checkpoint's config < TOML < flags.
-    """
-    if not resume:
-        return build_config(config_file, overrides), None
-    settings = dict(overrides)
-    if config_file is not None:
-        settings = merge_settings(load_toml(config_file), overrides)
-    requested = resume if isinstance(resume, str) else None
-    if requested is None:
-        out = settings.get("out") or (
-            f"runs/{settings.get('preset', 'tiny')}-{settings.get('optimizer', 'poetx')}"
-        )
-        settings["out"] = out
-        root = Path(out) / CHECKPOINT_DIR
-    else:
-        root = Path(requested).parent
-    ckpt = resolve_resume(root, requested)
-    saved = read_state(ckpt)["config"]
-    if requested is not None and "out" not in settings:
-        settings["out"] = str(Path(requested).parent.parent)
-    return resume_config(saved, settings), ckpt
-
-
 def _check_run_dir(cfg: TrainConfig, resuming: bool) -> Path:
-    """The run directory, refused if it already holds another run (created later)."""
-    run_dir = Path(cfg.out)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise TrainError(f"--out {run_dir} exists and is not a directory")
-    if not resuming:
-        taken = [run_dir / CONFIG_FILE] + [p for _, p in list_checkpoints(run_dir / CHECKPOINT_DIR)]
-        existing = [p for p in taken if p.exists()]
-        if existing:
-            raise TrainError(
-                f"{run_dir} already holds a run ({existing[0].name}); pass --resume to continue "
-                f"it, or choose another --out"
-            )
-    return run_dir
+    """The run directory (see ``poetx.train.run_dir.claim_run_dir``)."""
+    try:
+        return claim_run_dir(cfg, resuming)
+    except RunDirError as e:
+        raise TrainError(str(e)) from None
 
 
 def _build_data(cfg: TrainConfig, run_dir: Path, resuming: bool, global_batch: int):
@@ -135,6 +87,9 @@ def _build_data(cfg: TrainConfig, run_dir: Path, resuming: bool, global_batch: i
 def train(cfg: TrainConfig, resume_from: Path | None = None) -> RunResult:
     """Run (or continue from ``resume_from``) the training described by ``cfg``.
 
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) each process calls this; the process group is
+    created here and torn down at the end.
+
     Raises:
         TrainError: bad run directory, data problem, CUDA OOM (with hints).
         NonFiniteError: NaN/inf loss or gradient norm (unless ``cfg.skip_nonfinite``).
@@ -156,8 +111,6 @@ def _save_tokenizer(tokenizer, run_dir: Path) -> None:
     save_tokenizer(tokenizer, run_dir)
 
 
-
-
 def _train(cfg: TrainConfig, resume_from: Path | None, ctx: DistContext,
            device_name: str) -> RunResult:
     started = time.perf_counter()
@@ -166,8 +119,8 @@ def _train(cfg: TrainConfig, resume_from: Path | None, ctx: DistContext,
     dtype = resolve_dtype(cfg.dtype, device)
     dtype_name = str(dtype).removeprefix("torch.")
     scheme = resolve_parallel(cfg.parallel, ctx)
-    run_dir = _check_run_dir(cfg, resuming)
-    ctx.barrier()  # every rank has looked at the run dir before rank 0 writes into it
+    with ctx.main_first():  # rank 0 cleans up the directory; the others then find it clean
+        run_dir = _check_run_dir(cfg, resuming)
     global_batch = cfg.batch_size * cfg.grad_accum * ctx.world
 
     seed_everything(cfg.seed)
@@ -175,7 +128,6 @@ def _train(cfg: TrainConfig, resume_from: Path | None, ctx: DistContext,
         data = _build_data(cfg, run_dir, resuming, global_batch)
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        clean_stale(run_dir / CHECKPOINT_DIR)
         if data.tokenizer is not None:
             _save_tokenizer(data.tokenizer, run_dir)
     model = build_run_model(cfg, data.vocab_size, device, dtype)

@@ -30,6 +30,7 @@ from poetx import MergeSchedule, make_optimizer
 from poetx.model.causal_lm import CausalLMWithLoss
 from poetx.optim.optimizer import DECAY_GROUP, POET_GROUP
 from poetx.train.checkpoint import (
+    checkpoint_name,
     load_model_state,
     load_optimizer_state,
     read_state,
@@ -42,6 +43,7 @@ from poetx.train.evaluate import evaluate
 from poetx.train.loss import batch_tokens, compute_loss
 from poetx.train.metrics import MetricsLogger, Progress, peak_memory_gib
 from poetx.train.parallel import DistContext, check_ranks_agree, no_sync, parallelize
+from poetx.train.run_dir import CHECKPOINT_DIR
 from poetx.train.schedule import build_scheduler, load_scheduler_state, scheduler_state
 
 # A run whose every step is non-finite is broken, not unlucky: stop even with --skip-nonfinite.
@@ -314,7 +316,7 @@ class _Fit:
         self.t = trainer
         self.cfg = trainer.cfg
         self.run_dir = run_dir
-        self.ckpt_root = run_dir / "checkpoints"
+        self.ckpt_root = run_dir / CHECKPOINT_DIR
         self.main = trainer.ctx.is_main
         self.logger = logger if logger is not None else _NullLogger()
         self.dtype_name = dtype_name
@@ -401,7 +403,7 @@ class _Fit:
             self.logger.event(at, "checkpoint", str(path))
             self.progress.write(f"step {at}: saved {path}")
         self.t.ctx.barrier()
-        self.last_saved, self.last_saved_step = path or self.ckpt_root / f"step_{at:08d}", at
+        self.last_saved, self.last_saved_step = path or self.ckpt_root / checkpoint_name(at), at
         return self.last_saved
 
     def run(self) -> RunResult:
