@@ -164,9 +164,9 @@ def test_ddp_train_matches_one_process_and_ranks_agree(dp_corpus, reference, tmp
     _spawn(_settings(dp_corpus, out, batch_size=2), str(tmp_path / "state"))
     losses, ref = _losses(out), _losses(reference)
     assert len(losses) == STEPS_DP
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref), rtol=2e-4, atol=0)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref), rtol=2e-5, atol=0)
     torch.testing.assert_close(torch.tensor(_evals(out)), torch.tensor(_evals(reference)),
-                               rtol=2e-4, atol=0)
+                               rtol=2e-5, atol=0)
     states = [torch.load(tmp_path / f"state.{r}") for r in range(2)]
     merges = {k: int(v) for k, v in states[0].items() if k.endswith("merge_count")}
     assert merges and set(merges.values()) == {STEPS_DP // MERGE_DP}
@@ -184,7 +184,7 @@ def test_ddp_with_grad_accum_matches_one_process(dp_corpus, reference, tmp_path)
     _spawn(_settings(dp_corpus, out, batch_size=1, grad_accum=2, save_every=0),
            str(tmp_path / "state"))
     torch.testing.assert_close(torch.tensor(_losses(out)), torch.tensor(_losses(reference)),
-                               rtol=2e-4, atol=0)
+                               rtol=2e-5, atol=0)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
@@ -209,7 +209,7 @@ def test_resume_moves_between_world_sizes_with_the_same_data_order(dp_corpus, re
     for run in (two_then_one, one_then_two):
         losses = _losses(run)
         assert len(losses) == STEPS_DP
-        torch.testing.assert_close(torch.tensor(losses), ref, rtol=2e-4, atol=0)
+        torch.testing.assert_close(torch.tensor(losses), ref, rtol=2e-5, atol=0)
 
 
 def test_resume_refuses_another_global_batch(dp_corpus, reference, tmp_path):
