@@ -16,7 +16,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int) -> Tensor:
         total = hidden.new_zeros((), dtype=torch.float32)
         # The count stays on the device: reading it would stall the host every step.
-        count = (targets >= 0).sum().clamp_min(1).to(torch.float32)
+        count = (targets >= 0).sum().clamp_min(1)  # int64: divides as float32 below
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start : start + chunk]
             t = targets[start : start + chunk]
