@@ -8,6 +8,7 @@ evaluation batches, same clipping and schedule machinery. The only differences a
 from __future__ import annotations
 
 import math
+import os
 import random
 import signal
 import threading
@@ -252,9 +253,9 @@ def _train(cfg: TrainConfig, resume_from: Path | None) -> RunResult:
     print(header, flush=True)
     if resuming:
         print(f"resumed from {resume_from} (step {start_step})", flush=True)
-        logger.event(start_step, "resume", str(resume_from))
+        logger.event(start_step, "resume", str(resume_from), pid=os.getpid())
     else:
-        logger.event(0, "start", header, parameters=total, trainable=trainable)
+        logger.event(0, "start", header, parameters=total, trainable=trainable, pid=os.getpid())
 
     progress = Progress(cfg.steps, start_step, cfg.progress)
     first_eval: dict[str, float] | None = None
