@@ -5,6 +5,8 @@ from poetx.layers.poet_linear import POETLinear
 from poetx.model.wrap import unwrap, wrap
 from poetx.optim.merge import MergeSchedule
 from poetx.optim.optimizer import make_optimizer
+from poetx.optim.poet_adamw import POETAdamW
 
-__all__ = ["POETConfig", "POETLinear", "wrap", "unwrap", "make_optimizer", "MergeSchedule"]
+__all__ = ["POETConfig", "POETLinear", "wrap", "unwrap", "make_optimizer", "MergeSchedule",
+           "POETAdamW"]
 __version__ = "0.1.0"
