@@ -120,7 +120,8 @@ class POETAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def _clip_before_step(self, optimizer: torch.optim.Optimizer, args: tuple,
                           kwargs: dict) -> None:
-        if args[1:] or kwargs.get("closure") is not None:  # args[0] is the optimizer
+        closure = args[1] if len(args) > 1 else kwargs.get("closure")  # args[0]: optimizer
+        if closure is not None:
             raise ValueError("POETAdamW: max_grad_norm cannot clip gradients that a closure "
                              "computes inside step(); clip in the closure instead")
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]

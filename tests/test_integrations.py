@@ -1,0 +1,123 @@
+"""Hugging Face Trainer, accelerate, other model families, and the README examples."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import poetx
+from poetx import POETAdamW, POETConfig
+from poetx.integrations.transformers import merged_state_dict, save_pretrained_merged
+
+REPO = Path(__file__).resolve().parent.parent
+VOCAB = 96
+SEQ = 12
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=80,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64, tie_word_embeddings=True)
+    return LlamaForCausalLM(config)
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    def __init__(self, n: int, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, VOCAB, (n, SEQ), generator=gen)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def assert_loads_without_poetx(dest: Path, ids: torch.Tensor, logits: torch.Tensor,
+                               tmp_path: Path) -> None:
+    """``dest`` loads with transformers in a process where poetx cannot be imported and gives
+    ``logits`` on ``ids``."""
+    ref = tmp_path / "expected.safetensors"
+    save_file({"ids": ids, "logits": logits.contiguous()}, str(ref))
+    script = textwrap.dedent(f"""
+        import os, sys
+        repo = {str(REPO)!r}
+        sys.path[:] = [p for p in sys.path if p and os.path.abspath(p) != repo]
+
+        class HidePoetx:
+            def find_spec(self, name, path=None, target=None):
+                if name == "poetx" or name.startswith("poetx."):
+                    raise ImportError("poetx is hidden in this test")
+                return None
+
+        sys.meta_path.insert(0, HidePoetx())
+        import torch
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(dest)!r}).eval()
+        ref = load_file({str(ref)!r})
+        with torch.no_grad():
+            logits = model(input_ids=ref["ids"]).logits
+        diff = (logits - ref["logits"]).abs().max().item()
+        assert diff < 1e-4, diff
+        assert not any(m.startswith("poetx") for m in sys.modules)
+        print("ok", type(model).__name__)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ok" in proc.stdout
+
+
+def _trainer(model, out: Path, steps: int, **optimizer_kwargs):
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(
+        output_dir=str(out), max_steps=steps, per_device_train_batch_size=2,
+        learning_rate=5e-3, lr_scheduler_type="cosine", warmup_steps=2, max_grad_norm=0.0,
+        save_steps=10, save_strategy="steps", logging_steps=5, report_to=[], use_cpu=True,
+        disable_tqdm=True, seed=0, dataloader_num_workers=0,
+    )
+    return Trainer(model=model, args=args, train_dataset=TokenDataset(2 * steps),
+                   optimizer_cls_and_kwargs=(POETAdamW, {"model": model, **optimizer_kwargs}))
+
+
+def test_trainer_merges_resumes_exactly_and_saves_dense(tmp_path):
+    steps, config = 24, POETConfig(block_size=16, merge_every=8)
+    opt = {"lr": 5e-3, "poet_lr": 2e-3, "max_grad_norm": 1.0, "clip_warmup_steps": 2}
+    model = poetx.wrap(tiny_llama(), config)
+    trainer = _trainer(model, tmp_path / "a", steps, **opt)
+    trainer.train()
+    assert isinstance(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
+                      else trainer.optimizer, POETAdamW)
+    assert int(model.model.layers[0].mlp.up_proj.merge_count) == steps // 8
+    ckpt = tmp_path / "a" / "checkpoint-10"  # between the first and the second merge
+    assert (ckpt / "model.safetensors").is_file()
+
+    # Another init, and the permutations of merge 0 while the checkpoint holds those of merge 1:
+    # all must come back from the checkpoint (the POETConfig is the run's, as the model code).
+    fresh = poetx.wrap(tiny_llama(seed=7), config)
+    resumed = _trainer(fresh, tmp_path / "b", steps, **opt)
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    assert int(fresh.model.layers[0].mlp.up_proj.merge_count) == steps // 8
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values(),
+                            strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+    dest = tmp_path / "dense"
+    save_pretrained_merged(model, dest)
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(5))
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert_loads_without_poetx(dest, ids, logits, tmp_path)
