@@ -121,3 +121,53 @@ def test_trainer_merges_resumes_exactly_and_saves_dense(tmp_path):
     with torch.no_grad():
         logits = model(input_ids=ids).logits
     assert_loads_without_poetx(dest, ids, logits, tmp_path)
+
+
+def _causal_lm(family: str):
+    from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
+
+    configs = {"qwen2": Qwen2Config, "mistral": MistralConfig}
+    config = configs[family](vocab_size=VOCAB, hidden_size=48, intermediate_size=80,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=64)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_other_families_train_merge_and_export(family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = poetx.wrap(_causal_lm(family), POETConfig(block_size=16, merge_every=3))
+    if family == "qwen2":  # q/k/v carry a bias
+        assert model.model.layers[0].self_attn.q_proj.bias is not None
+    optimizer = POETAdamW(model, lr=1e-2, poet_lr=5e-3)
+    data = TokenDataset(12)
+    losses = []
+    for i in range(6):
+        batch = data.ids[2 * i: 2 * i + 2]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss.detach()))
+    assert optimizer.merges == 2 and all(torch.isfinite(torch.tensor(losses)))
+    save_pretrained_merged(model, tmp_path / family)
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / family).eval()
+    assert not any(isinstance(m, poetx.POETLinear) for m in dense.modules())
+    model.eval()
+    ids = data.ids[:2]
+    with torch.no_grad():
+        torch.testing.assert_close(dense(input_ids=ids).logits, model(input_ids=ids).logits,
+                                   rtol=1e-4, atol=1e-4)
+    # The dense checkpoint has exactly the keys of an unwrapped model of the family.
+    assert set(merged_state_dict(model)) == set(_causal_lm(family).state_dict())
+
+
+def test_gpt2_conv1d_projections_get_a_clear_error():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2,
+                                       n_positions=32))
+    with pytest.raises(TypeError, match=r"Conv1D .*h\.0\.attn\.c_attn"):
+        poetx.wrap(model, POETConfig(block_size=16))

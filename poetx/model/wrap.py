@@ -44,6 +44,14 @@ def eligible_linears(model: nn.Module, config: POETConfig) -> Iterator[tuple[str
         yield name, module
 
 
+def _unsupported_projections(model: nn.Module, config: POETConfig) -> list[str]:
+    """Names of transformers' ``Conv1D`` projections (GPT-2 style: weight stored ``(in, out)``),
+    which ``wrap`` cannot replace and an export could not write back in their layout."""
+    return [name for name, m in model.named_modules()
+            if type(m).__name__ == "Conv1D" and type(m).__module__.startswith("transformers")
+            and not _excluded(name, config.exclude)]
+
+
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -57,6 +65,15 @@ def wrap(model: nn.Module, config: POETConfig | None = None) -> nn.Module:
     Each layer's permutations are seeded from ``config.seed`` and its module name.
     """
     config = config or POETConfig()
+    unsupported = _unsupported_projections(model, config)
+    if unsupported:
+        shown = ", ".join(unsupported[:3]) + (", ..." if len(unsupported) > 3 else "")
+        raise TypeError(
+            f"wrap: {len(unsupported)} projection(s) are transformers Conv1D layers (GPT-2 "
+            f"style, weight stored (in, out)), which POET-X does not reparameterize: {shown}. "
+            f"Models with nn.Linear projections (Llama, Qwen2, Mistral, ...) are supported; "
+            f"POETConfig(exclude=...) keeps named layers dense"
+        )
     targets = list(eligible_linears(model, config))
     if not targets:
         raise ValueError("wrap: the model has no nn.Linear layer to reparameterize")
