@@ -73,6 +73,7 @@ _TRAIN_FIELDS: dict[str, tuple[str, bool]] = {
     "optimizer": ("optimizer", False),
     "data": ("data", False),
     "tokenizer": ("tokenizer", False),
+    "init_from": ("init_from", False),
     "vocab_size": ("vocab_size", False),
     "cache_dir": ("cache_dir", False),
     "steps": ("steps", False),
@@ -125,6 +126,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="run directory (default runs/<preset>-<optimizer>)")
     g.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                    help="continue the run in --out from its newest checkpoint (or CHECKPOINT)")
+    g.add_argument("--init-from", metavar="HF_DIR",
+                   help="continue pretraining a Hugging Face causal LM folder: its weights "
+                   "(POET init 'keep') and its tokenizer.json")
     g.add_argument("--seed", type=_NONNEG_INT, help="seed of model init, data order, rotations")
     g.add_argument("--device", type=_device, help="auto (default), cpu, cuda, cuda:N")
     g.add_argument("--dtype", choices=DTYPES, help="auto = bf16 on CUDA, float32 on CPU")

@@ -76,7 +76,7 @@ assert set(PRESET_DEFAULTS) == set(PRESETS)
 # Fields that fix the model, the data stream or the optimizer's parameter layout: a resumed run
 # must keep them, or its checkpoint would not load or the run would no longer be one run.
 RESUME_LOCKED = ("preset", "optimizer", "data", "vocab_size", "seq_len", "batch_size", "seed",
-                 "dtype")
+                 "dtype", "init_from")
 RESUME_LOCKED_POET = ("block_size", "neumann_terms", "init", "exclude", "seed", "w0_format",
                       "quant_group_size")
 
@@ -91,6 +91,10 @@ class TrainConfig:
             (plain AdamW on the dense model); both run through the same loop.
         data: text file / folder / corpus name for ``poetx.data``; ``None`` = bundled corpus.
         tokenizer: a ``tokenizer.json`` to use instead of training one.
+        init_from: a Hugging Face causal-LM folder (``config.json``, weights, ``tokenizer.json``)
+            to continue pretraining from: its weights start the run (``poet.init = "keep"``, the
+            default then), its tokenizer tokenizes the data unless ``tokenizer`` is given; the
+            model's shape is the checkpoint's (``preset`` only picks the recipe's defaults).
         vocab_size: size of the tokenizer trained for the run (default: the preset's, 512 for
             ``tiny``); the model's vocabulary is the tokenizer's.
         cache_dir: data cache (default ``$POETX_DATA_DIR`` or ``~/.cache/poetx``).
@@ -119,6 +123,7 @@ class TrainConfig:
     optimizer: str = "poetx"
     data: str | None = None
     tokenizer: str | None = None
+    init_from: str | None = None
     vocab_size: int | None = None
     cache_dir: str | None = None
     seq_len: int | None = None
@@ -173,6 +178,8 @@ class TrainConfig:
             self.warmup_steps = 0 if poetx_run else max(1, self.steps // 10)
         if not isinstance(self.poet, POETConfig):
             poet = {"block_size": d.block_size, "merge_every": d.merge_every, "seed": self.seed}
+            if self.init_from is not None:
+                poet["init"] = "keep"  # continued pretraining starts from the trained weights
             if self.poet is not None:
                 if not isinstance(self.poet, dict):
                     raise ValueError(f"poet: must be a table of POET settings, got {self.poet!r}")
@@ -192,7 +199,7 @@ class TrainConfig:
             raise ValueError(
                 f"device: must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}"
             )
-        for name in ("data", "tokenizer", "cache_dir"):
+        for name in ("data", "tokenizer", "cache_dir", "init_from"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise ValueError(f"{name}: must be a non-empty path string, got {value!r}")
@@ -229,6 +236,11 @@ class TrainConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: must be true or false, got {getattr(self, name)!r}")
         self.poet.validate()
+        if self.init_from is not None and self.optimizer == "poetx" and self.poet.init != "keep":
+            raise ValueError(
+                f"poet.init: must be 'keep' with init_from (the checkpoint's weights become W0), "
+                f"got {self.poet.init!r}"
+            )
 
     # conversion -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -52,6 +52,7 @@ from poetx.train.runs import (
     CONFIG_FILE,
     TOKENIZER_FILE,
     build_run_model,
+    check_pretrained_dir,
     resolve_device,
     resolve_dtype,
     write_json_atomic,
@@ -186,6 +187,10 @@ def _build_data(cfg: TrainConfig, run_dir: Path, resuming: bool):
     if resuming and tokenizer is None and (run_dir / TOKENIZER_FILE).is_file():
         # The run's own copy: the data cache may have been cleared since.
         tokenizer = str(run_dir / TOKENIZER_FILE)
+    if cfg.init_from is not None:
+        check_pretrained_dir(cfg.init_from)  # before any data work
+        if tokenizer is None:
+            tokenizer = cfg.init_from  # the checkpoint's tokenizer.json
     try:
         return build_data(
             cfg.data, cfg.seq_len, cfg.batch_size, cfg.seed, vocab_size=cfg.vocab_size,
