@@ -171,3 +171,60 @@ def test_gpt2_conv1d_projections_get_a_clear_error():
                                        n_positions=32))
     with pytest.raises(TypeError, match=r"Conv1D .*h\.0\.attn\.c_attn"):
         poetx.wrap(model, POETConfig(block_size=16))
+
+
+def _accelerate_run(seed: int, state_dir: Path, save_at: int | None = None,
+                    resume: bool = False):
+    """10 steps of an ``accelerate`` loop (merges every 3); optionally save or resume at 4."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from transformers import get_cosine_schedule_with_warmup
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator = Accelerator(cpu=True)
+    model = poetx.wrap(tiny_llama(seed), POETConfig(block_size=16, merge_every=3))
+    optimizer = POETAdamW(model, lr=5e-3, poet_lr=2e-3, max_grad_norm=1.0, clip_warmup_steps=2)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, 2, 10)
+    loader = torch.utils.data.DataLoader(TokenDataset(20), batch_size=2)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    start = 0
+    if resume:
+        accelerator.load_state(str(state_dir))
+        start = 4
+        loader = accelerator.skip_first_batches(loader, start)
+    for step, batch in enumerate(loader, start=start + 1):
+        accelerator.backward(model(**batch).loss)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        if step == save_at:
+            accelerator.save_state(str(state_dir))
+    return accelerator.unwrap_model(model), optimizer.optimizer
+
+
+def test_accelerate_loop_merges_and_resumes_exactly_from_save_state(tmp_path):
+    model, optimizer = _accelerate_run(0, tmp_path / "state", save_at=4)
+    assert isinstance(optimizer, POETAdamW) and optimizer.merges == 3
+    resumed, again = _accelerate_run(9, tmp_path / "state", resume=True)
+    assert again.merge_schedule.state_dict() == optimizer.merge_schedule.state_dict()
+    for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values(),
+                            strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_trainer_with_an_optimizer_instance_schedules_both_groups(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = poetx.wrap(tiny_llama(), POETConfig(block_size=16, merge_every=3))
+    optimizer = POETAdamW(model, lr=4e-3, poet_lr=1e-3)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=2,
+                             lr_scheduler_type="constant_with_warmup", warmup_steps=10,
+                             report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no")
+    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(12),
+                      optimizers=(optimizer, None))
+    trainer.train()
+    assert optimizer.merges == 2
+    # Trainer's scheduler scaled every group by the same factor: poet_lr / lr is kept.
+    lrs = {g["name"]: (g["lr"], g["initial_lr"]) for g in optimizer.param_groups}
+    assert lrs["poet"][1] == 1e-3 and lrs["decay"][1] == 4e-3
+    assert lrs["poet"][0] == pytest.approx(0.6e-3) and lrs["decay"][0] == pytest.approx(2.4e-3)
