@@ -164,13 +164,40 @@ def test_other_families_train_merge_and_export(family, tmp_path):
     assert set(merged_state_dict(model)) == set(_causal_lm(family).state_dict())
 
 
-def test_gpt2_conv1d_projections_get_a_clear_error():
+def test_gpt2_conv1d_projections_wrap_train_and_export_as_conv1d(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.pytorch_utils import Conv1D
 
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2,
-                                       n_positions=32))
-    with pytest.raises(TypeError, match=r"Conv1D .*h\.0\.attn\.c_attn"):
-        poetx.wrap(model, POETConfig(block_size=16))
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2,
+                                       n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0,
+                                       attn_pdrop=0.0)).double()
+    ids = TokenDataset(8).ids
+    with torch.no_grad():
+        before = model(input_ids=ids[:2]).logits
+    poetx.wrap(model, POETConfig(block_size=16, merge_every=2, init="keep"))
+    names = ("c_attn", "c_proj", "c_fc")
+    assert all(isinstance(m, poetx.POETLinear) for n, m in model.named_modules()
+               if n.endswith(names))
+    with torch.no_grad():  # "keep": the same function before any step
+        torch.testing.assert_close(model(input_ids=ids[:2]).logits, before)
+    optimizer = POETAdamW(model, lr=1e-2)
+    for i in range(4):
+        batch = ids[2 * i: 2 * i + 2]
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert optimizer.merges == 2
+    with torch.no_grad():
+        trained = model(input_ids=ids[:2]).logits
+    save_pretrained_merged(model, tmp_path / "gpt2")
+    dense = GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2", dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(dense(input_ids=ids[:2]).logits, trained)
+    poetx.unwrap(model)
+    assert all(type(m) is Conv1D for n, m in model.named_modules() if n.endswith(names))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids[:2]).logits, trained)
 
 
 def _accelerate_run(seed: int, state_dir: Path, save_at: int | None = None,

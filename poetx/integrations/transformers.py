@@ -30,21 +30,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from poetx.model.wrap import poet_layers
+from poetx.model.wrap import FROM_CONV1D, poet_layers
 
 
 @torch.no_grad()
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """``model.state_dict()`` with every ``POETLinear`` replaced by the dense ``nn.Linear``
     entries it stands for (``<name>.weight`` ``(out, in)`` = ``R W0 P`` in the layer's dtype,
-    ``<name>.bias``); the model is not modified."""
+    transposed for a layer wrapped from a GPT-2 ``Conv1D``; ``<name>.bias``); the model is not
+    modified."""
     layers = dict(poet_layers(model))
     state = {}
     for key, value in model.state_dict().items():
         if key.rpartition(".")[0] not in layers:  # a POETLinear has no submodules
             state[key] = value
     for name, layer in layers.items():
-        state[f"{name}.weight"] = layer.effective_weight(torch.float32).to(layer.compute_dtype)
+        weight = layer.effective_weight(torch.float32).to(layer.compute_dtype)
+        # A GPT-2 Conv1D stores its weight (in, out).
+        state[f"{name}.weight"] = weight.t().contiguous() if getattr(layer, FROM_CONV1D,
+                                                                      False) else weight
         if layer.bias is not None:
             state[f"{name}.bias"] = layer.bias.detach()
     return state
