@@ -13,6 +13,7 @@ from poetx.cli.main import main
 from poetx.data.dataset import build_data
 from poetx.data.tokenizer import train_tokenizer
 from poetx.layers.poet_linear import POETLinear
+from poetx.train.checkpoint import latest_checkpoint, read_tensors
 from poetx.train.config import TrainConfig
 from poetx.train.evaluate import evaluate
 from poetx.train.metrics import read_metrics
@@ -66,6 +67,7 @@ def test_cli_continued_pretraining_end_to_end(hf_dir, tmp_path, capsys):
     argv = ["train", "--init-from", str(hf_dir["dir"]), "--data", str(hf_dir["corpus"]),
             "--cache-dir", str(hf_dir["cache"]), "--seq-len", "32", "--batch-size", "2",
             "--steps", "4", "--merge-every", "2", "--block-size", "16", "--eval-every", "0",
+            "--save-every", "2",
             "--eval-batches", "2", "--out", str(out), "--device", "cpu", "--no-progress",
             "--no-tensorboard"]
     assert main(argv) == 0
@@ -82,6 +84,15 @@ def test_cli_continued_pretraining_end_to_end(hf_dir, tmp_path, capsys):
     assert evals[0]["step"] == 0
     assert evals[0]["val_loss"] == pytest.approx(expected, rel=1e-5)
     assert evals[-1]["step"] == 4
+
+    # Resumed from its step-2 checkpoint (after the first merge): the unbroken run's weights.
+    split = tmp_path / "split"
+    argv_split = [a if a != str(out) else str(split) for a in argv]
+    assert main([*argv_split, "--resume", str(out / "checkpoints" / "step_00000002")]) == 0
+    whole = read_tensors(latest_checkpoint(out / "checkpoints") / "model.safetensors")
+    parts = read_tensors(latest_checkpoint(split / "checkpoints") / "model.safetensors")
+    assert whole.keys() == parts.keys()
+    assert all(torch.equal(whole[k], parts[k]) for k in whole)
 
     dest = tmp_path / "dense"
     assert main(["export", str(out), str(dest)]) == 0

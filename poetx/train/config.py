@@ -95,6 +95,7 @@ class TrainConfig:
             to continue pretraining from: its weights start the run (``poet.init = "keep"``, the
             default then), its tokenizer tokenizes the data unless ``tokenizer`` is given; the
             model's shape is the checkpoint's (``preset`` only picks the recipe's defaults).
+            Resume, eval and export of the run read the folder again (the model class).
         vocab_size: size of the tokenizer trained for the run (default: the preset's, 512 for
             ``tiny``); the model's vocabulary is the tokenizer's.
         cache_dir: data cache (default ``$POETX_DATA_DIR`` or ``~/.cache/poetx``).
