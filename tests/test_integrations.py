@@ -255,3 +255,41 @@ def test_trainer_with_an_optimizer_instance_schedules_both_groups(tmp_path):
     lrs = {g["name"]: (g["lr"], g["initial_lr"]) for g in optimizer.param_groups}
     assert lrs["poet"][1] == 1e-3 and lrs["decay"][1] == 4e-3
     assert lrs["poet"][0] == pytest.approx(0.6e-3) and lrs["decay"][0] == pytest.approx(2.4e-3)
+
+
+@pytest.mark.parametrize("mode", ["fast", "mem"])
+def test_poet_layer_under_autocast_computes_in_the_autocast_dtype(mode):
+    """Mixed precision (``Trainer(bf16=True)``): the layer runs as it does on bf16 inputs."""
+    layer = poetx.POETLinear(40, 24, config=POETConfig(block_size=16, mode=mode))
+    with torch.no_grad():
+        layer.theta_in.normal_(0, 0.05)
+        layer.theta_out.normal_(0, 0.05)
+    x = torch.randn(6, 40)
+    x_auto, x_ref = x.clone().requires_grad_(), x.to(torch.bfloat16).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x_auto)
+    y.float().square().sum().backward()
+    grads = (x_auto.grad, layer.theta_in.grad.clone(), layer.theta_out.grad.clone())
+    layer.zero_grad()
+    y_ref = layer(x_ref)
+    y_ref.float().square().sum().backward()
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    for got, want in zip(grads, (x_ref.grad, layer.theta_in.grad, layer.theta_out.grad),
+                         strict=True):
+        torch.testing.assert_close(got, want.to(got.dtype), rtol=0, atol=0)
+
+
+def test_trainer_bf16_mixed_precision_trains(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = poetx.wrap(tiny_llama(), POETConfig(block_size=16, merge_every=3))
+    optimizer = POETAdamW(model, lr=5e-3)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=2,
+                             bf16=True, report_to=[], use_cpu=True, disable_tqdm=True,
+                             save_strategy="no")
+    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(12),
+                      optimizers=(optimizer, None))
+    result = trainer.train()
+    assert optimizer.merges == 2 and torch.isfinite(torch.tensor(result.training_loss))
+    assert model.model.layers[0].mlp.up_proj.theta_in.dtype == torch.float32
