@@ -26,6 +26,8 @@ for stage in "$@"; do
       timeout "${MODEL_TIMEOUT:-540}" python3 -m bench.model --models "$models" \
         --methods "${METHODS:-adamw,fast,mem-ckpt,int8,fp8}" --out "$OUT/model_${models//,/_}.json" \
         2>&1 | tee "$OUT/model_${models//,/_}.txt" | tail -40 ;;
+    integrations) timeout 300 python3 -m bench.integrations --out "$OUT/integrations.json" 2>&1 \
+        | grep -v "Writing model shards" | tee "$OUT/integrations.txt" | tail -12 ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done

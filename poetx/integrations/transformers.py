@@ -19,7 +19,8 @@ counter; the lr scheduler and RNG states are ``Trainer``'s own. ``Trainer`` buil
 scheduler over the optimizer's groups, so the rotation group keeps its ratio ``poet_lr / lr``
 along the schedule. Clipping: ``TrainingArguments.max_grad_norm`` clips as usual; for the clip
 warm-up after merges give ``POETAdamW(max_grad_norm=..., clip_warmup_steps=...)`` and set
-``TrainingArguments(max_grad_norm=0)``.
+``TrainingArguments(max_grad_norm=0)``. ``TrainingArguments(bf16=True)`` (autocast) runs the
+POET layers in bf16 with float32 skew parameters.
 """
 
 from __future__ import annotations

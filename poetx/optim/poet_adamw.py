@@ -41,7 +41,8 @@ class POETAdamW(torch.optim.AdamW):
             ``Trainer(optimizer_cls_and_kwargs=(POETAdamW, {"model": model, ...}))`` the model
             arrives here too (``Trainer`` passes a ``model`` kwarg in place of its groups).
         lr, betas, eps, weight_decay: as ``torch.optim.AdamW``, for the ordinary parameters
-            (``weight_decay`` applies to matrices only, never to norms and biases).
+            (``weight_decay`` applies to matrices only, never to norms and biases); ``betas``
+            and ``eps`` left ``None`` take ``make_optimizer``'s defaults.
         poet_lr: learning rate of the rotation (skew) parameters; or ``poet_lr_scale`` times
             ``lr``; neither given: ``lr``.
         poet_weight_decay: decay of the rotation parameters (pulls them to the identity).
@@ -62,8 +63,8 @@ class POETAdamW(torch.optim.AdamW):
         self,
         model: nn.Module,
         lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
+        betas: tuple[float, float] | None = None,
+        eps: float | None = None,
         weight_decay: float = 0.0,
         *,
         poet_lr: float | None = None,
@@ -96,12 +97,13 @@ class POETAdamW(torch.optim.AdamW):
             poet_lr = lr * (1.0 if poet_lr_scale is None else poet_lr_scale)
         # The groups and step implementation of make_optimizer, taken from a template that
         # never steps: one place decides which parameter goes where.
+        given = {k: v for k, v in (("betas", betas), ("eps", eps)) if v is not None}
         template = make_optimizer(model, lr=lr, poet_lr=poet_lr, weight_decay=weight_decay,
-                                  poet_weight_decay=poet_weight_decay, betas=betas, eps=eps,
-                                  fused=fused)
-        impl = {k: template.defaults[k] for k in ("fused", "foreach") if template.defaults.get(k)}
-        super().__init__(template.param_groups, lr=lr, betas=betas, eps=eps,
-                         weight_decay=weight_decay, **impl)
+                                  poet_weight_decay=poet_weight_decay, fused=fused, **given)
+        defaults = template.defaults
+        impl = {k: defaults[k] for k in ("fused", "foreach") if defaults.get(k)}
+        super().__init__(template.param_groups, lr=lr, betas=defaults["betas"],
+                         eps=defaults["eps"], weight_decay=weight_decay, **impl)
         self.max_grad_norm = max_grad_norm
         self.merge_schedule = MergeSchedule(model, self, config, clip_warmup_steps,
                                             clip_warmup_start)
