@@ -17,7 +17,7 @@ from poetx.train.checkpoint import latest_checkpoint, read_tensors
 from poetx.train.config import TrainConfig
 from poetx.train.evaluate import evaluate
 from poetx.train.metrics import read_metrics
-from poetx.train.runs import build_run_model
+from poetx.train.run_model import build_run_model
 
 from .test_cli import write_corpus
 

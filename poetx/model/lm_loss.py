@@ -15,21 +15,21 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int) -> Tensor:
         total = hidden.new_zeros((), dtype=torch.float32)
-        count = int((targets >= 0).sum())
+        # The count stays on the device: reading it would stall the host every step.
+        count = (targets >= 0).sum().clamp_min(1).to(torch.float32)
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start : start + chunk]
             t = targets[start : start + chunk]
             logits = (h @ weight.t()).float()
             total += nn.functional.cross_entropy(logits, t, ignore_index=-100, reduction="sum")
-        ctx.save_for_backward(hidden, weight, targets)
+        ctx.save_for_backward(hidden, weight, targets, count)
         ctx.chunk = chunk
-        ctx.count = max(count, 1)
-        return total / ctx.count
+        return total / count
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        hidden, weight, targets = ctx.saved_tensors
-        scale = grad_out.float() / ctx.count
+        hidden, weight, targets, count = ctx.saved_tensors
+        scale = grad_out.float() / count
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = (
             torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
@@ -40,9 +40,10 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             h = hidden[start : start + ctx.chunk]
             t = targets[start : start + ctx.chunk]
             probs = torch.softmax((h @ weight.t()).float(), dim=-1)
-            valid = t >= 0
-            probs[valid, t[valid]] -= 1.0
-            probs[~valid] = 0.0
+            # Boolean indexing would sync on the number of selected rows; scatter and mask do not.
+            valid = (t >= 0).unsqueeze(1)
+            probs.scatter_add_(1, t.clamp_min(0).unsqueeze(1), -valid.to(probs.dtype))
+            probs.mul_(valid)
             grad_logits = (probs * scale).to(hidden.dtype)
             if grad_hidden is not None:
                 grad_hidden[start : start + ctx.chunk] = grad_logits @ weight
@@ -72,22 +73,29 @@ def auto_chunk_tokens(vocab_size: int, budget_elements: int = 1 << 25) -> int:
     return max(16, budget_elements // max(vocab_size, 1))
 
 
-def causal_lm_loss(model: nn.Module, batch: Tensor, chunk_tokens: int | None = 0) -> Tensor:
-    """Next-token loss of a Hugging Face causal LM on ``batch`` ``(B, L+1)`` token ids.
+def lm_loss(model: nn.Module, input_ids: Tensor, labels: Tensor,
+            chunk_tokens: int | None = 0) -> Tensor:
+    """Mean cross-entropy of a Hugging Face causal LM's predictions for ``labels``.
 
-    Inputs are ``batch[:, :-1]``, targets ``batch[:, 1:]``. With ``chunk_tokens`` the loss goes
-    through :func:`chunked_cross_entropy` on the base model's hidden states (``0``: sized from
-    the vocabulary by :func:`auto_chunk_tokens`); ``None`` materializes the full logits.
+    Args:
+        model: e.g. ``LlamaForCausalLM``; input_ids / labels: ``(B, L)`` (labels already
+            shifted, ``-100`` ignored).
+        chunk_tokens: through :func:`chunked_cross_entropy` on the base model's hidden states
+            (``0``: sized from the vocabulary by :func:`auto_chunk_tokens`); ``None``
+            materializes the full logits. No host synchronization either way.
     """
-    inputs, targets = batch[:, :-1], batch[:, 1:]
     base = getattr(model, "model", None)
     head = getattr(model, "lm_head", None)
     plain_head = isinstance(head, nn.Linear) and head.bias is None
     if chunk_tokens is None or base is None or not plain_head:
-        logits = model(input_ids=inputs).logits
-        return nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-    hidden = base(input_ids=inputs).last_hidden_state
+        logits = model(input_ids=input_ids).logits
+        return nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+    hidden = base(input_ids=input_ids).last_hidden_state
     chunk_tokens = chunk_tokens or auto_chunk_tokens(head.weight.shape[0])
-    return chunked_cross_entropy(
-        hidden.flatten(0, 1), head.weight, targets.flatten(), chunk_tokens
-    )
+    return chunked_cross_entropy(hidden.flatten(0, 1), head.weight, labels.flatten(), chunk_tokens)
+
+
+def causal_lm_loss(model: nn.Module, batch: Tensor, chunk_tokens: int | None = 0) -> Tensor:
+    """Next-token loss of a Hugging Face causal LM on ``batch`` ``(B, L+1)`` token ids:
+    :func:`lm_loss` of inputs ``batch[:, :-1]`` and targets ``batch[:, 1:]``."""
+    return lm_loss(model, batch[:, :-1], batch[:, 1:], chunk_tokens)
