@@ -15,21 +15,21 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int) -> Tensor:
         total = hidden.new_zeros((), dtype=torch.float32)
-        count = int((targets >= 0).sum())
+        # The count stays on the device: no host sync, so the step can be a CUDA graph.
+        count = (targets >= 0).sum().clamp_min(1).float()
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start : start + chunk]
             t = targets[start : start + chunk]
             logits = (h @ weight.t()).float()
             total += nn.functional.cross_entropy(logits, t, ignore_index=-100, reduction="sum")
-        ctx.save_for_backward(hidden, weight, targets)
         ctx.chunk = chunk
-        ctx.count = max(count, 1)
-        return total / ctx.count
+        ctx.save_for_backward(hidden, weight, targets, count)
+        return total / count
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        hidden, weight, targets = ctx.saved_tensors
-        scale = grad_out.float() / ctx.count
+        hidden, weight, targets, count = ctx.saved_tensors
+        scale = grad_out.float() / count
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = (
             torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
@@ -40,10 +40,11 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             h = hidden[start : start + ctx.chunk]
             t = targets[start : start + ctx.chunk]
             probs = torch.softmax((h @ weight.t()).float(), dim=-1)
-            valid = t >= 0
-            probs[valid, t[valid]] -= 1.0
-            probs[~valid] = 0.0
-            grad_logits = (probs * scale).to(hidden.dtype)
+            valid = (t >= 0).unsqueeze(1)
+            # d/dlogits = softmax - onehot(target), zero for ignored rows; written with
+            # scatter/where instead of boolean indexing, which would sync with the host.
+            probs.scatter_add_(1, t.clamp_min(0).unsqueeze(1), -valid.to(probs.dtype))
+            grad_logits = torch.where(valid, probs * scale, 0.0).to(hidden.dtype)
             if grad_hidden is not None:
                 grad_hidden[start : start + ctx.chunk] = grad_logits @ weight
             if grad_weight is not None:
@@ -86,7 +87,8 @@ def causal_lm_loss(model: nn.Module, batch: Tensor, chunk_tokens: int | None = 0
     if chunk_tokens is None or base is None or not plain_head:
         logits = model(input_ids=inputs).logits
         return nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-    hidden = base(input_ids=inputs).last_hidden_state
+    # use_cache=False: a training step has no use for the key/value cache HF would fill.
+    hidden = base(input_ids=inputs, use_cache=False).last_hidden_state
     chunk_tokens = chunk_tokens or auto_chunk_tokens(head.weight.shape[0])
     return chunked_cross_entropy(
         hidden.flatten(0, 1), head.weight, targets.flatten(), chunk_tokens

@@ -21,6 +21,7 @@ def make_optimizer(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     fused: bool | None = None,
+    capturable: bool = False,
 ) -> torch.optim.AdamW:
     """A standard ``torch.optim.AdamW`` over the trainable parameters of ``model``.
 
@@ -30,6 +31,11 @@ def make_optimizer(
     ``weight_decay``; ``"no_decay"`` — vectors (norms, biases) at ``lr`` without decay. Frozen
     ``W0`` has ``requires_grad=False`` and gets no state. ``fused`` defaults to True when every
     parameter is on CUDA, else the foreach implementation is used.
+
+    ``capturable``: every group's ``lr`` is a 0-d float32 tensor on the parameters' device
+    (change it in place, e.g. ``group["lr"].fill_(x)``, as torch's LR schedulers do) and the
+    step is the fused kernel with ``capturable=True``, so it can be recorded in a CUDA graph;
+    see :mod:`poetx.train.capture`.
     """
     for name, value in (("lr", lr), ("poet_lr", poet_lr)):
         if not value > 0:
@@ -52,6 +58,12 @@ def make_optimizer(
     if not groups:
         raise ValueError("make_optimizer: the model has no trainable parameter")
     all_params = [p for g in groups for p in g["params"]]
+    if capturable:
+        device = all_params[0].device
+        for g in groups:
+            g["lr"] = torch.tensor(float(g["lr"]), dtype=torch.float32, device=device)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True,
+                                 capturable=True)
     if fused is None:
         fused = all(p.is_cuda for p in all_params)
     kwargs = {"fused": True} if fused else {"foreach": True}
