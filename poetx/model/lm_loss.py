@@ -48,10 +48,21 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             if grad_hidden is not None:
                 grad_hidden[start : start + ctx.chunk] = grad_logits @ weight
             if grad_weight is not None:
-                grad_weight.addmm_(grad_logits.t().float(), h.float())
+                _accumulate_product_(grad_weight, grad_logits.t(), h)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None
+
+
+def _accumulate_product_(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """``acc += a @ b`` into a float32 ``acc``. On CUDA with 16-bit ``a``, ``b`` one cuBLAS
+    GEMM with 16-bit inputs and float32 output (``out_dtype``); upcasting them first would run a
+    float32 GEMM, 5-10x slower (34 ms against 6 ms for the whole loss at Llama-8B, 1024
+    tokens, H200)."""
+    if acc.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
 def chunked_cross_entropy(
