@@ -172,7 +172,7 @@ def test_captured_step_disabled_runs_step_fn_and_checks_arguments():
         CapturedStep(step, ids, enabled=True)
 
 
-def _llama_run(captured: bool, batches: list[torch.Tensor], merge_every: int) -> list[float]:
+def _llama_setup(captured: bool, example: torch.Tensor, merge_every: int, device: str):
     from transformers import LlamaForCausalLM
 
     from poetx.model.build import build_poet_model, rebuild_hf_rotary
@@ -180,42 +180,93 @@ def _llama_run(captured: bool, batches: list[torch.Tensor], merge_every: int) ->
 
     torch.manual_seed(0)
     cfg = POETConfig(block_size=64, merge_every=merge_every)
-    model = build_poet_model(lambda: LlamaForCausalLM(llama_config("tiny")), cfg, "cuda",
+    model = build_poet_model(lambda: LlamaForCausalLM(llama_config("tiny")), cfg, device,
                              torch.bfloat16, rebuild_buffers=rebuild_hf_rotary)
     model.train()
     opt = poetx.make_optimizer(model, lr=3e-3, poet_lr=3e-3, capturable=True)
     clip = DeviceGradClip(opt, model.parameters(), 1.0)
     sched = MergeSchedule(model, opt, cfg, clip_warmup_steps=5)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / 100)
-    runner = CapturedStep(train_step(model, opt, causal_lm_loss, clip), batches[0], warmup=3,
+    runner = CapturedStep(train_step(model, opt, causal_lm_loss, clip), example, warmup=3,
                           enabled=captured)
-    losses = []
+    return model, opt, clip, sched, lr_sched, runner
+
+
+def _advance(run, batch) -> float:
+    _, _, clip, sched, lr_sched, runner = run
+    clip.set_max_norm(sched.clip_value(1.0))
+    loss, _ = runner(batch)
+    value = float(loss)
+    lr_sched.step()
+    sched.step()
+    return value
+
+
+@torch.no_grad()
+def _copy_state_(dst, src) -> None:
+    """Make run ``dst`` equal to run ``src``, every tensor overwritten in place (so ``dst``'s
+    graph stays valid): parameters, buffers (permutations), optimizer state."""
+    (m_dst, o_dst), (m_src, o_src) = dst[:2], src[:2]
+    for a, b in zip(m_dst.state_dict(keep_vars=True).values(),
+                    m_src.state_dict(keep_vars=True).values(), strict=True):
+        a.copy_(b)
+    for p_dst, p_src in zip(m_dst.parameters(), m_src.parameters(), strict=True):
+        for key, value in o_src.state.get(p_src, {}).items():
+            o_dst.state[p_dst][key].copy_(value)
+
+
+def _params_rel_diff(a: nn.Module, b: nn.Module) -> float:
+    worst = 0.0
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        if p.requires_grad:
+            denom = float(q.float().norm()) or 1.0
+            worst = max(worst, float((p.float() - q.float()).norm()) / denom)
+    return worst
+
+
+def _eager_vs_captured(device: str, captured: bool) -> tuple[list, list, list, list]:
+    """50 steps of two identical tiny poetx Llamas (bf16, 344 not divisible by the block),
+    merges at steps 20 and 40, clip warm-up, LR schedule; one eager, one ``captured``.
+    Free-running losses of both, and, with the second pair re-synchronized to the eager one
+    after every step, the per-step loss and parameter differences."""
+    gen = torch.Generator().manual_seed(5)
+    fixed = [torch.randint(0, 512, (4, 65), generator=gen).to(device) for _ in range(2)]
+    batches = [fixed[i % 2] for i in range(50)]  # learnable: the loss must fall
+    free = [_llama_setup(c, fixed[0], 20, device) for c in (False, captured)]
+    free_losses = [[_advance(run, b) for b in batches] for run in free]
+    for run in free:
+        assert run[3].merges == 2 and run[5].captured == (run is free[1] and captured)
+    del free
+    ref, test = (_llama_setup(c, fixed[0], 20, device) for c in (False, captured))
+    loss_diff, param_diff = [], []
     for batch in batches:
-        clip.set_max_norm(sched.clip_value(1.0))
-        loss, _ = runner(batch)
-        losses.append(float(loss))
-        lr_sched.step()
-        sched.step()
-    assert runner.captured == captured
-    assert sched.merges == len(batches) // merge_every
-    return losses
+        a, b = _advance(ref, batch), _advance(test, batch)
+        loss_diff.append(abs(a - b) / abs(a))
+        param_diff.append(_params_rel_diff(test[0], ref[0]))
+        _copy_state_(test, ref)
+    return free_losses[0], free_losses[1], loss_diff, param_diff
+
+
+def test_eager_vs_captured_harness_is_exact_without_capture():
+    """The harness of the GPU test, both runs eager (CPU): bitwise equal."""
+    eager, other, loss_diff, param_diff = _eager_vs_captured("cpu", captured=False)
+    assert eager == other and max(loss_diff) == 0 and max(param_diff) == 0
+    assert eager[-1] < eager[0]
 
 
 @pytest.mark.gpu
-def test_captured_step_matches_eager_over_a_merge():
-    """50 steps of a tiny poetx Llama (bf16, a dimension the block does not divide) with merges
-    at steps 20 and 40, a clip warm-up and an LR schedule: the captured step gives the eager
-    step's losses. Both run the same kernels; the graph changes only who launches them."""
-    gen = torch.Generator().manual_seed(5)
-    fixed = [torch.randint(0, 512, (4, 65), generator=gen).cuda() for _ in range(2)]
-    batches = [fixed[i % 2] for i in range(50)]  # learnable: the loss must fall
-    eager = _llama_run(False, batches, merge_every=20)
-    captured = _llama_run(True, batches, merge_every=20)
-    assert eager[-1] < eager[0]
-    # Not bitwise: the three eager warm-up steps match exactly, the replayed ones differ from
-    # step 4 on by ~1e-6 relative (cuBLAS picks its kernels differently under capture), and
-    # the difference grows no further than bf16 noise over the 50 steps and two merges.
-    rel = [abs(c - e) / abs(e) for c, e in zip(captured, eager, strict=True)]
-    print(f"captured vs eager: max relative loss difference {max(rel):.2e}")
-    assert captured[:3] == eager[:3]
-    assert max(rel) < 2e-3, rel
+def test_captured_step_matches_eager_over_merges():
+    """Captured vs eager step, same state every step (re-synchronized in place after each):
+    the losses agree to ~1e-6 relative and the updated parameters to bf16 rounding, through
+    both merges. Not bitwise: the eager warm-up steps match exactly, replayed steps differ by
+    ~1e-6 relative (cuBLAS picks its kernels differently under capture). Left free-running,
+    that noise is amplified by training (measured on H200: 3e-2 relative at worst over the 50
+    steps), so the free-running losses are printed, and only checked to fall."""
+    eager, captured, loss_diff, param_diff = _eager_vs_captured("cuda", captured=True)
+    free = max(abs(c - e) / e for c, e in zip(captured, eager, strict=True))
+    print(f"free-running max relative loss difference {free:.2e}; synchronized: loss "
+          f"{max(loss_diff):.2e}, parameters {max(param_diff):.2e}")
+    assert eager[:3] == captured[:3]
+    assert captured[-1] < 0.5 * captured[0] and eager[-1] < 0.5 * eager[0]
+    assert max(loss_diff) < 1e-4, loss_diff
+    assert max(param_diff) < 4e-3, param_diff  # bf16's relative spacing is 2^-8
