@@ -18,6 +18,7 @@ kernels' gather strategy (``--gather staged|direct``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -154,7 +155,7 @@ def bench_table(args, device_name):
                 layer = make_poet(n, m, b, args.modes[0])
                 ref = None if args.no_ref else reference_grads(layer, xs[0], gys[0])
                 for mode in args.modes:
-                    layer.config.mode = mode
+                    layer.config = dataclasses.replace(layer.config, mode=mode)  # frozen config
                     got = run_fwd_bwd(layer, xs[0], gys[0])
                     errs = ([rel(g, r) for g, r in zip(got, ref, strict=True)] if ref
                             else [float("nan")] * 4)

@@ -1,9 +1,16 @@
-"""Configuration of the POET-X reparameterization."""
+"""Configuration of the POET-X reparameterization.
+
+``POETConfig`` is frozen: one instance is shared by every layer of a model, so a variant is
+made with ``dataclasses.replace``. Its fields are declared with :func:`poetx.settings.setting`,
+which also makes each of them a flag of ``poetx train`` and a key of its ``[poet]`` TOML table.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
+
+from poetx.settings import at_least, each, non_empty, reject_unknown, setting, validate_fields
 
 MODES = ("fast", "mem")
 INITS = ("normalized", "keep")
@@ -11,7 +18,11 @@ W0_FORMATS = ("auto", "int8", "fp8")
 MAX_NEUMANN_TERMS = 16
 
 
-@dataclass
+def _terms_or_exact(text: str) -> int | None:
+    return None if text.strip().lower() in ("exact", "none") else int(text)
+
+
+@dataclass(frozen=True)
 class POETConfig:
     """How linear layers are reparameterized as ``W = R · W0 · P``.
 
@@ -38,36 +49,39 @@ class POETConfig:
         quant_group_size: group size of the scales for ``int8``/``fp8`` storage.
     """
 
-    block_size: int = 256
-    merge_every: int = 200
-    neumann_terms: int | None = 3
-    mode: str = "fast"
-    init: str = "normalized"
-    exclude: tuple[str, ...] = field(default_factory=tuple)
-    seed: int = 0
-    w0_format: str = "auto"
-    quant_group_size: int = 256
+    block_size: int = setting(256, "rotation block size b", check=at_least(2, 8192),
+                              group="POET-X")
+    merge_every: int = setting(200, "merge period T in steps", check=at_least(1),
+                               group="POET-X")
+    neumann_terms: int | None = setting(
+        3, "Neumann series terms of the Cayley map ('exact': exact inverse, slow)",
+        check=at_least(1, MAX_NEUMANN_TERMS), group="POET-X", parse=_terms_or_exact,
+        metavar="N|exact")
+    mode: str = setting("fast", "fast (store the intermediate) or mem (recompute it)",
+                        choices=MODES, group="POET-X")
+    init: str = setting("normalized", "W0: normalized Gaussian, or keep the dense weights",
+                        choices=INITS, group="POET-X")
+    exclude: tuple[str, ...] = setting(
+        help="fnmatch patterns of module names left dense", check=each(non_empty),
+        group="POET-X", metavar="PATTERN", default_factory=tuple)
+    seed: int = setting(0, "seed of the permutations (default: the run's --seed)",
+                        check=at_least(0, 2**63 - 1), group="POET-X")
+    w0_format: str = setting("auto", "storage of the frozen weights W0", choices=W0_FORMATS,
+                             group="POET-X")
+    quant_group_size: int = setting(256, "group size of the int8/fp8 scales of W0",
+                                    check=at_least(16, 65536), group="POET-X")
 
     def __post_init__(self) -> None:
-        if isinstance(self.exclude, str):
-            self.exclude = (self.exclude,)
-        self.exclude = tuple(self.exclude)
+        # TOML and JSON give lists; a lone pattern may come as a string.
+        exclude = (self.exclude,) if isinstance(self.exclude, str) else self.exclude
+        if isinstance(exclude, list):
+            exclude = tuple(exclude)
+        object.__setattr__(self, "exclude", exclude)
         self.validate()
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first field out of its allowed range."""
-        _check_int("block_size", self.block_size, low=2, high=8192)
-        _check_int("merge_every", self.merge_every, low=1, high=None)
-        if self.neumann_terms is not None:
-            _check_int("neumann_terms", self.neumann_terms, low=1, high=MAX_NEUMANN_TERMS)
-        _check_choice("mode", self.mode, MODES)
-        _check_choice("init", self.init, INITS)
-        _check_choice("w0_format", self.w0_format, W0_FORMATS)
-        _check_int("quant_group_size", self.quant_group_size, low=16, high=65536)
-        _check_int("seed", self.seed, low=0, high=2**63 - 1)
-        for pattern in self.exclude:
-            if not isinstance(pattern, str) or not pattern:
-                raise ValueError(f"exclude: patterns must be non-empty strings, got {pattern!r}")
+        validate_fields(self)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -75,24 +89,6 @@ class POETConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> POETConfig:
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        unknown = sorted(set(d) - set(known))
-        if unknown:
-            raise ValueError(f"POETConfig: unknown fields {unknown}")
-        if "exclude" in known:
-            known["exclude"] = tuple(known["exclude"])
-        return cls(**known)
-
-
-def _check_int(name: str, value: Any, low: int, high: int | None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name}: must be an integer, got {value!r}")
-    upper = "" if high is None else f" and at most {high}"
-    if value < low or (high is not None and value > high):
-        raise ValueError(f"{name}: must be at least {low}{upper}, got {value}")
-
-
-def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}: must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+    def from_dict(cls, d: dict[str, Any], source: str = "POETConfig") -> POETConfig:
+        reject_unknown(cls, d, source)
+        return cls(**d)

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-import poetx.train.checkpoint as ck
+import poetx.train.checkpoint.store as ck
 from poetx import MergeSchedule, make_optimizer
 from poetx.model.wrap import poet_layers
 from poetx.train.checkpoint import (
@@ -24,7 +24,7 @@ from poetx.train.checkpoint import (
     verify_checkpoint,
 )
 from poetx.train.config import TrainConfig
-from poetx.train.runs import build_run_model
+from poetx.train.run_model import build_run_model
 
 VOCAB = 300
 

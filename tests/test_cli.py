@@ -14,11 +14,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import poetx.train.checkpoint as ck
+import poetx.train.checkpoint.store as ck
 import poetx.train.loop as loop
 from poetx.cli.main import main
+from poetx.train.checkpoint import verify_checkpoint
 from poetx.train.metrics import read_metrics
-from poetx.train.runs import load_run
+from poetx.train.saved_run import load_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -259,7 +260,7 @@ def test_failing_save_exits_cleanly_and_keeps_the_old_checkpoint(data, tmp_path,
     assert "step_00000004" in err and "No space left on device" in err
     assert no_temporaries(out)
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000002"]
-    ck.verify_checkpoint(out / "checkpoints" / "step_00000002")
+    verify_checkpoint(out / "checkpoints" / "step_00000002")
 
 
 def test_nan_exits_naming_the_step(data, tmp_path, capsys, monkeypatch):

@@ -12,12 +12,13 @@ import pytest
 import torch
 
 import poetx.train.loop as loop
+import poetx.train.run_dir as run_dir_mod
 from poetx.model.llama import PRESETS, build_model, llama_config
 from poetx.train.checkpoint import list_checkpoints, verify_checkpoint
 from poetx.train.config import TrainConfig, build_config, resume_config
 from poetx.train.loop import NonFiniteError, TrainError, TrainInterrupted, train
 from poetx.train.metrics import read_metrics
-from poetx.train.runs import build_run_model, grad_checkpointing_on
+from poetx.train.run_model import build_run_model, grad_checkpointing_on
 from poetx.train.schedule import WarmupCosine
 
 WORDS = {
@@ -203,7 +204,7 @@ def test_resume_matches_an_unbroken_run_bitwise(corpus, tmp_path, optimizer, cap
     train(small(corpus, b, **kw))
     # Forget everything after step 3, as if the run had died there; resume from step 3.
     shutil.rmtree(b / "checkpoints" / "step_00000006")
-    cfg, ckpt = loop.config_from_sources(None, {"out": str(b)}, resume=True)
+    cfg, ckpt = run_dir_mod.config_from_sources(None, {"out": str(b)}, resume=True)
     assert ckpt.name == "step_00000003"
     capsys.readouterr()
     train(cfg, ckpt)
@@ -234,7 +235,7 @@ def test_ctrl_c_saves_and_resume_continues_bitwise(corpus, tmp_path, monkeypatch
     assert info.value.checkpoint.name == "step_00000005"
     verify_checkpoint(info.value.checkpoint)
     monkeypatch.setattr(loop, "compute_loss", real)
-    cfg, ckpt = loop.config_from_sources(None, {"out": str(b)}, resume=True)
+    cfg, ckpt = run_dir_mod.config_from_sources(None, {"out": str(b)}, resume=True)
     train(cfg, ckpt)
     assert train_losses(b) == train_losses(tmp_path / "a")
 
@@ -296,10 +297,10 @@ def test_resuming_a_finished_run_does_nothing(corpus, tmp_path, capsys):
     out = tmp_path / "done"
     train(small(corpus, out, steps=2, eval_every=0, save_every=0))
     before = (out / "metrics.jsonl").read_text()
-    cfg, ckpt = loop.config_from_sources(None, {"out": str(out)}, resume=True)
+    cfg, ckpt = run_dir_mod.config_from_sources(None, {"out": str(out)}, resume=True)
     result = train(cfg, ckpt)
     assert result.step == 2 and "nothing to do" in capsys.readouterr().out
     assert (out / "metrics.jsonl").read_text() == before
-    cfg, ckpt = loop.config_from_sources(None, {"out": str(out), "steps": 3}, resume=True)
+    cfg, ckpt = run_dir_mod.config_from_sources(None, {"out": str(out), "steps": 3}, resume=True)
     train(cfg, ckpt)
     assert [r["step"] for r in read_metrics(out) if r["type"] == "train"] == [1, 2, 3]

@@ -7,11 +7,13 @@ loads with ``AutoModelForCausalLM.from_pretrained`` on a machine without poetx.
 from __future__ import annotations
 
 import inspect
-import json
 from pathlib import Path
 
 import poetx
-from poetx.train.runs import TOKENIZER_FILE, grad_checkpointing_on, load_run
+from poetx.atomic import set_umask_mode, write_json_atomic
+from poetx.train.run_dir import TOKENIZER_FILE
+from poetx.train.run_model import grad_checkpointing_on
+from poetx.train.saved_run import load_run
 
 EXPORT_INFO_FILE = "poetx_export.json"
 
@@ -31,7 +33,7 @@ def export_run(run_dir: str | Path, dest: str | Path, checkpoint: str | Path | N
     if dest.is_dir() and any(dest.iterdir()) and not force:
         raise FileExistsError(f"export destination {dest} is not empty (pass --force to write "
                               f"into it)")
-    run = load_run(run_dir, checkpoint, device="cpu", dtype=dtype)
+    run = load_run(run_dir, checkpoint, device="cpu", dtype=dtype, action="export")
     model = run.model
     if run.config.optimizer == "poetx":
         poetx.unwrap(model)
@@ -71,5 +73,10 @@ def export_run(run_dir: str | Path, dest: str | Path, checkpoint: str | Path | N
         "preset": run.config.preset,
         "tokenizer": tok is not None,
     }
-    (dest / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    write_json_atomic(dest / EXPORT_INFO_FILE, info)
+    # save_pretrained writes the weights private (0600, by safetensors); an export is meant to
+    # be read by other accounts (serving), so every file gets the mode of an ordinary file.
+    for path in dest.rglob("*"):
+        if path.is_file():
+            set_umask_mode(path)
     return dest

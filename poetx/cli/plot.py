@@ -17,14 +17,25 @@ from pathlib import Path
 
 import torch
 
+from poetx.atomic import write_with
 from poetx.train.metrics import read_metrics
 
 SPECTRUM_LAYERS = ("self_attn.q_proj", "mlp.down_proj")
 _SMOOTH = 0.9
 
 
+class MissingExtraError(RuntimeError):
+    """An optional dependency of a command is not installed; the message names the extra."""
+
+
 def _use_agg():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise MissingExtraError(
+            "poetx plot needs matplotlib, which is not installed: pip install 'poetx[plot]' "
+            "(or pip install matplotlib)"
+        ) from None
 
     matplotlib.use("Agg")  # files only; never needs a display
     import matplotlib.pyplot as plt
@@ -105,8 +116,7 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, spectrum: bool = 
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+    return write_with(path, lambda tmp: fig.savefig(tmp, dpi=110))
 
 
 def _layer_names(prefixes: list[str]) -> list[str]:
@@ -165,15 +175,14 @@ def layer_spectra(checkpoint: Path, config) -> dict[str, dict[str, torch.Tensor]
 
 
 def _plot_spectrum(plt, run_dir: Path, path: Path) -> Path | None:
-    from poetx.train.checkpoint import read_state, verify_checkpoint
+    from poetx.train.checkpoint import latest_checkpoint, read_state
     from poetx.train.config import TrainConfig
-    from poetx.train.runs import find_checkpoint
+    from poetx.train.run_dir import CHECKPOINT_DIR
+    from poetx.train.saved_run import find_checkpoint
 
-    try:
-        ckpt = find_checkpoint(run_dir)
-    except Exception:  # no checkpoint yet: curves only
+    if latest_checkpoint(run_dir / CHECKPOINT_DIR) is None:  # no checkpoint yet: curves only
         return None
-    verify_checkpoint(ckpt)
+    ckpt = find_checkpoint(run_dir, action="plot spectra")
     state = read_state(ckpt)
     config = TrainConfig.from_dict(state["config"], source=f"{ckpt}/state.json config")
     spectra = layer_spectra(ckpt, config)

@@ -8,8 +8,6 @@ they are.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +16,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from poetx.atomic import write_with
 from poetx.data.cache import cache_key, resolve_cache_dir
 from poetx.data.packing import PackedBatches, validation_batches
 from poetx.data.sources import (
@@ -252,13 +251,4 @@ def _piece_batches(docs: Iterable[str]) -> Iterator[tuple[list[str], list[bool]]
 
 def _save_atomic(ids: np.ndarray, path: Path) -> None:
     # Concurrent ranks may build the same stream; a reader must never see half a file.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".npy")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, ids, allow_pickle=False)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache is not
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_with(path, lambda tmp: np.save(tmp, ids, allow_pickle=False))

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from poetx.atomic import write_with
 from poetx.data.cache import cache_key, resolve_cache_dir
 
 if TYPE_CHECKING:
@@ -122,13 +121,4 @@ def to_hf_tokenizer(tok: Tokenizer) -> PreTrainedTokenizerFast:
 
 def _save_atomic(tok: Tokenizer, path: Path) -> None:
     # Concurrent ranks may save the same tokenizer; a reader must never see half a file.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    os.close(fd)
-    try:
-        tok.save(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache is not
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_with(path, lambda tmp: tok.save(str(tmp)))

@@ -359,7 +359,8 @@ def _tiles(b: int, nb: int) -> tuple[int, int, int, int]:
     return t, t, 32, 4 if t == 64 else 8
 
 
-def _valid_last(block: int, valid_last: int | None) -> int:
+def _real_in_last(block: int, valid_last: int | None) -> int:
+    """The kernels' form of ``BlockLayout.valid_last``: ``None`` (no padding) becomes ``block``."""
     return block if valid_last is None or valid_last >= block else int(valid_last)
 
 
@@ -481,7 +482,7 @@ def cayley_neumann_delta(
         raise ValueError("out must be a contiguous (nb, b, b) tensor of out_dtype")
     if nb == 0:
         return out
-    vl = _valid_last(block, valid_last)
+    vl = _real_in_last(block, valid_last)
     prec = _precision("tf32x3" if out_dtype == torch.float32 else "tf32")
     cfg = _tiles(block, nb)
     c = neumann_coefficients(terms)  # c[p] for p = 0 .. terms+1
@@ -536,7 +537,7 @@ def cayley_neumann_delta_backward(
         raise ValueError("out must be a contiguous (nb, b(b-1)/2) tensor of theta's dtype")
     if nb == 0 or npar == 0:
         return out.zero_()
-    vl = _valid_last(block, valid_last)
+    vl = _real_in_last(block, valid_last)
     prec = _precision("tf32")
     tile = _dense_tile(block)
     if tile is not None:

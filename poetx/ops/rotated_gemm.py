@@ -21,13 +21,14 @@ from torch import Tensor
 
 from poetx.kernels.quant_ref import dequantize
 from poetx.ops import backend
+from poetx.ortho.layout import BlockLayout
 
 EXACT_CAYLEY = -1
 
 
 def _valid_last(dim: int, num_blocks: int, block: int) -> int | None:
-    rem = dim - (num_blocks - 1) * block
-    return None if rem == block else rem
+    # The layer's BlockLayout is the one definition; here only its sizes reach the op.
+    return BlockLayout(dim=dim, block=block).valid_last
 
 
 def _terms(terms: int) -> int | None:

@@ -2,6 +2,8 @@
 
 Modules: ``config`` (TrainConfig, TOML, presets' recipes), ``loop`` (``train``), ``loss``
 (``compute_loss``), ``evaluate``, ``schedule`` (warm-up + cosine), ``checkpoint`` (atomic,
-verified safetensors checkpoints), ``metrics`` (metrics.jsonl, TensorBoard, progress bar),
-``runs`` (devices, the model of a run, loading a run for eval/export/plot).
+verified safetensors checkpoints; a package by concern), ``metrics`` (metrics.jsonl,
+TensorBoard, progress), ``device`` (device and dtype of a run), ``run_model`` (the model of a
+run), ``run_dir`` (the run directory: layout, resume resolution, claiming it), ``saved_run``
+(a run opened from disk for eval/export/plot).
 """

@@ -19,7 +19,6 @@ A TOML file uses the field names of ``TrainConfig`` and a ``[poet]`` table for `
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,18 @@ except ModuleNotFoundError:  # Python 3.10: the backport has the same API
     import tomli as tomllib  # type: ignore[no-redef]
 
 from poetx.config import POETConfig
-from poetx.model.llama import PRESETS
+from poetx.model.presets import PRESETS, preset_names
+from poetx.settings import (
+    at_least,
+    in_interval,
+    matches,
+    non_empty,
+    non_negative,
+    positive,
+    reject_unknown,
+    setting,
+    validate_fields,
+)
 
 OPTIMIZERS = ("poetx", "adamw")
 DTYPES = ("auto", "float32", "bfloat16")
@@ -81,7 +91,7 @@ RESUME_LOCKED_POET = ("block_size", "neumann_terms", "init", "exclude", "seed", 
                       "quant_group_size")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """All settings of one run. ``None`` fields take the preset's default on construction.
 
@@ -115,42 +125,86 @@ class TrainConfig:
         tensorboard (event files when the package is installed).
     """
 
-    preset: str = "tiny"
-    optimizer: str = "poetx"
-    data: str | None = None
-    tokenizer: str | None = None
-    vocab_size: int | None = None
-    cache_dir: str | None = None
-    seq_len: int | None = None
-    batch_size: int | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    steps: int | None = None
-    lr: float | None = None
-    poet_lr: float | None = None
-    weight_decay: float = 0.0
-    warmup_steps: int | None = None
-    min_lr_ratio: float = 0.01
-    max_grad_norm: float | None = None
-    clip_warmup_steps: int | None = None
-    clip_warmup_start: float = 0.1
-    skip_nonfinite: bool = False
-    grad_checkpointing: bool = False
-    eval_every: int | None = None
-    eval_batches: int | None = None
-    eval_at_start: bool = True
-    save_every: int | None = None
-    keep_last: int = 3
-    out: str | None = None
-    seed: int = 0
-    progress: bool = True
-    tensorboard: bool = True
+    preset: str = setting("tiny", "model shape", choices=preset_names, group="run")
+    optimizer: str = setting("poetx", "poetx (rotations) or adamw (dense baseline)",
+                             choices=OPTIMIZERS, group="run")
+    data: str | None = setting(
+        None, "text/jsonl/token file or folder, or hf:NAME (default: bundled corpus)",
+        check=non_empty, group="data", metavar="PATH")
+    tokenizer: str | None = setting(None, "tokenizer.json to use instead of training one",
+                                    check=non_empty, group="data", metavar="PATH")
+    vocab_size: int | None = setting(
+        None, "vocabulary of the tokenizer trained for the run (default: the preset's)",
+        check=at_least(2), group="data")
+    cache_dir: str | None = setting(None, "data cache (default $POETX_DATA_DIR or "
+                                    "~/.cache/poetx)", check=non_empty, group="data",
+                                    metavar="DIR")
+    seq_len: int | None = setting(
+        None, "tokens per sequence (default: the preset's)",
+        check=at_least(2), group="data")
+    batch_size: int | None = setting(
+        None, "sequences per step (default: the preset's)",
+        check=at_least(1), group="data")
+    dtype: str = setting("auto", "auto = bf16 on CUDA, float32 on CPU", choices=DTYPES,
+                         group="run")
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N",
+                          check=matches(DEVICE_RE.pattern, "'auto', 'cpu', 'cuda' or 'cuda:N'"),
+                          metavar="DEVICE",
+                          group="run")
+    steps: int | None = setting(
+        None, "optimizer steps (default: the preset's)", check=at_least(1),
+        group="optimization")
+    lr: float | None = setting(
+        None, "learning rate of ordinary parameters (default: the preset's)",
+        check=positive, group="optimization")
+    poet_lr: float | None = setting(
+        None, "learning rate of the rotations (default: the preset's)",
+        check=positive, group="optimization")
+    weight_decay: float = setting(0.0, "AdamW weight decay", check=non_negative,
+                                  group="optimization")
+    warmup_steps: int | None = setting(
+        None, "linear warm-up steps (default 0 for poetx, 10% of steps for adamw)",
+        check=at_least(0), group="optimization")
+    min_lr_ratio: float = setting(0.01, "cosine floor as a fraction of lr",
+                                  check=in_interval(0, 1), group="optimization")
+    max_grad_norm: float | None = setting(
+        None, "gradient clipping threshold, 0 = off (default 0.1 for poetx, 1.0 for adamw)",
+        check=non_negative, group="optimization")
+    clip_warmup_steps: int | None = setting(
+        None, "steps to ramp the clipping threshold back up after a merge (default T/10)",
+        check=at_least(0), group="optimization")
+    clip_warmup_start: float = setting(
+        0.1, "clipping threshold right after a merge, as a fraction of --max-grad-norm",
+        check=in_interval(0, 1, open_low=True), group="optimization")
+    skip_nonfinite: bool = setting(
+        False, "skip steps with NaN/inf loss or gradient instead of stopping",
+        group="optimization")
+    grad_checkpointing: bool = setting(False, "activation checkpointing of the decoder blocks",
+                                       group="memory")
+    eval_every: int | None = setting(
+        None, "evaluate every N steps, 0 = only at the end (default: the preset's)",
+        check=at_least(0), group="logging and checkpoints")
+    eval_batches: int | None = setting(None, "validation batches to use (default: all)",
+                                       check=at_least(1), group="logging and checkpoints")
+    eval_at_start: bool = setting(True, "evaluate before the first step",
+                                  group="logging and checkpoints")
+    save_every: int | None = setting(
+        None, "checkpoint every N steps, 0 = only at the end (default: the preset's)",
+        check=at_least(0), group="logging and checkpoints")
+    keep_last: int = setting(3, "checkpoints to keep", check=at_least(1),
+                             group="logging and checkpoints")
+    out: str | None = setting(None, "run directory (default runs/<preset>-<optimizer>)",
+                              check=non_empty, group="run", metavar="RUN_DIR")
+    seed: int = setting(0, "seed of model init, data order and rotations", check=at_least(0),
+                        group="run")
+    progress: bool = setting(True, "progress bar", group="logging and checkpoints")
+    tensorboard: bool = setting(True, "TensorBoard event files (when tensorboard is "
+                                "installed)", group="logging and checkpoints")
     poet: POETConfig | dict[str, Any] | None = field(default=None)
 
     def __post_init__(self) -> None:
         # Check the two fields that select the defaults before using them.
-        _check_choice("preset", self.preset, tuple(PRESETS))
-        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        validate_fields(self, ("preset", "optimizer"))
         d = PRESET_DEFAULTS[self.preset]
         poetx_run = self.optimizer == "poetx"
         fill = {
@@ -167,67 +221,32 @@ class TrainConfig:
         }
         for name, value in fill.items():
             if getattr(self, name) is None:
-                setattr(self, name, value)
+                object.__setattr__(self, name, value)
+        validate_fields(self, ("steps",))
         if self.warmup_steps is None:
             # The authors train POET without warm-up; AdamW needs one (10% as in GaLore's runs).
-            self.warmup_steps = 0 if poetx_run else max(1, self.steps // 10)
+            object.__setattr__(self, "warmup_steps",
+                               0 if poetx_run else max(1, self.steps // 10))
         if not isinstance(self.poet, POETConfig):
             poet = {"block_size": d.block_size, "merge_every": d.merge_every, "seed": self.seed}
             if self.poet is not None:
                 if not isinstance(self.poet, dict):
                     raise ValueError(f"poet: must be a table of POET settings, got {self.poet!r}")
                 poet.update(self.poet)
-            self.poet = POETConfig.from_dict(poet)
+            object.__setattr__(self, "poet", POETConfig.from_dict(poet, source="poet"))
         if self.clip_warmup_steps is None:
-            self.clip_warmup_steps = max(1, self.poet.merge_every // 10) if poetx_run else 0
+            object.__setattr__(self, "clip_warmup_steps",
+                               max(1, self.poet.merge_every // 10) if poetx_run else 0)
         self.validate()
 
     # validation -------------------------------------------------------------------------------
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first field with a bad value."""
-        _check_choice("preset", self.preset, tuple(PRESETS))
-        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        _check_choice("dtype", self.dtype, DTYPES)
-        if not isinstance(self.device, str) or not DEVICE_RE.match(self.device):
-            raise ValueError(
-                f"device: must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}"
-            )
-        for name in ("data", "tokenizer", "cache_dir"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, str) or not value):
-                raise ValueError(f"{name}: must be a non-empty path string, got {value!r}")
-        if not isinstance(self.out, str) or not self.out:
-            raise ValueError(f"out: must be a non-empty path string, got {self.out!r}")
-        _check_int("vocab_size", self.vocab_size, 2)
-        _check_int("seq_len", self.seq_len, 2)
-        _check_int("batch_size", self.batch_size, 1)
-        _check_int("steps", self.steps, 1)
-        _check_int("warmup_steps", self.warmup_steps, 0)
+        validate_fields(self)
         if self.warmup_steps > self.steps:
             raise ValueError(
                 f"warmup_steps: must not exceed steps ({self.steps}), got {self.warmup_steps}"
             )
-        _check_int("clip_warmup_steps", self.clip_warmup_steps, 0)
-        _check_int("eval_every", self.eval_every, 0)
-        if self.eval_batches is not None:
-            _check_int("eval_batches", self.eval_batches, 1)
-        _check_int("save_every", self.save_every, 0)
-        _check_int("keep_last", self.keep_last, 1)
-        _check_int("seed", self.seed, 0)
-        _check_float("lr", self.lr, positive=True)
-        _check_float("poet_lr", self.poet_lr, positive=True)
-        _check_float("weight_decay", self.weight_decay)
-        _check_float("max_grad_norm", self.max_grad_norm)
-        _check_float("min_lr_ratio", self.min_lr_ratio)
-        if self.min_lr_ratio > 1:
-            raise ValueError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
-        _check_float("clip_warmup_start", self.clip_warmup_start, positive=True)
-        if self.clip_warmup_start > 1:
-            raise ValueError(f"clip_warmup_start: must be in (0, 1], got {self.clip_warmup_start}")
-        for name in ("skip_nonfinite", "grad_checkpointing", "eval_at_start", "progress",
-                     "tensorboard"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}: must be true or false, got {getattr(self, name)!r}")
         self.poet.validate()
 
     # conversion -------------------------------------------------------------------------------
@@ -242,13 +261,7 @@ class TrainConfig:
         """Build from a dict such as ``to_dict()`` output; unknown keys raise ``ValueError``."""
         if not isinstance(d, dict):
             raise ValueError(f"{source}: expected a table of settings, got {type(d).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(
-                f"{source}: unknown setting(s) {', '.join(unknown)}; "
-                f"known: {', '.join(sorted(names))}"
-            )
+        reject_unknown(cls, d, source)
         d = dict(d)
         if isinstance(d.get("poet"), dict):
             d["poet"] = dict(d["poet"])
@@ -318,23 +331,3 @@ def resume_config(saved: dict[str, Any], overrides: dict[str, Any]) -> TrainConf
             )
     return TrainConfig.from_dict(merge_settings(saved_cfg.to_dict(), overrides),
                                  source="resumed config")
-
-
-def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}: must be one of {', '.join(allowed)}; got {value!r}")
-
-
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name}: must be an integer, got {value!r}")
-    if value < low:
-        raise ValueError(f"{name}: must be at least {low}, got {value}")
-
-
-def _check_float(name: str, value: Any, positive: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{name}: must be a number, got {value!r}")
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        kind = "positive" if positive else "non-negative"
-        raise ValueError(f"{name}: must be a finite {kind} number, got {value}")

@@ -20,24 +20,17 @@ import numpy as np
 import torch
 
 from poetx import MergeSchedule, make_optimizer
+from poetx.atomic import write_json_atomic
 from poetx.model.llama import count_parameters
 from poetx.train.checkpoint import (
-    clean_stale,
-    list_checkpoints,
     load_model_state,
     load_optimizer_state,
     read_state,
-    resolve_resume,
     restore_rng,
     save_checkpoint,
 )
-from poetx.train.config import (
-    TrainConfig,
-    build_config,
-    load_toml,
-    merge_settings,
-    resume_config,
-)
+from poetx.train.config import TrainConfig
+from poetx.train.device import resolve_device, resolve_dtype
 from poetx.train.evaluate import evaluate
 from poetx.train.loss import batch_tokens, compute_loss
 from poetx.train.metrics import (
@@ -47,15 +40,14 @@ from poetx.train.metrics import (
     peak_memory_gib,
     truncate_metrics,
 )
-from poetx.train.runs import (
+from poetx.train.run_dir import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
     TOKENIZER_FILE,
-    build_run_model,
-    resolve_device,
-    resolve_dtype,
-    write_json_atomic,
+    RunDirError,
+    claim_run_dir,
 )
+from poetx.train.run_model import build_run_model
 from poetx.train.schedule import build_scheduler, load_scheduler_state, scheduler_state
 
 # A run whose every step is non-finite is broken, not unlucky: stop even with --skip-nonfinite.
@@ -107,34 +99,6 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
-def config_from_sources(config_file: str | None, overrides: dict[str, Any],
-                        resume: bool | str | None = None) -> tuple[TrainConfig, Path | None]:
-    """The run's config and, when resuming, the checkpoint to resume from.
-
-    Fresh run: preset defaults < TOML < flags. Resumed run (``resume`` True for the newest
-    checkpoint of ``--out``, or a checkpoint path): the checkpoint's config < TOML < flags.
-    """
-    if not resume:
-        return build_config(config_file, overrides), None
-    settings = dict(overrides)
-    if config_file is not None:
-        settings = merge_settings(load_toml(config_file), overrides)
-    requested = resume if isinstance(resume, str) else None
-    if requested is None:
-        out = settings.get("out") or (
-            f"runs/{settings.get('preset', 'tiny')}-{settings.get('optimizer', 'poetx')}"
-        )
-        settings["out"] = out
-        root = Path(out) / CHECKPOINT_DIR
-    else:
-        root = Path(requested).parent
-    ckpt = resolve_resume(root, requested)
-    saved = read_state(ckpt)["config"]
-    if requested is not None and "out" not in settings:
-        settings["out"] = str(Path(requested).parent.parent)
-    return resume_config(saved, settings), ckpt
-
-
 class _StopFlag:
     """Ctrl-C sets a flag that the loop checks between steps, so the model, optimizer and
     schedules are never saved half-updated. A second Ctrl-C aborts at once."""
@@ -163,19 +127,11 @@ class _StopFlag:
 
 
 def _check_run_dir(cfg: TrainConfig, resuming: bool) -> Path:
-    """The run directory, refused if it already holds another run (created later)."""
-    run_dir = Path(cfg.out)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise TrainError(f"--out {run_dir} exists and is not a directory")
-    if not resuming:
-        taken = [run_dir / CONFIG_FILE] + [p for _, p in list_checkpoints(run_dir / CHECKPOINT_DIR)]
-        existing = [p for p in taken if p.exists()]
-        if existing:
-            raise TrainError(
-                f"{run_dir} already holds a run ({existing[0].name}); pass --resume to continue "
-                f"it, or choose another --out"
-            )
-    return run_dir
+    """The run directory (see ``poetx.train.run_dir.claim_run_dir``)."""
+    try:
+        return claim_run_dir(cfg, resuming)
+    except RunDirError as e:
+        raise TrainError(str(e)) from None
 
 
 def _build_data(cfg: TrainConfig, run_dir: Path, resuming: bool):
@@ -243,7 +199,6 @@ def _train(cfg: TrainConfig, resume_from: Path | None) -> RunResult:
     seed_everything(cfg.seed)
     data = _build_data(cfg, run_dir, resuming)
     run_dir.mkdir(parents=True, exist_ok=True)
-    clean_stale(ckpt_root)
     if data.tokenizer is not None:
         _save_tokenizer(data.tokenizer, run_dir)
     model = build_run_model(cfg, data.vocab_size, device, dtype)

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from poetx.atomic import write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tensorboard"
@@ -61,13 +62,7 @@ def truncate_metrics(path: str | Path, step: int) -> None:
     if not path.is_file():
         return
     kept = [r for r in read_metrics(path) if int(r.get("step", 0)) <= step]
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with tmp.open("w") as f:
-        for r in kept:
-            f.write(json.dumps(r) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def _json_safe(value: Any) -> Any:
@@ -121,24 +116,41 @@ class MetricsLogger:
 
 
 class Progress:
-    """tqdm bar over the steps with loss, tokens/s, lr and peak memory; silent when disabled."""
+    """Progress over the steps with loss, tokens/s, lr and peak memory; silent when disabled.
 
-    def __init__(self, total: int, initial: int, enabled: bool) -> None:
+    On a terminal a tqdm bar. Elsewhere (a log file, a pipe) a bar redraws itself with carriage
+    returns, which a file keeps as repeated copies, so plain lines are printed instead: about
+    every tenth of the run and the last step, once each.
+    """
+
+    LINES = 10
+
+    def __init__(self, total: int, initial: int, enabled: bool, stream: Any = None) -> None:
+        self._stream = stream if stream is not None else sys.stderr
         self._bar = None
+        self._lines = False
+        self._total = total
+        self._initial = self._step = initial
+        self._every = max(1, (total - initial) // self.LINES)
         if enabled:
-            from tqdm.auto import tqdm
+            isatty = getattr(self._stream, "isatty", None)
+            if isatty is not None and isatty():
+                from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
-                             file=sys.stderr)
+                self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                                 file=self._stream)
+            else:
+                self._lines = True
 
     def update(self, loss: float, tokens_per_s: float, lr: float, mem_gib: float) -> None:
-        if self._bar is None:
-            return
-        self._bar.set_postfix_str(
-            f"loss={loss:.4f} tok/s={tokens_per_s:,.0f} lr={lr:.2e} mem={mem_gib:.2f}GiB",
-            refresh=False,
-        )
-        self._bar.update(1)
+        self._step += 1
+        text = f"loss={loss:.4f} tok/s={tokens_per_s:,.0f} lr={lr:.2e} mem={mem_gib:.2f}GiB"
+        if self._bar is not None:
+            self._bar.set_postfix_str(text, refresh=False)
+            self._bar.update(1)
+        elif self._lines and (self._step == self._total
+                              or (self._step - self._initial) % self._every == 0):
+            print(f"step {self._step}/{self._total} {text}", file=self._stream, flush=True)
 
     def write(self, message: str) -> None:
         """Print a line to stdout without breaking the bar (which lives on stderr)."""

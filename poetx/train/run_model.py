@@ -1,0 +1,58 @@
+"""The model of a run: the preset in its dtype on its device, wrapped for poetx runs.
+
+Shared by the training loop and ``eval`` / ``export`` / ``plot``, so all of them build exactly
+the same model for a given config.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import LlamaForCausalLM
+
+import poetx
+from poetx.model.build import build_poet_model, rebuild_hf_rotary
+from poetx.model.llama import build_model, llama_config
+from poetx.train.config import TrainConfig
+
+
+def build_run_model(cfg: TrainConfig, vocab_size: int, device: torch.device,
+                    dtype: torch.dtype) -> nn.Module:
+    """The model of a run: the preset in ``dtype`` on ``device``, wrapped for poetx runs.
+
+    The wrap comes after the model is in its final dtype and device: ``POETLinear`` then makes
+    ``W0`` in that dtype while its skew parameters stay float32 (bf16 cannot hold their small
+    updates). Model initialization draws from the global torch RNG: seed it first.
+    """
+    max_positions = max(cfg.seq_len, 2048)
+    if cfg.optimizer == "poetx" and cfg.poet.init == "normalized":
+        # Nothing of the dense linear weights is needed: build on meta and draw W0 in place, so
+        # the largest presets never hold a dense copy.
+        hf_config = llama_config(cfg.preset, vocab_size, max_positions)
+        model = build_poet_model(lambda: LlamaForCausalLM(hf_config), cfg.poet, device, dtype,
+                                 init_std=hf_config.initializer_range,
+                                 rebuild_buffers=rebuild_hf_rotary)
+    else:
+        model = build_model(cfg.preset, vocab_size, dtype, device,
+                            max_position_embeddings=max_positions)
+        if cfg.optimizer == "poetx":
+            poetx.wrap(model, cfg.poet)
+    if cfg.grad_checkpointing:
+        enable_grad_checkpointing(model)
+    return model
+
+
+def enable_grad_checkpointing(model: nn.Module) -> None:
+    """HF activation checkpointing of every decoder block (non-reentrant: it works with the
+    POET custom op and with frozen ``W0``). transformers 5 renamed the method."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def grad_checkpointing_on(model: nn.Module) -> bool:
+    if hasattr(type(model), "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(getattr(model, "is_gradient_checkpointing", False))
