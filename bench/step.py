@@ -15,6 +15,7 @@ timing.
 ``--launches`` also profiles one step (torch.profiler) and records the GPU kernels per step
 and the kernel/graph launches the host makes per step, each also per POET layer.
 ``poet_torch`` is imported from ``--authors-path`` (a git-ignored checkout, never copied here).
+``--append`` merges into an existing ``--out`` (for a table split over several device calls).
 ``--train-metrics`` instead summarizes ``poetx train`` runs from their metrics.jsonl files.
 """
 
@@ -181,10 +182,21 @@ def add_ratios(rows: list[dict]) -> None:
                 r[key] = own / ref if own and ref else None
 
 
+def _earlier_rows(args: argparse.Namespace, cases: dict) -> list[dict]:
+    """With ``--append``: the rows already in ``--out`` except those this run redoes."""
+    path = Path(args.out)
+    if not args.append or not path.exists():
+        return []
+    redo = {(p, b, s, m) for p, shapes in cases.items() for b, s in shapes
+            for m in args.methods.split(",")}
+    return [r for r in json.loads(path.read_text())
+            if (r["model"], r["batch"], r["seq_len"], r["method"]) not in redo]
+
+
 def run_table(args: argparse.Namespace) -> None:
     env = environment()
-    rows: list[dict] = []
     cases = parse_cases(args.cases)
+    rows: list[dict] = _earlier_rows(args, cases)
     for preset in cases:
         for method in args.methods.split(","):
             if method not in STEP_METHODS:
@@ -213,9 +225,9 @@ def run_table(args: argparse.Namespace) -> None:
                 print(f"{preset} {method} {r['batch']}x{r['seq_len']} {r['status']} "
                       f"tok/s={r.get('tokens_per_s')} peak={r.get('peak_gib')} "
                       f"{r.get('error', '')[-300:]}", flush=True)
-            rows.extend(got)
+            rows.extend({**env, **r} for r in got)
             add_ratios(rows)
-            write_json(args.out, rows, env)
+            write_json(args.out, rows, {})
     print(f"\n{env['device']}, torch {env['torch']}, triton {env['triton']}")
     cols = ["model", "batch", "seq_len", "method", "status", "tokens_per_s", "peak_gib",
             "vs_adamw", "vs_adamw_compile", "vs_authors"]
@@ -253,6 +265,9 @@ def main() -> None:
     parser.add_argument("--authors-path", default="third_party")
     parser.add_argument("--timeout", type=int, default=400, help="seconds per process")
     parser.add_argument("--out", default="bench/results/step.json")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the rows already in --out that this run does not redo "
+                             "(each row keeps its own command and device)")
     parser.add_argument("--train-metrics", nargs="+", metavar="METRICS_JSONL")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--preset", help=argparse.SUPPRESS)
