@@ -40,11 +40,13 @@ class CapturedStep:
     Every call is exactly one step of ``step_fn`` on that call's ``batch``; the capturing call
     also runs its step (by replaying the graph right after recording it). ``batch`` is copied
     into a static buffer of ``example_batch``'s shape, dtype and device.
+    ``share_batch=True``: ``example_batch`` itself is the static buffer (the caller refills it
+    before each call and passes it), so no copy is made.
     ``enabled=False`` (or a CPU batch when ``enabled`` is ``None``) calls ``step_fn`` directly.
     """
 
     def __init__(self, step_fn: StepFn, example_batch: Tensor, warmup: int = 3,
-                 enabled: bool | None = None) -> None:
+                 enabled: bool | None = None, share_batch: bool = False) -> None:
         if warmup < 1:
             raise ValueError(f"warmup: at least one eager step must precede capture, got {warmup}")
         self.step_fn = step_fn
@@ -52,7 +54,9 @@ class CapturedStep:
         self.enabled = example_batch.is_cuda if enabled is None else enabled
         if self.enabled and not example_batch.is_cuda:
             raise ValueError("CapturedStep: CUDA graphs need a CUDA batch")
-        self.static_batch = torch.empty_like(example_batch) if self.enabled else None
+        self.static_batch = None
+        if self.enabled:
+            self.static_batch = example_batch if share_batch else torch.empty_like(example_batch)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: Any = None
         self.calls = 0
@@ -70,7 +74,8 @@ class CapturedStep:
                 f"CapturedStep: batch {tuple(batch.shape)} {batch.dtype} differs from the "
                 f"captured {tuple(self.static_batch.shape)} {self.static_batch.dtype}"
             )
-        self.static_batch.copy_(batch, non_blocking=True)
+        if batch is not self.static_batch:
+            self.static_batch.copy_(batch, non_blocking=True)
         if self.graph is not None:
             self.graph.replay()
         elif self.calls < self.warmup:
