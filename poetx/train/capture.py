@@ -95,7 +95,9 @@ class CapturedStep:
         # Blocks cached by the eager warm-up cannot serve the graph's private pool.
         torch.cuda.empty_cache()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: a background thread's CUDA calls (a logger, a data thread) do not
+        # invalidate the capture; only this thread's are checked.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self.outputs = self.step_fn(self.static_batch)
         self.graph = graph
         graph.replay()
