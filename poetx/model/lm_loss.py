@@ -61,9 +61,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
 
 def _accumulate_product_(acc: Tensor, a: Tensor, b: Tensor) -> None:
     """``acc += a @ b`` into a float32 ``acc``. On CUDA with 16-bit ``a``, ``b`` one cuBLAS
-    GEMM with 16-bit inputs and float32 output (``out_dtype``); upcasting them first would run a
-    float32 GEMM, 5-10x slower (34 ms against 6 ms for the whole loss at Llama-8B, 1024
-    tokens, H200)."""
+    GEMM with 16-bit inputs and float32 output (``out_dtype``); upcasting them first runs a
+    float32 GEMM (the whole loss at Llama-8B, 1024 tokens, in 4 chunks, H200: 34.5 ms that way,
+    15.2 ms this way)."""
     if acc.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype:
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:
