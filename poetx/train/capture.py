@@ -65,6 +65,14 @@ class CapturedStep:
     def captured(self) -> bool:
         return self.graph is not None
 
+    def invalidate(self) -> None:
+        """Drop the graph; the next call records a new one. Call it after anything replaced
+        (rather than overwrote) a tensor the step reads: loading optimizer state from a
+        checkpoint, changing parameter groups, moving the model."""
+        self.graph = None
+        self.outputs = None
+        self.calls = max(self.calls, self.warmup)
+
     def __call__(self, batch: Tensor) -> Any:
         if not self.enabled:
             self.calls += 1
