@@ -27,6 +27,7 @@ class Method:
     mode: str = "fast"
     w0_format: str = "auto"
     checkpointing: bool = False
+    dense_optimizer: str = "adamw"
 
 
 METHODS = {
@@ -37,6 +38,13 @@ METHODS = {
     "mem-ckpt": Method(poetx=True, mode="mem", checkpointing=True),
     "int8": Method(poetx=True, mode="mem", w0_format="int8", checkpointing=True),
     "fp8": Method(poetx=True, mode="mem", w0_format="fp8", checkpointing=True),
+    # int8 with the dense-parameter optimizers of poetx.optim.dense_update
+    "int8-kahan": Method(poetx=True, mode="mem", w0_format="int8", checkpointing=True,
+                         dense_optimizer="adamw-kahan"),
+    "int8-master": Method(poetx=True, mode="mem", w0_format="int8", checkpointing=True,
+                          dense_optimizer="adamw-fp32-master"),
+    "int8-8bit": Method(poetx=True, mode="mem", w0_format="int8", checkpointing=True,
+                        dense_optimizer="adamw8bit"),
 }
 
 
@@ -55,7 +63,8 @@ def build(preset: str, method: Method, block_size: int, device: str):
         cfg = poetx.POETConfig(block_size=block_size, mode=method.mode, w0_format=method.w0_format)
         model = build_poet_model(lambda: LlamaForCausalLM(llama_config(preset)), cfg, device,
                                  torch.bfloat16, rebuild_buffers=rebuild_hf_rotary)
-        opt = poetx.make_optimizer(model, lr=1e-4, poet_lr=1e-4)
+        opt = poetx.make_optimizer(model, lr=1e-4, poet_lr=1e-4,
+                                   dense_optimizer=method.dense_optimizer)
     if method.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()

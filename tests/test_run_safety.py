@@ -168,3 +168,18 @@ def test_tensorboard_is_optional(tmp_path, monkeypatch):
     logger.log({"type": "train", "step": 1, "loss": 1.0})
     logger.close()
     assert any((tmp_path / "with" / "tensorboard").iterdir())
+
+
+def test_every_dependency_is_bounded():
+    """An open upper bound let a fresh install pull an untested release (triton 3.9)."""
+    import re
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    requirements = list(project["dependencies"])
+    for extra in project["optional-dependencies"].values():
+        requirements += extra
+    for requirement in requirements:
+        spec = requirement.split(";")[0]
+        assert re.search(r">=\s*[\d.]+", spec) and re.search(r"<\s*[\d.]+", spec), requirement
+    assert project["requires-python"] == ">=3.11"  # numpy 2.4 needs it; tomllib is built in

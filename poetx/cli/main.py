@@ -1,4 +1,4 @@
-"""The ``poetx`` command: ``train``, ``eval``, ``export``, ``plot``, ``data install``.
+"""The ``poetx`` command: ``train``, ``plan``, ``eval``, ``export``, ``plot``, ``data install``.
 
 Errors the user can act on (bad values, missing files, unusable checkpoints, NaN, OOM) print
 one ``poetx: error: ...`` line and exit non-zero without a traceback; ``POETX_DEBUG=1`` shows
@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_train(sub)
+    from poetx.cli.plan import add_plan_parser
+
+    add_plan_parser(sub)
 
     p = sub.add_parser("eval", help="validation loss and perplexity of a run's checkpoint")
     p.add_argument("run_dir", metavar="RUN_DIR")

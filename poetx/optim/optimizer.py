@@ -21,6 +21,7 @@ def make_optimizer(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     fused: bool | None = None,
+    dense_optimizer: str = "adamw",
     capturable: bool = False,
 ) -> torch.optim.AdamW:
     """A standard ``torch.optim.AdamW`` over the trainable parameters of ``model``.
@@ -30,12 +31,14 @@ def make_optimizer(
     ``"decay"`` — other trainable matrices (embeddings, lm_head, dense layers) at ``lr`` with
     ``weight_decay``; ``"no_decay"`` — vectors (norms, biases) at ``lr`` without decay. Frozen
     ``W0`` has ``requires_grad=False`` and gets no state. ``fused`` defaults to True when every
-    parameter is on CUDA, else the foreach implementation is used.
+    parameter is on CUDA, else the foreach implementation is used. ``dense_optimizer``:
+    ``"adamw"``, or ``"adamw-kahan"`` / ``"adamw-fp32-master"`` so that bf16 embeddings, lm_head
+    and norms keep their small updates (``poetx.optim.dense_update``).
 
-    ``capturable``: every group's ``lr`` is a 0-d float32 tensor on the parameters' device
-    (change it in place, e.g. ``group["lr"].fill_(x)``, as torch's LR schedulers do) and the
-    step is the fused kernel with ``capturable=True``, so it can be recorded in a CUDA graph;
-    see :mod:`poetx.train.capture`.
+    ``capturable`` (``dense_optimizer="adamw"`` only): every group's ``lr`` is a 0-d float32
+    tensor on the parameters' device (change it in place, e.g. ``group["lr"].fill_(x)``, as
+    torch's LR schedulers do) and the step is the fused kernel with ``capturable=True``, so it
+    can be recorded in a CUDA graph; see :mod:`poetx.train.capture`.
     """
     for name, value in (("lr", lr), ("poet_lr", poet_lr)):
         if not value > 0:
@@ -59,6 +62,9 @@ def make_optimizer(
         raise ValueError("make_optimizer: the model has no trainable parameter")
     all_params = [p for g in groups for p in g["params"]]
     if capturable:
+        if dense_optimizer != "adamw":
+            raise ValueError(f"capturable: only with dense_optimizer='adamw' (the one whose "
+                             f"step was checked under CUDA-graph capture), got {dense_optimizer!r}")
         device = all_params[0].device
         for g in groups:
             g["lr"] = torch.tensor(float(g["lr"]), dtype=torch.float32, device=device)
@@ -67,4 +73,8 @@ def make_optimizer(
     if fused is None:
         fused = all(p.is_cuda for p in all_params)
     kwargs = {"fused": True} if fused else {"foreach": True}
+    if dense_optimizer != "adamw":
+        from poetx.optim.dense_update import make_dense_variant
+
+        return make_dense_variant(dense_optimizer, groups, lr=lr, betas=betas, eps=eps, **kwargs)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kwargs)

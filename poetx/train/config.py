@@ -14,20 +14,20 @@ A TOML file uses the field names of ``TrainConfig`` and a ``[poet]`` table for `
     [poet]
     block_size = 256
     merge_every = 200
+
+Fields are declared with :func:`poetx.settings.setting` (default, help, check, ``--help``
+group): adding a field to ``TrainConfig`` or ``POETConfig`` is all it takes to get a validated
+setting, a ``poetx train`` flag (:mod:`poetx.cli.flags`) and a TOML / ``config.json`` key.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10: the backport has the same API
-    import tomli as tomllib  # type: ignore[no-redef]
 
 from poetx.config import POETConfig
 from poetx.model.presets import PRESETS, preset_names

@@ -1,0 +1,126 @@
+"""The memory planner against measured peaks: predicted vs ``max_memory_allocated`` per row.
+
+    python -m bench.plan_check --measured bench/results/model.json \
+        --largest bench/results/largest.json --out bench/results/plan_check.json
+
+Reads the rows written by ``bench/model.py`` (no GPU needed), predicts each with
+``poetx.plan.memory`` and writes a JSON list and a Markdown table (``.md`` beside the JSON) with
+the error per row. Rows that ran out of memory are kept, with the prediction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from poetx.plan.memory import Setting, plan
+
+# bench/model.py method -> planner setting (bench/model.py's METHODS, by name, so that this file
+# does not import torch)
+BENCH_METHODS: dict[str, dict[str, Any]] = {
+    "adamw": {"optimizer": "adamw"},
+    "adamw-ckpt": {"optimizer": "adamw", "checkpointing": True},
+    "fast": {"mode": "fast"},
+    "mem": {"mode": "mem"},
+    "mem-ckpt": {"mode": "mem", "checkpointing": True},
+    "int8": {"mode": "mem", "w0_format": "int8", "checkpointing": True},
+    "fp8": {"mode": "mem", "w0_format": "fp8", "checkpointing": True},
+    "int8-kahan": {"mode": "mem", "w0_format": "int8", "checkpointing": True,
+                   "dense_optimizer": "adamw-kahan"},
+    "int8-master": {"mode": "mem", "w0_format": "int8", "checkpointing": True,
+                    "dense_optimizer": "adamw-fp32-master"},
+    "int8-8bit": {"mode": "mem", "w0_format": "int8", "checkpointing": True,
+                  "dense_optimizer": "adamw8bit"},
+}
+
+
+def setting_of_row(row: dict[str, Any]) -> Setting:
+    options = dict(BENCH_METHODS[row["method"]])
+    if row.get("block_size"):
+        options["block_size"] = row["block_size"]
+    return Setting(**options)
+
+
+def compare(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per measured row: measured and predicted GiB, error in percent."""
+    out = []
+    for row in rows:
+        p = plan(row["model"], row["seq_len"], row.get("batch", 1), setting_of_row(row))
+        measured = row.get("peak_gib") if row.get("status") == "ok" else None
+        err = None if measured is None else 100 * (p.peak_gib - measured) / measured
+        out.append({
+            "model": row["model"], "seq_len": row["seq_len"], "batch": row.get("batch", 1),
+            "method": row["method"], "status": row.get("status"), "measured_gib": measured,
+            "predicted_gib": p.peak_gib, "error_pct": err, "peak_at": p.phase,
+            "measured_on": row.get("device"), "measured_by": row.get("command"),
+        })
+    return out
+
+
+def compare_largest(rows: list[dict[str, Any]], vocab_size: int = 16384) -> dict[str, Any]:
+    """The run of ``bench/largest.py`` (a shape of its own, not a preset): its peak over all
+    steps. ``vocab_size``: that script's default (its rows do not record it)."""
+    from bench.largest import SHAPES
+    from poetx.plan.memory import ModelShape, predict
+
+    first = rows[0]
+    hidden, inter, layers, heads = SHAPES[first["shape"]]
+    shape = ModelShape(hidden, inter, layers, heads, heads, vocab_size)
+    setting = Setting(mode=first["mode"], checkpointing=True, w0_format=first["w0_format"])
+    p = predict(shape, first["seq_len"], first["batch"], setting, first["shape"])
+    measured = max(r["peak_gib"] for r in rows)
+    return {"model": first["shape"], "seq_len": first["seq_len"], "batch": first["batch"],
+            "method": setting.name, "status": "ok", "measured_gib": measured,
+            "predicted_gib": p.peak_gib, "error_pct": 100 * (p.peak_gib - measured) / measured,
+            "peak_at": p.phase, "measured_on": first.get("device"),
+            "measured_by": first.get("command")}
+
+
+def markdown(records: list[dict[str, Any]], source: str) -> str:
+    lines = [
+        "# Memory planner vs measured peaks",
+        "",
+        f"measured: `{source}` (torch.cuda.max_memory_allocated, {records[0]['measured_on']}); "
+        "predicted: `poetx.plan.memory` (no GPU).",
+        "command: `python -m bench.plan_check --measured " + source + "` (the last row: "
+        "`bench/results/largest.json`, a 32B-parameter Llama, vocabulary 16384)",
+        "",
+        "| model | batch x seq_len | method | measured GiB | predicted GiB | error | peak at |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        meas = "OOM" if r["status"] == "oom" else (
+            "" if r["measured_gib"] is None else f"{r['measured_gib']:.2f}")
+        err = "" if r["error_pct"] is None else f"{r['error_pct']:+.1f}%"
+        lines.append(f"| {r['model']} | {r['batch']} x {r['seq_len']} | {r['method']} | {meas} | "
+                     f"{r['predicted_gib']:.2f} | {err} | {r['peak_at']} |")
+    errs = [abs(r["error_pct"]) for r in records if r["error_pct"] is not None]
+    if errs:
+        lines += ["", f"rows: {len(errs)} measured; mean |error| {sum(errs) / len(errs):.2f}%, "
+                  f"max |error| {max(errs):.2f}%"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--measured", default="bench/results/model.json")
+    parser.add_argument("--largest", default="bench/results/largest.json",
+                        help="rows of bench/largest.py ('' to skip)")
+    parser.add_argument("--out", default="bench/results/plan_check.json")
+    args = parser.parse_args()
+    rows = json.loads(Path(args.measured).read_text())
+    records = compare(rows)
+    if args.largest:
+        records.append(compare_largest(json.loads(Path(args.largest).read_text())))
+    out = Path(args.out)
+    out.write_text(json.dumps(records, indent=1) + "\n")
+    text = markdown(records, args.measured)
+    out.with_suffix(".md").write_text(text)
+    print(text)
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""AdamW whose bf16 parameters do not silently drop small updates (and may keep 8-bit states).
+
+A bf16 number has 8 significant bits: once ``|lr * update| < |p| / 512`` (late in a cosine
+schedule, for embeddings, lm_head and norms), ``p + update`` rounds back to ``p`` and plain bf16
+AdamW stops moving the parameter. Remedies, chosen per optimizer (``make_optimizer``'s
+``dense_optimizer``):
+
+- ``"kahan"``: compensated summation. Each bf16 parameter keeps a bf16 buffer of the rounding
+  error of its last update, added to the next one, so updates accumulate until they move the
+  parameter (2 extra bytes per parameter).
+- ``"fp32-master"``: a float32 master copy receives the updates; the bf16 parameter is its
+  rounding (4 extra bytes per parameter).
+- ``"adamw8bit"`` (:class:`LowBitAdamW`): torchao's 8-bit Adam states (about 2 bytes per
+  parameter instead of 4) and stochastic rounding of the bf16 parameter.
+
+Float32 parameters (the rotations) are stepped by ``torch.optim.AdamW`` itself (fused on CUDA),
+exactly as without this option. The compensated update runs in slices of ``chunk_elements``
+values, so its float32 scratch stays bounded (at most five float32 slices, ``20 *
+chunk_elements`` bytes) even for a 128k x 4096 lm_head.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+COMPENSATIONS = ("kahan", "fp32-master")
+DEFAULT_CHUNK = 1 << 22
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+class _SplitAdamW(torch.optim.AdamW):
+    """``torch.optim.AdamW`` for float32 parameters; bf16/fp16 ones are stepped by
+    :meth:`_step_low_precision`. Groups (and their ``lr``) are shared, so schedules, the merge
+    schedule (which clears rotation state in ``self.state``) and gradient clipping see one
+    optimizer."""
+
+    @staticmethod
+    def _low_precision(p: Tensor) -> bool:
+        return p.dtype in _LOW_PRECISION
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # Hide the low-precision gradients from torch's AdamW (it skips parameters without a
+        # gradient), step the rest with it, then step the hidden ones.
+        hidden: list[tuple[dict, Tensor, Tensor]] = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and self._low_precision(p):
+                    hidden.append((group, p, p.grad))
+                    p.grad = None
+        try:
+            super().step()
+        finally:
+            for _, p, grad in hidden:
+                p.grad = grad
+        self._step_low_precision(hidden)
+        return loss
+
+    def _step_low_precision(self, items: list[tuple[dict, Tensor, Tensor]]) -> None:
+        raise NotImplementedError
+
+
+class CompensatedAdamW(_SplitAdamW):
+    """``torch.optim.AdamW`` with compensated updates of bf16/fp16 parameters.
+
+    Args:
+        params, lr, betas, eps, weight_decay, fused, foreach: as ``torch.optim.AdamW``.
+        compensation: ``"kahan"`` (state ``"compensation"``, parameter dtype) or
+            ``"fp32-master"`` (state ``"master"``, float32).
+        chunk_elements: values updated at once in a low-precision parameter.
+
+    Low-precision parameters keep ``exp_avg`` / ``exp_avg_sq`` in their own dtype, as
+    ``torch.optim.AdamW`` does; the arithmetic is float32.
+    """
+
+    def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, *,
+                 compensation: str = "kahan", chunk_elements: int = DEFAULT_CHUNK,
+                 fused: bool | None = None, foreach: bool | None = None) -> None:
+        if compensation not in COMPENSATIONS:
+            raise ValueError(f"compensation: must be one of {', '.join(COMPENSATIONS)}; "
+                             f"got {compensation!r}")
+        if chunk_elements < 1:
+            raise ValueError(f"chunk_elements: must be positive, got {chunk_elements}")
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         fused=fused, foreach=foreach)
+        self.compensation = compensation
+        self.chunk_elements = chunk_elements
+
+    def _step_low_precision(self, items: list[tuple[dict, Tensor, Tensor]]) -> None:
+        for group, p, grad in items:
+            self._update(group, p, grad)
+
+    def _state(self, p: Tensor) -> dict[str, Any]:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if self.compensation == "kahan":
+                state["compensation"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            else:
+                state["master"] = p.detach().float().clone()
+        return state
+
+    def _update(self, group: dict[str, Any], p: Tensor, grad: Tensor) -> None:
+        if grad.is_sparse:
+            raise RuntimeError("CompensatedAdamW does not support sparse gradients")
+        if group.get("amsgrad") or group.get("maximize"):
+            raise ValueError("CompensatedAdamW supports neither amsgrad nor maximize")
+        state = self._state(p)
+        state["step"] += 1
+        step = float(state["step"])
+        beta1, beta2 = (float(b) for b in group["betas"])
+        lr, wd, eps = float(group["lr"]), float(group["weight_decay"]), float(group["eps"])
+        step_size = lr / (1 - beta1**step)
+        root_bias2 = math.sqrt(1 - beta2**step)
+        kahan = self.compensation == "kahan"
+        extra = state["compensation" if kahan else "master"]
+        flat = [t.view(-1) for t in (p.data, grad, state["exp_avg"], state["exp_avg_sq"], extra)]
+        for start in range(0, p.numel(), self.chunk_elements):
+            end = min(start + self.chunk_elements, p.numel())
+            pc, gc, mc, vc, xc = (t[start:end] for t in flat)
+            g = gc.float()
+            m = mc.float().mul_(beta1).add_(g, alpha=1 - beta1)
+            v = vc.float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            del g
+            mc.copy_(m)
+            vc.copy_(v)
+            v.sqrt_().div_(root_bias2).add_(eps)
+            delta = m.div_(v).mul_(-step_size)
+            del v
+            if kahan:
+                old = pc.float()
+                if wd:
+                    delta.add_(old, alpha=-lr * wd)
+                delta.add_(xc.float())  # the rounding error carried from the last update
+                new = old + delta
+                pc.copy_(new)
+                # what the rounded parameter failed to take of this update
+                xc.copy_(delta.sub_(pc.float().sub_(old)))
+            else:
+                if wd:
+                    xc.mul_(1 - lr * wd)
+                xc.add_(delta)
+                pc.copy_(xc)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As ``torch.optim.Optimizer``'s, but float32 master copies stay float32 (torch casts
+        every floating state to its parameter's dtype)."""
+        masters: dict[int, Tensor] = {}
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        for i, s in state_dict["state"].items():
+            if "master" in s:
+                masters[i] = s["master"]
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(saved_ids, params, strict=True):
+            if i in masters:
+                self.state[p]["master"] = masters[i].to(device=p.device, dtype=torch.float32)
+
+
+class LowBitAdamW(_SplitAdamW):
+    """``torch.optim.AdamW`` for float32 parameters; torchao's ``AdamW8bit`` for bf16/fp16 ones:
+    8-bit block-quantized Adam states (uint8 codes + one float32 scale per ``block_size``
+    values, for tensors of at least 4096 values that ``block_size`` divides; smaller ones keep
+    states in their dtype) and stochastic rounding of bf16 parameters, so small updates are
+    kept in expectation. Needs the ``lowbit`` extra (torchao).
+
+    The low-precision states live in the inner torchao optimizer; ``state_dict`` carries them
+    under ``"lowbit"``. Its groups mirror this optimizer's and take their ``lr``, ``betas``,
+    ``eps`` and ``weight_decay`` at every step.
+    """
+
+    def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, *, block_size: int = 256,
+                 fused: bool | None = None, foreach: bool | None = None) -> None:
+        try:
+            from torchao.optim import AdamW8bit
+        except ImportError as e:
+            raise ImportError("dense_optimizer 'adamw8bit' needs torchao: "
+                              "pip install 'poetx[lowbit]'") from e
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         fused=fused, foreach=foreach)
+        self._mirrors: list[tuple[dict, dict]] = []
+        inner_groups = []
+        for group in self.param_groups:
+            low = [p for p in group["params"] if self._low_precision(p)]
+            if low:
+                inner_groups.append({"params": low, "lr": float(group["lr"]),
+                                     "betas": group["betas"], "eps": group["eps"],
+                                     "weight_decay": group["weight_decay"]})
+        # torchao needs at least one parameter; a model without bf16 parameters has no inner
+        self.lowbit = (AdamW8bit(inner_groups, lr=lr, betas=betas, eps=eps, block_size=block_size,
+                                 bf16_stochastic_round=True) if inner_groups else None)
+        if self.lowbit is not None:
+            outer = [g for g in self.param_groups if any(map(self._low_precision, g["params"]))]
+            self._mirrors = list(zip(outer, self.lowbit.param_groups, strict=True))
+
+    def _step_low_precision(self, items: list[tuple[dict, Tensor, Tensor]]) -> None:
+        if not items or self.lowbit is None:
+            return
+        for outer, inner in self._mirrors:
+            inner["lr"].fill_(float(outer["lr"]))  # torchao keeps lr as a tensor
+            for key in ("betas", "eps", "weight_decay"):
+                inner[key] = outer[key]
+        self.lowbit.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        if self.lowbit is not None:
+            sd["lowbit"] = self.lowbit.state_dict()
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        inner = state_dict.pop("lowbit", None)
+        super().load_state_dict(state_dict)
+        if (inner is None) != (self.lowbit is None):
+            raise ValueError("optimizer state: the 8-bit states do not match this model's "
+                             "bf16 parameters")
+        if inner is not None:
+            self.lowbit.load_state_dict(inner)
+
+
+DENSE_OPTIMIZERS = ("adamw", "adamw-kahan", "adamw-fp32-master", "adamw8bit")
+
+
+def make_dense_variant(name: str, groups: list[dict[str, Any]], **kwargs: Any
+                       ) -> torch.optim.AdamW:
+    """The optimizer of ``make_optimizer(..., dense_optimizer=name)`` over its ``groups``."""
+    if name == "adamw":
+        return torch.optim.AdamW(groups, **kwargs)
+    if name in ("adamw-kahan", "adamw-fp32-master"):
+        return CompensatedAdamW(groups, compensation=name.removeprefix("adamw-"), **kwargs)
+    if name == "adamw8bit":
+        return LowBitAdamW(groups, **kwargs)
+    raise ValueError(f"dense_optimizer: must be one of {', '.join(DENSE_OPTIMIZERS)}; "
+                     f"got {name!r}")

@@ -1,0 +1,124 @@
+"""Will a run fit on a GPU? Refuse one that cannot, before anything is allocated.
+
+Intended call site: the trainer, after the ``TrainConfig`` is resolved and the device chosen,
+before the model is built (today ``poetx/train/loop.py`` right after ``resolve_device``; in the
+coming ``Trainer``, first thing in its constructor)::
+
+    from poetx.plan.fit import check_fits
+    check_fits(cfg, device)   # raises ValueError naming a setting that fits
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from poetx.plan.memory import (
+    GIB,
+    MemoryPlan,
+    Setting,
+    plan,
+    standard_settings,
+)
+
+
+def setting_of(cfg: Any) -> Setting:
+    """The :class:`Setting` of a ``TrainConfig`` (read by attribute; nothing imported)."""
+    poet = cfg.poet
+    return Setting(
+        optimizer=cfg.optimizer,
+        mode=poet.mode,
+        checkpointing=bool(cfg.grad_checkpointing),
+        w0_format=poet.w0_format,
+        block_size=poet.block_size,
+        quant_group_size=poet.quant_group_size,
+        dense_optimizer=getattr(cfg, "dense_optimizer", "adamw"),
+    )
+
+
+def flags_of(setting: Setting) -> str:
+    """``poetx train`` flags that select ``setting``."""
+    if setting.optimizer == "adamw":
+        flags = ["--optimizer adamw"]
+    else:
+        flags = ["--optimizer poetx", f"--mode {setting.mode}",
+                 f"--w0-format {setting.w0_format}", f"--block-size {setting.block_size}"]
+    flags.append("--grad-checkpointing" if setting.checkpointing else "--no-grad-checkpointing")
+    if setting.dense_optimizer != "adamw":
+        flags.append(f"--dense-optimizer {setting.dense_optimizer}")
+    return " ".join(flags)
+
+
+def device_budget(device: Any) -> int | None:
+    """Bytes this process may allocate on ``device``: the free memory, capped by
+    ``torch.cuda.set_per_process_memory_fraction``; ``None`` for a non-CUDA device."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    free, total = torch.cuda.mem_get_info(index)
+    cap = total
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    if get_fraction is not None:
+        cap = int(total * get_fraction(index))
+    return min(free + torch.cuda.memory_reserved(index), cap)
+
+
+def fitting_settings(preset: str, seq_len: int, batch_size: int, budget: int,
+                     current: Setting, vocab_size: int | None = None,
+                     dtype_bytes: int = 2) -> list[MemoryPlan]:
+    """Settings whose requirement fits ``budget`` bytes, largest peak first (the largest that
+    fits usually trades the least speed): the standard ones at the current block size and
+    dense-parameter optimizer, and the current one with checkpointing."""
+    candidates = [replace(s, dense_optimizer=current.dense_optimizer)
+                  for s in standard_settings((current.block_size,))
+                  if s.dense_optimizer == "adamw"]
+    candidates.append(replace(current, checkpointing=True))
+    seen, plans = set(), []
+    for s in candidates:
+        if s in seen:
+            continue
+        seen.add(s)
+        p = plan(preset, seq_len, batch_size, s, vocab_size, dtype_bytes)
+        if p.required_bytes() <= budget:
+            plans.append(p)
+    return sorted(plans, key=lambda p: -p.peak_bytes)
+
+
+def check_fits(cfg: Any, device: Any, budget_bytes: int | None = None) -> MemoryPlan | None:
+    """Raise ``ValueError`` when the run of ``cfg`` (a ``TrainConfig``) cannot fit on ``device``.
+
+    ``budget_bytes`` overrides the device's (see :func:`device_budget`). Returns the plan of the
+    run, or ``None`` when there is nothing to check (CPU, or a float32 run). The error names the
+    predicted need, the budget and a setting that fits (or a smaller batch that does).
+    """
+    budget = device_budget(device) if budget_bytes is None else budget_bytes
+    if budget is None:
+        return None
+    dtype = getattr(cfg, "dtype", "auto")
+    dtype_bytes = 4 if dtype == "float32" else 2
+    current = setting_of(cfg)
+    mine = plan(cfg.preset, cfg.seq_len, cfg.batch_size, current, cfg.vocab_size, dtype_bytes)
+    if mine.required_bytes() <= budget:
+        return mine
+    what = (f"{cfg.preset}, batch {cfg.batch_size} x seq {cfg.seq_len}, {current.name}: "
+            f"predicted peak {mine.peak_gib:.1f} GiB ({mine.required_bytes() / GIB:.1f} GiB with "
+            f"CUDA context and allocator margin), but {device} has {budget / GIB:.1f} GiB")
+    fits = fitting_settings(cfg.preset, cfg.seq_len, cfg.batch_size, budget, current,
+                            cfg.vocab_size, dtype_bytes)
+    if fits:
+        best = fits[0]
+        raise ValueError(f"{what}; this fits: {flags_of(best.setting)} "
+                         f"(predicted {best.peak_gib:.1f} GiB); see `poetx plan`")
+    batch = cfg.batch_size // 2
+    while batch >= 1:
+        smaller = fitting_settings(cfg.preset, cfg.seq_len, batch, budget, current,
+                                   cfg.vocab_size, dtype_bytes)
+        if smaller:
+            raise ValueError(f"{what}; no setting fits at this batch size; "
+                             f"--batch-size {batch} {flags_of(smaller[0].setting)} does "
+                             f"(predicted {smaller[0].peak_gib:.1f} GiB)")
+        batch //= 2
+    raise ValueError(f"{what}; no setting fits even at batch size 1; see `poetx plan`")

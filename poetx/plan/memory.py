@@ -1,0 +1,516 @@
+"""Peak GPU memory of one training step, predicted from the shapes and the code's tensors.
+
+The prediction is what ``torch.cuda.max_memory_allocated()`` reports over a steady-state step
+(forward, ``causal_lm_loss`` backward, optimizer step, ``zero_grad(set_to_none=True)``) of a
+preset built as ``bench/model.py`` and ``poetx train`` build it. It is not a fit: every term
+is a tensor the code allocates, sized from the shapes, and the peak is the largest of the
+moments where memory can be highest:
+
+- ``loss-backward``: all saved activations are alive and ``chunked_cross_entropy`` holds its
+  float32 head gradient (``V x d x 4`` bytes), the bf16 copy it converts to, and the last
+  chunk's probabilities and logit gradient (Python locals until the function returns);
+- ``layer-backward``: the last and the first decoder layer under backward, with the layer's
+  activations (recomputed under checkpointing), the gradients accumulated so far and the
+  temporaries of one POET-X linear backward (rotation blocks, dequantized ``W0``, ``T x m``
+  buffers, Cayley-Neumann scratch);
+- ``optimizer-step``: every gradient and optimizer state, and the optimizer's scratch: none
+  for torch's fused AdamW; five float32 slices of ``COMPENSATED_CHUNK`` values for the
+  compensated update; none assumed for torchao's compiled 8-bit step (not yet measured).
+
+Saved activations follow the code: Hugging Face ``LlamaDecoderLayer`` with SDPA (flash)
+attention saves, per token, the float32 input copy and the normalized bf16 value of each
+``RMSNorm`` (plus its output, saved by the next linear), the rotated ``q`` and ``k``, ``v``, the
+attention output and its log-sum-exp, and four ``T x I`` MLP tensors (gate, its SiLU, up, their
+product). POET-X ``mem`` saves the same input per linear as ``nn.Linear``; ``fast`` adds the
+intermediate ``v`` (``T x m``) and the rotation blocks (``nb x b x b``) of each side. Gradient
+checkpointing keeps only each layer's input, and recomputes one layer at a time in backward.
+
+Constants that are not shapes (stated, not fitted to the measurements):
+
+- ``CUBLAS_WORKSPACE``: cuBLAS takes 32 MiB of workspace per (handle, stream) through the
+  caching allocator on Hopper; forward GEMMs run on the Python thread and backward GEMMs on
+  autograd's device thread, so a step holds two.
+- Allocator rounding (:func:`block_bytes`): the caching allocator rounds requests to 512 bytes,
+  serves those of 10 MiB or more from segments rounded to 2 MiB, and does not split off a
+  remainder of 1 MiB or less, so such a tensor occupies the whole rounded block.
+- ``CUDA_CONTEXT`` and ``RESERVE_FRACTION`` (used by fit checks only, not in the prediction):
+  the CUDA context and kernels' memory outside the allocator, and a margin for the allocator's
+  reserved-but-free blocks.
+
+This module imports neither torch nor transformers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+Round = Callable[[int], int]
+
+MIB = 1 << 20
+GIB = 1 << 30
+CUBLAS_WORKSPACE = 32 * MIB
+GEMM_THREADS = 2
+CUDA_CONTEXT = 0.6 * GIB
+RESERVE_FRACTION = 0.03
+
+# torch.cuda caching allocator (c10/cuda/CUDACachingAllocator.cpp)
+_ROUND = 512
+_SMALL_SIZE = 1 * MIB
+_MIN_LARGE_ALLOC = 10 * MIB
+_ROUND_LARGE = 2 * MIB
+_LARGE_BUFFER = 20 * MIB
+
+# poetx.model.lm_loss.auto_chunk_tokens
+_LOSS_CHUNK_BUDGET = 1 << 25
+
+OPTIMIZERS = ("poetx", "adamw")
+MODES = ("fast", "mem")
+W0_FORMATS = ("auto", "int8", "fp8")
+DENSE_OPTIMIZERS = ("adamw", "adamw-kahan", "adamw-fp32-master", "adamw8bit")
+
+PARTS = (
+    "w0",
+    "dense_linear_weights",
+    "dense_linear_grads",
+    "dense_linear_states",
+    "embed_head_norm_weights",
+    "embed_head_norm_grads",
+    "embed_head_norm_states",
+    "rotation_params",
+    "rotation_grads",
+    "rotation_states",
+    "buffers",
+    "activations",
+    "loss_temporaries",
+    "backward_temporaries",
+    "optimizer_temporaries",
+    "overhead",
+)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How a run trains, as far as memory is concerned.
+
+    Attributes:
+        optimizer: ``"poetx"`` (linears reparameterized) or ``"adamw"`` (dense baseline).
+        mode: POET-X ``"fast"`` (saves ``v`` and the rotation blocks) or ``"mem"``.
+        checkpointing: activation checkpointing of the decoder blocks.
+        w0_format: ``"auto"`` (the model dtype), ``"int8"`` or ``"fp8"`` (+ float32 scales).
+        block_size: rotation block size ``b``.
+        quant_group_size: columns per scale of int8/fp8 ``W0``.
+        dense_optimizer: update of the ordinary parameters (embedding, lm_head, norms):
+            ``"adamw"`` (torch fused AdamW, states in the parameter dtype), ``"adamw-kahan"``
+            (+ a compensation buffer in the parameter dtype), ``"adamw-fp32-master"``
+            (+ a float32 master copy), ``"adamw8bit"`` (torchao 8-bit states, block 256).
+    """
+
+    optimizer: str = "poetx"
+    mode: str = "mem"
+    checkpointing: bool = False
+    w0_format: str = "auto"
+    block_size: int = 256
+    quant_group_size: int = 256
+    dense_optimizer: str = "adamw"
+
+    def __post_init__(self) -> None:
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("mode", self.mode, MODES)
+        _choice("w0_format", self.w0_format, W0_FORMATS)
+        _choice("dense_optimizer", self.dense_optimizer, DENSE_OPTIMIZERS)
+        for name in ("block_size", "quant_group_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+                raise ValueError(f"{name}: must be an integer of at least 2, got {value!r}")
+
+    @property
+    def name(self) -> str:
+        """Short label, e.g. ``poetx-mem-ckpt-int8-b256`` or ``adamw``."""
+        parts = [self.optimizer]
+        if self.optimizer == "poetx":
+            parts.append(self.mode)
+        if self.checkpointing:
+            parts.append("ckpt")
+        if self.optimizer == "poetx":
+            if self.w0_format != "auto":
+                parts.append(self.w0_format)
+            parts.append(f"b{self.block_size}")
+        if self.dense_optimizer != "adamw":
+            parts.append(self.dense_optimizer.replace("adamw-", "").replace("adamw", ""))
+        return "-".join(parts)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the prediction needs of a Llama model (``poetx.model.llama.LlamaShape`` fields)."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tie_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def linears(self) -> list[tuple[str, int, int]]:
+        """``(name, out m, in n)`` of one decoder layer's linears, in forward order."""
+        d, kv, q = self.hidden, self.kv_heads * self.head_dim, self.heads * self.head_dim
+        i = self.intermediate
+        return [("q_proj", q, d), ("k_proj", kv, d), ("v_proj", kv, d), ("o_proj", d, q),
+                ("gate_proj", i, d), ("up_proj", i, d), ("down_proj", d, i)]
+
+
+@dataclass
+class MemoryPlan:
+    """A predicted peak and its parts (bytes). ``sum(parts.values()) == peak_bytes``;
+    ``moments`` holds the parts at every moment considered (``phase`` is the largest)."""
+
+    preset: str
+    seq_len: int
+    batch_size: int
+    setting: Setting
+    peak_bytes: int
+    phase: str
+    parts: dict[str, int] = field(default_factory=dict)
+    moments: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def peak_gib(self) -> float:
+        return self.peak_bytes / GIB
+
+    def required_bytes(self) -> int:
+        """Device memory the run needs: the peak plus context and allocator margin."""
+        return int(self.peak_bytes * (1 + RESERVE_FRACTION) + CUDA_CONTEXT)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "preset": self.preset, "seq_len": self.seq_len, "batch_size": self.batch_size,
+            "setting": self.setting.name, "options": asdict(self.setting),
+            "peak_gib": self.peak_gib, "required_gib": self.required_bytes() / GIB,
+            "phase": self.phase, "parts_gib": {k: v / GIB for k, v in self.parts.items()},
+            "moments_gib": {k: sum(v.values()) / GIB for k, v in self.moments.items()},
+        }
+
+
+def block_bytes(nbytes: int) -> int:
+    """Bytes the CUDA caching allocator counts as allocated for a fresh ``nbytes`` request."""
+    if nbytes <= 0:
+        return 0
+    size = -(-nbytes // _ROUND) * _ROUND
+    if size <= _SMALL_SIZE:
+        return size
+    segment = _LARGE_BUFFER if size < _MIN_LARGE_ALLOC else -(-size // _ROUND_LARGE) * _ROUND_LARGE
+    return size if segment - size > _SMALL_SIZE else segment
+
+
+def _exact(nbytes: int) -> int:
+    return max(nbytes, 0)
+
+
+def loss_chunk_tokens(vocab: int) -> int:
+    """Tokens per chunk of ``chunked_cross_entropy`` (``auto_chunk_tokens``)."""
+    return max(16, _LOSS_CHUNK_BUDGET // max(vocab, 1))
+
+
+def num_blocks(dim: int, block_size: int) -> tuple[int, int]:
+    """``(num_blocks, block)`` of one side (``BlockLayout.for_dim``)."""
+    block = min(block_size, dim)
+    return -(-dim // block), block
+
+
+def _tensors(rb: Round, sizes: list[int], count: int = 1) -> int:
+    return count * sum(rb(s) for s in sizes)
+
+
+def predict(
+    shape: ModelShape,
+    seq_len: int,
+    batch_size: int,
+    setting: Setting,
+    preset: str = "",
+    dtype_bytes: int = 2,
+    cuda_allocator: bool = True,
+) -> MemoryPlan:
+    """Peak memory of a training step of ``shape`` on ``batch_size x seq_len`` tokens.
+
+    ``dtype_bytes``: bytes per element of the model dtype (2 for bf16, 4 for float32).
+    ``cuda_allocator=False`` counts tensors' own bytes (no allocator rounding, no cuBLAS
+    workspace): what the tensors of a CPU run occupy.
+    """
+    rb: Round = block_bytes if cuda_allocator else _exact
+    for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+    e = dtype_bytes
+    t = seq_len * batch_size
+    d, vocab, n_layers = shape.hidden, shape.vocab, shape.layers
+    poet = setting.optimizer == "poetx"
+    linears = shape.linears()
+
+    # ---- persistent tensors ------------------------------------------------------------------
+    embed_sizes = [vocab * d] if shape.tie_embeddings else [vocab * d, vocab * d]
+    norm_sizes = [d] * (2 * n_layers + 1)
+    dense_param_elems = embed_sizes + norm_sizes
+    persistent: dict[str, int] = dict.fromkeys(PARTS, 0)
+    persistent["embed_head_norm_weights"] = _tensors(rb, [s * e for s in dense_param_elems])
+    persistent["embed_head_norm_states"] = _dense_states(rb, setting, embed_sizes, norm_sizes, e)
+    grads: dict[str, int] = {}
+    grad_embed = _tensors(rb, [vocab * d * e])
+    grads["embed_head_norm_grads"] = grad_embed * len(embed_sizes) + _tensors(
+        rb, [d * e for _ in norm_sizes])
+
+    if poet:
+        w0_bytes, buffers = 0, 0
+        for _, m, n in linears:
+            if setting.w0_format == "auto":
+                w0_bytes += rb(m * n * e)
+            else:
+                groups = -(-n // setting.quant_group_size)
+                w0_bytes += rb(m * n) + rb(m * groups * 4)
+            # perm_in/perm_out int64 and the int32 inverse output index cached by the kernels
+            buffers += rb(8 * n) + rb(8 * m) + rb(4 * m)
+        persistent["w0"] = w0_bytes * n_layers
+        persistent["buffers"] = buffers * n_layers
+        theta = _layer_theta_bytes(rb, linears, setting.block_size)
+        persistent["rotation_params"] = theta * n_layers
+        persistent["rotation_states"] = 2 * theta * n_layers
+        layer_grad = theta
+        grads["rotation_grads"] = theta * n_layers
+    else:
+        weights = _tensors(rb, [m * n * e for _, m, n in linears])
+        persistent["dense_linear_weights"] = weights * n_layers
+        persistent["dense_linear_states"] = 2 * weights * n_layers
+        layer_grad = weights
+        grads["dense_linear_grads"] = weights * n_layers
+    persistent["overhead"] = GEMM_THREADS * CUBLAS_WORKSPACE if cuda_allocator else 0
+    grad_part = "rotation_grads" if poet else "dense_linear_grads"
+
+    # ---- activations -------------------------------------------------------------------------
+    saved = saved_activations(shape, seq_len, batch_size, setting, e, cuda_allocator)
+    saved_layer, kept_layer = saved["layer"], saved["kept_layer"]
+    all_saved = n_layers * kept_layer + saved["rope"] + saved["final_norm"]
+
+    moments: list[tuple[str, dict[str, int]]] = []
+
+    def moment(name: str, grad_bytes: dict[str, int], activations: int = 0, loss: int = 0,
+               backward: int = 0, optimizer: int = 0) -> None:
+        parts = dict(persistent)
+        for k, v in grad_bytes.items():
+            parts[k] += v
+        parts["activations"] += activations
+        parts["loss_temporaries"] += loss
+        parts["backward_temporaries"] += backward
+        parts["optimizer_temporaries"] += optimizer
+        moments.append((name, parts))
+
+    loss_fwd, loss_bwd = _loss_temporaries(rb, t, d, vocab, e)
+    moment("loss-forward", {}, activations=all_saved, loss=loss_fwd)
+    moment("loss-backward", {}, activations=all_saved, loss=loss_bwd)
+
+    head_grad = {"embed_head_norm_grads": grad_embed + _tensors(rb, [d * e])}
+    grad_flow = 2 * rb(t * d * e)  # gradient into and out of the layer
+    layer_work = _layer_backward_temporaries(rb, shape, t, setting, e)
+    recompute = saved_layer if setting.checkpointing else 0
+    for position, label in ((n_layers - 1, "last"), (0, "first")):
+        done = n_layers - 1 - position
+        g = dict(head_grad)
+        g[grad_part] = g.get(grad_part, 0) + (done + 1) * layer_grad
+        # the final norm's and the loss's saved tensors are freed once their backward ran
+        acts = (position + 1) * kept_layer + recompute + saved["rope"] + grad_flow
+        moment(f"layer-backward ({label} layer)", g, activations=acts, backward=layer_work)
+
+    moment("optimizer-step", grads, optimizer=_step_temporaries(rb, setting, embed_sizes, e))
+
+    phase, parts = max(moments, key=lambda item: sum(item[1].values()))
+    return MemoryPlan(preset=preset, seq_len=seq_len, batch_size=batch_size, setting=setting,
+                      peak_bytes=sum(parts.values()), phase=phase, parts=parts,
+                      moments=dict(moments))
+
+
+def saved_activations(shape: ModelShape, seq_len: int, batch_size: int, setting: Setting,
+                      dtype_bytes: int = 2, cuda_allocator: bool = True) -> dict[str, int]:
+    """Bytes kept for backward between forward and backward.
+
+    Returns ``layer`` (one decoder layer's saved tensors, as recomputed under checkpointing),
+    ``kept_layer`` (what each layer keeps until its backward: ``layer``, or only its input under
+    checkpointing), ``rope`` (rotary ``cos``/``sin`` of one sequence, shared by the batch and
+    the layers) and ``final_norm`` (the final RMSNorm with its output, which the loss saves).
+    """
+    rb: Round = block_bytes if cuda_allocator else _exact
+    e, t, d = dtype_bytes, seq_len * batch_size, shape.hidden
+    layer = _saved_layer_bytes(rb, shape, t, setting, e)
+    kept = rb(t * d * e) if setting.checkpointing else layer
+    return {"layer": layer, "kept_layer": kept, "rope": 2 * rb(seq_len * shape.head_dim * e),
+            "final_norm": _norm_saved(rb, t, d, e)}
+
+
+def _layer_theta_bytes(rb: Round, linears: list[tuple[str, int, int]], block_size: int) -> int:
+    total = 0
+    for _, m, n in linears:
+        for dim in (n, m):
+            nb, b = num_blocks(dim, block_size)
+            total += rb(4 * nb * b * (b - 1) // 2)
+    return total
+
+
+def _norm_saved(rb: Round, t: int, d: int, e: int) -> int:
+    """An RMSNorm saves its float32 input copy, the float32 ``rsqrt`` per token and its
+    normalized value; its output is saved by whatever consumes it (counted here too, as every
+    consumer shares that one tensor)."""
+    return rb(4 * t * d) + rb(4 * t) + 2 * rb(e * t * d)
+
+
+def _saved_layer_bytes(rb: Round, shape: ModelShape, t: int, setting: Setting, e: int) -> int:
+    """Bytes autograd keeps for one decoder layer between its forward and its backward."""
+    d, i = shape.hidden, shape.intermediate
+    q = shape.heads * shape.head_dim
+    kv = shape.kv_heads * shape.head_dim
+    total = 2 * _norm_saved(rb, t, d, e)
+    # rotated q and k, v, attention output (saved by SDPA and o_proj), float32 log-sum-exp
+    total += 2 * rb(e * t * q) + 2 * rb(e * t * kv) + rb(4 * t * shape.heads)
+    # gate output, its SiLU, up output, their product (the input of down_proj)
+    total += 4 * rb(e * t * i)
+    if setting.optimizer == "poetx" and setting.mode == "fast":
+        for _, m, n in shape.linears():
+            total += rb(e * t * m)
+            for dim in (n, m):
+                nb, b = num_blocks(dim, setting.block_size)
+                total += rb(e * nb * b * b)
+    return total
+
+
+def _layer_backward_temporaries(rb: Round, shape: ModelShape, t: int, setting: Setting,
+                                e: int) -> int:
+    """Largest scratch of one linear's backward in a decoder layer (they run one at a time)."""
+    worst = 0
+    for _, m, n in shape.linears():
+        if setting.optimizer != "poetx":
+            worst = max(worst, rb(e * t * n))  # grad input; grad weight is counted
+            continue
+        nb_in, b_in = num_blocks(n, setting.block_size)
+        nb_out, b_out = num_blocks(m, setting.block_size)
+        blocks = 0 if setting.mode == "fast" else (
+            rb(e * nb_in * b_in * b_in) + rb(e * nb_out * b_out * b_out))
+        # v (recomputed in mem mode; its input rotation u alongside), grad_v, grad_u, grad_x
+        tokens = rb(e * t * n) * 3 + rb(e * t * m) * 2
+        # block Gram gradient (float32) and the six float32 Cayley-Neumann backward buffers
+        nb, b = max((nb_in, b_in), (nb_out, b_out), key=lambda x: x[0] * x[1] * x[1])
+        cayley = 7 * rb(4 * nb * b * b)
+        weight = 0
+        if setting.w0_format != "auto":
+            # dequantize: float32 copy of the codes, float32 product, then the bf16 weight that
+            # the backward holds; the float32 pair is gone before the token buffers appear
+            weight = max(rb(4 * m * n) * 2 + rb(e * m * n) - tokens,
+                         rb(e * m * n))
+        worst = max(worst, blocks + tokens + cayley + weight)
+    return worst
+
+
+def _loss_temporaries(rb: Round, t: int, d: int, vocab: int, e: int) -> tuple[int, int]:
+    """Peak scratch of ``chunked_cross_entropy`` in forward and in backward (bytes)."""
+    c = loss_chunk_tokens(vocab)
+    chunks = [min(c, t - s) for s in range(0, t, c)]
+
+    def per(rows: int, nbytes: int) -> int:
+        return rb(rows * vocab * nbytes)
+
+    # forward: the previous chunk's float32 logits live until the new ones are assigned
+    fwd = 0
+    for k, rows in enumerate(chunks):
+        prev = per(chunks[k - 1], 4) if k else 0
+        fwd = max(fwd, prev + per(rows, e) + per(rows, 4), per(rows, 4) * 2)
+    # backward: float32 head gradient for the whole step, the hidden gradient, and per chunk
+    # logits (e), their float32 copy and softmax, while the previous chunk's probabilities and
+    # logit gradient are still referenced; at the end the float32 gradient is converted to e
+    grad_w32 = rb(vocab * d * 4)
+    grad_hidden = rb(t * d * e)
+    loop = 0
+    for k, rows in enumerate(chunks):
+        prev = per(chunks[k - 1], 4) + per(chunks[k - 1], e) if k else 0
+        loop = max(loop, prev + per(rows, e) + 2 * per(rows, 4),
+                   per(rows, 4) * 2 + per(rows, e) + rb(rows * d * 4))
+    convert = 0 if e == 4 else rb(vocab * d * e)
+    last = chunks[-1]
+    end = convert + per(last, 4) + per(last, e)
+    return fwd, grad_w32 + grad_hidden + max(loop, end)
+
+
+def _dense_states(rb: Round, setting: Setting, embed_sizes: list[int], norm_sizes: list[int],
+                  e: int) -> int:
+    """Optimizer state of embedding, lm_head and norms (bytes)."""
+    sizes = embed_sizes + norm_sizes
+    plain = 2 * _tensors(rb, [s * e for s in sizes])
+    if setting.dense_optimizer == "adamw":
+        return plain
+    if setting.dense_optimizer == "adamw-kahan":
+        return plain + _tensors(rb, [s * e for s in sizes])
+    if setting.dense_optimizer == "adamw-fp32-master":
+        return plain + _tensors(rb, [s * 4 for s in sizes])
+    # torchao AdamW8bit: uint8 codes + one float32 scale per 256 values, for tensors of at least
+    # 4096 elements that 256 divides; others keep states in the parameter dtype
+    total = 0
+    for s in sizes:
+        if s >= 4096 and s % 256 == 0:
+            total += 2 * (rb(s) + rb(4 * s // 256))
+        else:
+            total += 2 * rb(e * s)
+    return total
+
+
+# Values updated at once by the compensated AdamW (poetx.optim.dense_update.DEFAULT_CHUNK),
+# which holds at most five float32 slices of that size.
+COMPENSATED_CHUNK = 1 << 22
+COMPENSATED_SCRATCH_SLICES = 5
+
+
+def _step_temporaries(rb: Round, setting: Setting, embed_sizes: list[int], e: int) -> int:
+    """Scratch of the optimizer step beyond states and gradients (bytes)."""
+    if setting.dense_optimizer in ("adamw-kahan", "adamw-fp32-master"):
+        chunk = min(COMPENSATED_CHUNK, max(embed_sizes))
+        return COMPENSATED_SCRATCH_SLICES * rb(4 * chunk)
+    return 0
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}: must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def shape_of(preset: str, vocab_size: int | None = None) -> ModelShape:
+    """The :class:`ModelShape` of a preset (``vocab_size`` overrides the preset's)."""
+    from poetx.model.presets import get_shape
+
+    s = get_shape(preset)
+    vocab = s.vocab if vocab_size is None else vocab_size
+    return ModelShape(s.hidden, s.intermediate, s.layers, s.heads, s.kv_heads, vocab,
+                      s.tie_embeddings)
+
+
+def plan(preset: str, seq_len: int, batch_size: int, setting: Setting,
+         vocab_size: int | None = None, dtype_bytes: int = 2) -> MemoryPlan:
+    """:func:`predict` for a preset name."""
+    return predict(shape_of(preset, vocab_size), seq_len, batch_size, setting, preset,
+                   dtype_bytes)
+
+
+def standard_settings(block_sizes: tuple[int, ...] = (256,)) -> list[Setting]:
+    """The settings ``poetx plan`` compares: AdamW with and without checkpointing; POET-X fast /
+    mem, with and without checkpointing, bf16 / int8 / fp8 ``W0`` at each block size; and the
+    leanest POET-X setting with each dense-parameter optimizer."""
+    out = [Setting(optimizer="adamw"), Setting(optimizer="adamw", checkpointing=True)]
+    for b in block_sizes:
+        for mode in MODES:
+            for ckpt in (False, True):
+                out.append(Setting(mode=mode, checkpointing=ckpt, block_size=b))
+        for fmt in ("int8", "fp8"):
+            out.append(Setting(mode="mem", checkpointing=True, w0_format=fmt, block_size=b))
+    lean = Setting(mode="mem", checkpointing=True, w0_format="int8", block_size=block_sizes[0])
+    out += [replace(lean, dense_optimizer=o) for o in DENSE_OPTIMIZERS if o != "adamw"]
+    return out
+
