@@ -68,6 +68,14 @@ def test_reset_state_in_place_equals_deleting_the_state():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_reset_state_deletes_state_it_does_not_know():
+    p = nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+    p.grad = torch.ones(3)
+    opt.step()
+    assert reset_state_(opt, [p]) == 1 and p not in opt.state
+
+
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")
 def test_make_optimizer_capturable_keeps_device_lr_tensors():
     model, _ = _toy()
