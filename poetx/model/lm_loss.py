@@ -31,12 +31,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         hidden, weight, targets, count = ctx.saved_tensors
         scale = grad_out.float() / count
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        single = hidden.shape[0] <= ctx.chunk
-        # Several chunks add their weight gradients in a float32 accumulator (V x H, 2.1 GB
-        # at Llama-8B); one chunk writes its GEMM's result directly, as full logits would.
         grad_weight = (
             torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-            if ctx.needs_input_grad[1] and not single
+            if ctx.needs_input_grad[1]
             else None
         )
         for start in range(0, hidden.shape[0], ctx.chunk):
@@ -50,9 +47,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             grad_logits = torch.where(valid, probs * scale, 0.0).to(hidden.dtype)
             if grad_hidden is not None:
                 grad_hidden[start : start + ctx.chunk] = grad_logits @ weight
-            if single and ctx.needs_input_grad[1]:
-                grad_weight = grad_logits.t() @ h
-            elif grad_weight is not None:
+            if grad_weight is not None:
                 _accumulate_product_(grad_weight, grad_logits.t(), h)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
@@ -94,8 +89,7 @@ def causal_lm_loss(model: nn.Module, batch: Tensor, chunk_tokens: int | None = 0
 
     Inputs are ``batch[:, :-1]``, targets ``batch[:, 1:]``. With ``chunk_tokens`` the loss goes
     through :func:`chunked_cross_entropy` on the base model's hidden states (``0``: sized from
-    the vocabulary by :func:`auto_chunk_tokens`, one chunk for few tokens); ``None``
-    materializes the full logits.
+    the vocabulary by :func:`auto_chunk_tokens`); ``None`` materializes the full logits.
     """
     inputs, targets = batch[:, :-1], batch[:, 1:]
     base = getattr(model, "model", None)
@@ -106,14 +100,7 @@ def causal_lm_loss(model: nn.Module, batch: Tensor, chunk_tokens: int | None = 0
         return nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
     # use_cache=False: a training step has no use for the key/value cache HF would fill.
     hidden = base(input_ids=inputs, use_cache=False).last_hidden_state
-    if not chunk_tokens:
-        vocab, width = head.weight.shape
-        tokens = inputs.numel()
-        # One chunk when its float32 logits are at most half the float32 weight-gradient
-        # accumulator that several chunks need: less memory and one GEMM per pass (Llama-8B,
-        # 1024 tokens: 6 ms and 0.5 GB for full logits against 15 ms and 2.1 GB chunked).
-        single = tokens <= width // 2
-        chunk_tokens = tokens if single else auto_chunk_tokens(vocab)
+    chunk_tokens = chunk_tokens or auto_chunk_tokens(head.weight.shape[0])
     return chunked_cross_entropy(
         hidden.flatten(0, 1), head.weight, targets.flatten(), chunk_tokens
     )
