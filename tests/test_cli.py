@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 import poetx.train.checkpoint.store as ck
-import poetx.train.loop as loop
+import poetx.train.trainer as trainer_mod
 from poetx.cli.main import main
 from poetx.train.checkpoint import verify_checkpoint
 from poetx.train.metrics import read_metrics
@@ -264,7 +264,7 @@ def test_failing_save_exits_cleanly_and_keeps_the_old_checkpoint(data, tmp_path,
 
 
 def test_nan_exits_naming_the_step(data, tmp_path, capsys, monkeypatch):
-    real = loop.compute_loss
+    real = trainer_mod.compute_loss
     calls = {"n": 0}
 
     def nan_at_three(model, batch):
@@ -272,7 +272,7 @@ def test_nan_exits_naming_the_step(data, tmp_path, capsys, monkeypatch):
         loss = real(model, batch)
         return loss + float("inf") if calls["n"] == 3 else loss
 
-    monkeypatch.setattr(loop, "compute_loss", nan_at_three)
+    monkeypatch.setattr(trainer_mod, "compute_loss", nan_at_three)
     out = tmp_path / "run"
     assert main(train_argv(data, out)) == 3
     err = capsys.readouterr().err
@@ -281,7 +281,7 @@ def test_nan_exits_naming_the_step(data, tmp_path, capsys, monkeypatch):
 
 
 def test_ctrl_c_saves_and_exits_130(data, tmp_path, capsys, monkeypatch):
-    real = loop.compute_loss
+    real = trainer_mod.compute_loss
     calls = {"n": 0}
 
     def interrupt_at_three(model, batch):
@@ -290,13 +290,13 @@ def test_ctrl_c_saves_and_exits_130(data, tmp_path, capsys, monkeypatch):
             raise KeyboardInterrupt
         return real(model, batch)
 
-    monkeypatch.setattr(loop, "compute_loss", interrupt_at_three)
+    monkeypatch.setattr(trainer_mod, "compute_loss", interrupt_at_three)
     out = tmp_path / "run"
     assert main(train_argv(data, out, "--save-every", "0")) == 130
     err = capsys.readouterr().err
     assert "interrupted after step 2" in err and "--resume" in err
     assert (out / "checkpoints" / "step_00000002" / "manifest.json").is_file()
-    monkeypatch.setattr(loop, "compute_loss", real)
+    monkeypatch.setattr(trainer_mod, "compute_loss", real)
     assert main(train_argv(data, out, "--save-every", "0", "--resume")) == 0
     assert [r["step"] for r in read_metrics(out) if r["type"] == "train"] == [1, 2, 3, 4]
 
@@ -316,7 +316,7 @@ def test_out_of_memory_suggests_the_memory_options(data, tmp_path, capsys, monke
     def oom(model, batch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(loop, "compute_loss", oom)
+    monkeypatch.setattr(trainer_mod, "compute_loss", oom)
     assert main(train_argv(data, tmp_path / "run")) == 1
     err = capsys.readouterr().err
     for hint in ("--mode mem", "--batch-size", "--w0-format int8", "--grad-checkpointing"):

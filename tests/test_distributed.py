@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,3 +71,203 @@ def test_ddp_ranks_agree_and_match_single_process(tmp_path):
     for key, value in single.state_dict().items():
         assert torch.equal(states[0][key], states[1][key]), key
         torch.testing.assert_close(states[0][key], value, rtol=1e-9, atol=1e-12, msg=key)
+
+
+# poetx train under torchrun-style data parallelism ------------------------------------------
+# Workers see what torchrun sets (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_*) and call train().
+STEPS_DP = 20
+MERGE_DP = 8  # merges after steps 8 and 16
+
+
+def _settings(corpus: dict[str, str], out, batch_size: int, **kw) -> dict:
+    settings = dict(corpus, vocab_size=512, seq_len=32, batch_size=batch_size, steps=STEPS_DP,
+                    eval_every=10, save_every=10, eval_batches=2, keep_last=10, progress=False,
+                    tensorboard=False, device="cpu", out=str(out), poet={"merge_every": MERGE_DP})
+    settings.update(kw)
+    return settings
+
+
+def _train_worker(rank: int, world: int, port: int, settings: dict, resume: bool,
+                  dump: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
+                      RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    _dump_final_state(f"{dump}.{rank}")
+    _run(settings, resume)
+
+
+def _dump_final_state(path: str) -> None:
+    """Make Trainer.fit save the model's final state dict to ``path`` (W0, permutations...)."""
+    from poetx.train.trainer import Trainer
+
+    real_fit = Trainer.fit
+
+    def fit(self, *args, **kwargs):
+        result = real_fit(self, *args, **kwargs)
+        torch.save({k: v.detach().clone() for k, v in self.model.state_dict().items()}, path)
+        return result
+
+    Trainer.fit = fit
+
+
+def _run(settings: dict, resume: bool) -> None:
+    from poetx.train.config import TrainConfig
+    from poetx.train.loop import train
+    from poetx.train.run_dir import config_from_sources
+
+    if resume:
+        cfg, ckpt = config_from_sources(None, settings, resume=True)
+        train(cfg, ckpt)
+    else:
+        train(TrainConfig(**settings))
+
+
+def _spawn(settings: dict, dump: str, resume: bool = False, world: int = 2) -> None:
+    mp.spawn(_train_worker, args=(world, _free_port(), settings, resume, dump), nprocs=world,
+             join=True)
+
+
+def _losses(run_dir) -> list[float]:
+    from poetx.train.metrics import read_metrics
+
+    return [r["loss"] for r in read_metrics(run_dir) if r["type"] == "train"]
+
+
+def _evals(run_dir) -> list[float]:
+    from poetx.train.metrics import read_metrics
+
+    return [r["val_loss"] for r in read_metrics(run_dir) if r["type"] == "eval"]
+
+
+@pytest.fixture(scope="module")
+def dp_corpus(tmp_path_factory) -> dict[str, str]:
+    from tests.test_train import write_corpus
+
+    root = tmp_path_factory.mktemp("dp-data")
+    return {"data": str(write_corpus(root / "corpus.txt")), "cache_dir": str(root / "cache")}
+
+
+@pytest.fixture(scope="module")
+def reference(dp_corpus, tmp_path_factory):
+    """One process, batch 4: the run every data-parallel variant must reproduce."""
+    from poetx.train.config import TrainConfig
+    from poetx.train.loop import train
+
+    out = tmp_path_factory.mktemp("ref") / "run"
+    train(TrainConfig(**_settings(dp_corpus, out, batch_size=4)))
+    return out
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
+def test_ddp_train_matches_one_process_and_ranks_agree(dp_corpus, reference, tmp_path):
+    out = tmp_path / "ddp"
+    _spawn(_settings(dp_corpus, out, batch_size=2), str(tmp_path / "state"))
+    losses, ref = _losses(out), _losses(reference)
+    assert len(losses) == STEPS_DP
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref), rtol=2e-5, atol=0)
+    torch.testing.assert_close(torch.tensor(_evals(out)), torch.tensor(_evals(reference)),
+                               rtol=2e-5, atol=0)
+    states = [torch.load(tmp_path / f"state.{r}") for r in range(2)]
+    merges = {k: int(v) for k, v in states[0].items() if k.endswith("merge_count")}
+    assert merges and set(merges.values()) == {STEPS_DP // MERGE_DP}
+    for key, value in states[0].items():  # W0, permutations and trained parameters alike
+        assert torch.equal(value, states[1][key]), key
+    config = __import__("json").loads((out / "config.json").read_text())
+    assert config["derived"] == {"world_size": 2, "global_batch": 4, "parallel": "ddp",
+                                 "tokens_per_step": 4 * 32}
+    assert config["batch_size"] == 2
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
+def test_ddp_with_grad_accum_matches_one_process(dp_corpus, reference, tmp_path):
+    out = tmp_path / "ddp-accum"
+    _spawn(_settings(dp_corpus, out, batch_size=1, grad_accum=2, save_every=0),
+           str(tmp_path / "state"))
+    torch.testing.assert_close(torch.tensor(_losses(out)), torch.tensor(_losses(reference)),
+                               rtol=2e-5, atol=0)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
+def test_resume_moves_between_world_sizes_with_the_same_data_order(dp_corpus, reference,
+                                                                   tmp_path):
+    import shutil
+
+    # Two processes to step 10, then one process (batch 4 = 2 x 2) to the end.
+    two_then_one = tmp_path / "two-then-one"
+    _spawn(_settings(dp_corpus, two_then_one, batch_size=2), str(tmp_path / "a"))
+    shutil.rmtree(two_then_one / "checkpoints" / "step_00000020")
+    _run({"out": str(two_then_one), "batch_size": 4}, resume=True)
+    # One process to step 10, then two processes (batch 2 each).
+    one_then_two = tmp_path / "one-then-two"
+    from poetx.train.config import TrainConfig
+    from poetx.train.loop import train
+
+    train(TrainConfig(**_settings(dp_corpus, one_then_two, batch_size=4)))
+    shutil.rmtree(one_then_two / "checkpoints" / "step_00000020")
+    _spawn({"out": str(one_then_two), "batch_size": 2}, str(tmp_path / "b"), resume=True)
+    ref = torch.tensor(_losses(reference))
+    for run in (two_then_one, one_then_two):
+        losses = _losses(run)
+        assert len(losses) == STEPS_DP
+        torch.testing.assert_close(torch.tensor(losses), ref, rtol=2e-5, atol=0)
+
+
+def test_resume_refuses_another_global_batch(dp_corpus, reference, tmp_path):
+    import shutil
+
+    from poetx.train.errors import TrainError
+
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    with pytest.raises(TrainError, match="global batch of 4"):
+        _run({"out": str(run), "batch_size": 2, "steps": STEPS_DP + 1}, resume=True)
+
+
+def _disagree_worker(rank: int, world: int, port: int, out: str) -> None:
+    from poetx.train.parallel import DistContext, RankDisagreement, check_ranks_agree
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    ctx = DistContext(rank, world)
+    model = _model()
+    check_ranks_agree(model, ctx, 0)  # same seeds: no complaint
+    if rank == 1:
+        with torch.no_grad():
+            model[0].w0[0, 0] += 1e-12
+    try:
+        check_ranks_agree(model, ctx, 7)
+        message = "no error"
+    except RankDisagreement as e:
+        message = str(e)
+    with open(f"{out}.{rank}", "w") as f:
+        f.write(message)
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
+def test_rank_disagreement_after_a_merge_fails_loudly(tmp_path):
+    out = str(tmp_path / "msg")
+    mp.spawn(_disagree_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    for r in range(2):
+        message = Path(f"{out}.{r}").read_text()
+        assert "step 7" in message and "rank(s) [1]" in message, message
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
+def test_torchrun_runs_poetx_train(dp_corpus, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "cli"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", str(_free_port()), "-m", "poetx.cli.main", "train",
+           "--data", dp_corpus["data"], "--cache-dir", dp_corpus["cache_dir"],
+           "--vocab-size", "512", "--seq-len", "32", "--batch-size", "1", "--grad-accum", "2",
+           "--steps", "3", "--eval-batches", "1", "--device", "cpu", "--no-progress",
+           "--no-tensorboard", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "global batch 4 = batch 1 x grad accum 2 x 2 processes" in done.stdout
+    assert done.stdout.count("poetx train:") == 1  # rank 0 alone prints
+    assert len(_losses(out)) == 3

@@ -34,7 +34,7 @@ def _killed_run(data, out: Path, when: str) -> subprocess.CompletedProcess:
     script = textwrap.dedent(f"""
         import os, signal, sys
         import poetx.train.checkpoint.store as store
-        import poetx.train.loop as loop
+        import poetx.train.trainer as trainer
         from poetx.cli.main import main
 
         def die(*args, **kwargs):
@@ -43,7 +43,7 @@ def _killed_run(data, out: Path, when: str) -> subprocess.CompletedProcess:
         if {when!r} == "save":
             store.save_file = die          # the first file of the first checkpoint
         else:
-            loop.compute_loss = die        # the first training step
+            trainer.compute_loss = die     # the first training step
         sys.exit(main({train_argv(data, out)!r}))
     """)
     return subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
@@ -75,6 +75,23 @@ def test_a_run_killed_before_its_first_checkpoint_can_restart_and_resume(data, t
     # a run with a finished checkpoint is still protected
     assert main(train_argv(data, again)) == 1
     assert "--resume" in capsys.readouterr().err
+
+
+def test_a_live_run_that_has_not_saved_yet_is_not_taken_over(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / "metrics.jsonl").write_text(json.dumps(
+            {"type": "event", "step": 0, "event": "start", "pid": sleeper.pid}) + "\n")
+        assert main(train_argv(data, out)) == 1
+        err = capsys.readouterr().err
+        assert f"process {sleeper.pid} is still running" in err and str(out) in err
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert main(train_argv(data, out)) == 0  # its process is gone: the directory is free
 
 
 @pytest.fixture(scope="module")

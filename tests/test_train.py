@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import poetx.train.loop as loop
 import poetx.train.run_dir as run_dir_mod
+import poetx.train.trainer as trainer_mod
 from poetx.model.llama import PRESETS, build_model, llama_config
 from poetx.train.checkpoint import list_checkpoints, verify_checkpoint
 from poetx.train.config import TrainConfig, build_config, resume_config
@@ -218,7 +218,7 @@ def test_resume_matches_an_unbroken_run_bitwise(corpus, tmp_path, optimizer, cap
 def test_ctrl_c_saves_and_resume_continues_bitwise(corpus, tmp_path, monkeypatch):
     kw = {"steps": 6, "save_every": 0, "eval_every": 0, "poet": {"merge_every": 2}}
     train(small(corpus, tmp_path / "a", **kw))
-    real = loop.compute_loss
+    real = trainer_mod.compute_loss
     calls = {"n": 0}
 
     def interrupt_at_step_six(model, batch):
@@ -228,20 +228,20 @@ def test_ctrl_c_saves_and_resume_continues_bitwise(corpus, tmp_path, monkeypatch
             raise KeyboardInterrupt  # inside step 6's forward: nothing of step 6 applied yet
         return real(model, batch)
 
-    monkeypatch.setattr(loop, "compute_loss", interrupt_at_step_six)
+    monkeypatch.setattr(trainer_mod, "compute_loss", interrupt_at_step_six)
     b = tmp_path / "b"
     with pytest.raises(TrainInterrupted, match="after step 5") as info:
         train(small(corpus, b, **kw))
     assert info.value.checkpoint.name == "step_00000005"
     verify_checkpoint(info.value.checkpoint)
-    monkeypatch.setattr(loop, "compute_loss", real)
+    monkeypatch.setattr(trainer_mod, "compute_loss", real)
     cfg, ckpt = run_dir_mod.config_from_sources(None, {"out": str(b)}, resume=True)
     train(cfg, ckpt)
     assert train_losses(b) == train_losses(tmp_path / "a")
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(corpus, tmp_path, monkeypatch):
-    real = loop.compute_loss
+    real = trainer_mod.compute_loss
     calls = {"n": 0}
 
     def nan_at_four(model, batch):
@@ -249,7 +249,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(corpus, tmp_pat
         loss = real(model, batch)
         return loss * float("nan") if calls["n"] == 4 else loss
 
-    monkeypatch.setattr(loop, "compute_loss", nan_at_four)
+    monkeypatch.setattr(trainer_mod, "compute_loss", nan_at_four)
     out = tmp_path / "nan"
     with pytest.raises(NonFiniteError, match="step 4") as info:
         train(small(corpus, out))

@@ -85,12 +85,14 @@ class PackedBatches:
             out[rows] = self._permutation(int(epoch))[offsets[rows]]
         return out
 
-    def batch(self, step: int) -> torch.Tensor:
+    def batch(self, step: int, rows: slice | None = None) -> torch.Tensor:
         """Rows of ``step``: a LongTensor of shape ``(batch_size, seq_len + 1)``.
 
-        Inputs are ``batch[:, :-1]``, labels ``batch[:, 1:]``.
+        Inputs are ``batch[:, :-1]``, labels ``batch[:, 1:]``. ``rows`` gathers only those rows
+        of the batch (a data-parallel rank's share), the same rows the full batch holds there.
         """
-        return _gather(self.tokens, self.windows(step), self._window)
+        windows = self.windows(step)
+        return _gather(self.tokens, windows if rows is None else windows[rows], self._window)
 
     def _permutation(self, epoch: int) -> np.ndarray:
         perm = self._perms.get(epoch)

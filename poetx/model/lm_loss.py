@@ -15,15 +15,15 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int) -> Tensor:
         total = hidden.new_zeros((), dtype=torch.float32)
-        # The count stays on the device: no host sync, so the step can be a CUDA graph.
-        count = (targets >= 0).sum().clamp_min(1).float()
+        # The count stays on the device: reading it would stall the host every step.
+        count = (targets >= 0).sum().clamp_min(1).to(torch.float32)
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start : start + chunk]
             t = targets[start : start + chunk]
             logits = (h @ weight.t()).float()
             total += nn.functional.cross_entropy(logits, t, ignore_index=-100, reduction="sum")
-        ctx.chunk = chunk
         ctx.save_for_backward(hidden, weight, targets, count)
+        ctx.chunk = chunk
         return total / count
 
     @staticmethod
@@ -40,11 +40,11 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             h = hidden[start : start + ctx.chunk]
             t = targets[start : start + ctx.chunk]
             probs = torch.softmax((h @ weight.t()).float(), dim=-1)
+            # Boolean indexing would sync on the number of selected rows; scatter and mask do not.
             valid = (t >= 0).unsqueeze(1)
-            # d/dlogits = softmax - onehot(target), zero for ignored rows; written with
-            # scatter/where instead of boolean indexing, which would sync with the host.
             probs.scatter_add_(1, t.clamp_min(0).unsqueeze(1), -valid.to(probs.dtype))
-            grad_logits = torch.where(valid, probs * scale, 0.0).to(hidden.dtype)
+            probs.mul_(valid)
+            grad_logits = (probs * scale).to(hidden.dtype)
             if grad_hidden is not None:
                 grad_hidden[start : start + ctx.chunk] = grad_logits @ weight
             if grad_weight is not None:
@@ -84,23 +84,30 @@ def auto_chunk_tokens(vocab_size: int, budget_elements: int = 1 << 25) -> int:
     return max(16, budget_elements // max(vocab_size, 1))
 
 
-def causal_lm_loss(model: nn.Module, batch: Tensor, chunk_tokens: int | None = 0) -> Tensor:
-    """Next-token loss of a Hugging Face causal LM on ``batch`` ``(B, L+1)`` token ids.
+def lm_loss(model: nn.Module, input_ids: Tensor, labels: Tensor,
+            chunk_tokens: int | None = 0) -> Tensor:
+    """Mean cross-entropy of a Hugging Face causal LM's predictions for ``labels``.
 
-    Inputs are ``batch[:, :-1]``, targets ``batch[:, 1:]``. With ``chunk_tokens`` the loss goes
-    through :func:`chunked_cross_entropy` on the base model's hidden states (``0``: sized from
-    the vocabulary by :func:`auto_chunk_tokens`); ``None`` materializes the full logits.
+    Args:
+        model: e.g. ``LlamaForCausalLM``; input_ids / labels: ``(B, L)`` (labels already
+            shifted, ``-100`` ignored).
+        chunk_tokens: through :func:`chunked_cross_entropy` on the base model's hidden states
+            (``0``: sized from the vocabulary by :func:`auto_chunk_tokens`); ``None``
+            materializes the full logits. No host synchronization either way.
     """
-    inputs, targets = batch[:, :-1], batch[:, 1:]
     base = getattr(model, "model", None)
     head = getattr(model, "lm_head", None)
     plain_head = isinstance(head, nn.Linear) and head.bias is None
     if chunk_tokens is None or base is None or not plain_head:
-        logits = model(input_ids=inputs).logits
-        return nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        logits = model(input_ids=input_ids).logits
+        return nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
     # use_cache=False: a training step has no use for the key/value cache HF would fill.
-    hidden = base(input_ids=inputs, use_cache=False).last_hidden_state
+    hidden = base(input_ids=input_ids, use_cache=False).last_hidden_state
     chunk_tokens = chunk_tokens or auto_chunk_tokens(head.weight.shape[0])
-    return chunked_cross_entropy(
-        hidden.flatten(0, 1), head.weight, targets.flatten(), chunk_tokens
-    )
+    return chunked_cross_entropy(hidden.flatten(0, 1), head.weight, labels.flatten(), chunk_tokens)
+
+
+def causal_lm_loss(model: nn.Module, batch: Tensor, chunk_tokens: int | None = 0) -> Tensor:
+    """Next-token loss of a Hugging Face causal LM on ``batch`` ``(B, L+1)`` token ids:
+    :func:`lm_loss` of inputs ``batch[:, :-1]`` and targets ``batch[:, 1:]``."""
+    return lm_loss(model, batch[:, :-1], batch[:, 1:], chunk_tokens)

@@ -44,6 +44,9 @@ from poetx.settings import (
 )
 
 OPTIMIZERS = ("poetx", "adamw")
+PARALLEL = ("auto", "none", "ddp", "fsdp")
+# Keys of config.json computed for the reader (world size, global batch); ignored on load.
+DERIVED_KEY = "derived"
 DTYPES = ("auto", "float32", "bfloat16")
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
@@ -85,8 +88,9 @@ assert set(PRESET_DEFAULTS) == set(PRESETS)
 
 # Fields that fix the model, the data stream or the optimizer's parameter layout: a resumed run
 # must keep them, or its checkpoint would not load or the run would no longer be one run.
-RESUME_LOCKED = ("preset", "optimizer", "data", "vocab_size", "seq_len", "batch_size", "seed",
-                 "dtype")
+# ``batch_size`` is not locked: the *global* batch (batch x grad_accum x processes) is, checked
+# when the checkpoint is loaded, so a run can resume on another number of GPUs.
+RESUME_LOCKED = ("preset", "optimizer", "data", "vocab_size", "seq_len", "seed", "dtype")
 RESUME_LOCKED_POET = ("block_size", "neumann_terms", "init", "exclude", "seed", "w0_format",
                       "quant_group_size")
 
@@ -104,7 +108,13 @@ class TrainConfig:
         vocab_size: size of the tokenizer trained for the run (default: the preset's, 512 for
             ``tiny``); the model's vocabulary is the tokenizer's.
         cache_dir: data cache (default ``$POETX_DATA_DIR`` or ``~/.cache/poetx``).
-        seq_len / batch_size: each step trains on ``batch_size`` sequences of ``seq_len`` tokens.
+        seq_len / batch_size: each micro-batch holds ``batch_size`` sequences of ``seq_len``
+            tokens, per process.
+        grad_accum: micro-batches per optimizer step and process (gradients accumulate; under
+            DDP they are all-reduced once, on the last). The global batch is
+            ``batch_size x grad_accum x processes`` sequences.
+        parallel: ``auto`` (none in one process, ``ddp`` under ``torchrun`` with several),
+            ``none``, ``ddp``; ``fsdp`` is not implemented yet.
         dtype: ``"auto"`` = bf16 on CUDA, float32 on CPU.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
     Optimization:
@@ -120,6 +130,9 @@ class TrainConfig:
     Bookkeeping:
         eval_every / save_every: period in steps (0 = only at the end); eval_batches: cap on the
         validation batches used (``None`` = all); eval_at_start: evaluate before step 1;
+        metrics_every: steps whose metrics are read from the device together (one wait for
+            the device each time; a NaN is reported naming its step up to that many steps
+            later; every step still gets its row);
         keep_last: checkpoints kept; out: the run directory (default
         ``runs/<preset>-<optimizer>``); seed; progress (tqdm bar);
         tensorboard (event files when the package is installed).
@@ -143,8 +156,15 @@ class TrainConfig:
         None, "tokens per sequence (default: the preset's)",
         check=at_least(2), group="data")
     batch_size: int | None = setting(
-        None, "sequences per step (default: the preset's)",
+        None, "sequences per micro-batch and process (default: the preset's)",
         check=at_least(1), group="data")
+    grad_accum: int = setting(
+        1, "micro-batches per step (global batch = batch x grad-accum x processes)",
+        check=at_least(1), group="data parallel (under torchrun --nproc-per-node N)")
+    parallel: str = setting(
+        "auto", "auto (ddp with several processes, none with one), none, ddp; fsdp is not "
+        "implemented yet", choices=PARALLEL,
+        group="data parallel (under torchrun --nproc-per-node N)")
     dtype: str = setting("auto", "auto = bf16 on CUDA, float32 on CPU", choices=DTYPES,
                          group="run")
     device: str = setting("auto", "auto, cpu, cuda or cuda:N",
@@ -191,6 +211,9 @@ class TrainConfig:
     save_every: int | None = setting(
         None, "checkpoint every N steps, 0 = only at the end (default: the preset's)",
         check=at_least(0), group="logging and checkpoints")
+    metrics_every: int = setting(
+        10, "read the step metrics from the device every N steps (one wait each time)",
+        check=at_least(1), group="logging and checkpoints")
     keep_last: int = setting(3, "checkpoints to keep", check=at_least(1),
                              group="logging and checkpoints")
     out: str | None = setting(None, "run directory (default runs/<preset>-<optimizer>)",
@@ -261,15 +284,16 @@ class TrainConfig:
         """Build from a dict such as ``to_dict()`` output; unknown keys raise ``ValueError``."""
         if not isinstance(d, dict):
             raise ValueError(f"{source}: expected a table of settings, got {type(d).__name__}")
+        d = {k: v for k, v in d.items() if k != DERIVED_KEY}
         reject_unknown(cls, d, source)
-        d = dict(d)
         if isinstance(d.get("poet"), dict):
             d["poet"] = dict(d["poet"])
         return cls(**d)
 
     @property
     def tokens_per_step(self) -> int:
-        return self.batch_size * self.seq_len
+        """Tokens of one process's step (``batch_size x grad_accum x seq_len``)."""
+        return self.batch_size * self.grad_accum * self.seq_len
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:

@@ -41,6 +41,9 @@ def scheduler_state(scheduler: LambdaLR) -> dict[str, Any]:
     """JSON-safe state of the scheduler (the multiplier is rebuilt from the config)."""
     state = scheduler.state_dict()
     state.pop("lr_lambdas", None)
+    # Learning rates kept as device tensors (a captured step reads them) are saved as numbers.
+    state = {k: ([x.item() if torch.is_tensor(x) else x for x in v] if isinstance(v, list) else v)
+             for k, v in state.items()}
     return {k: v for k, v in state.items() if isinstance(v, int | float | bool | str | list)}
 
 

@@ -11,6 +11,13 @@ from torch import Tensor
 from poetx.train.checkpoint.format import OPTIMIZER_FILE, CheckpointError, read_tensors
 
 
+def _json_value(value: Any) -> Any:
+    # A learning rate kept as a device tensor (for a captured step) is saved as its number.
+    if torch.is_tensor(value):
+        return value.item()
+    return list(value) if isinstance(value, tuple) else value
+
+
 def optimizer_to_tensors(
     optimizer: torch.optim.Optimizer,
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -24,8 +31,7 @@ def optimizer_to_tensors(
                 tensors[f"state.{idx}.{key}"] = value.detach().to("cpu").contiguous()
             else:
                 values[f"{idx}.{key}"] = value
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
-              for g in sd["param_groups"]]
+    groups = [{k: _json_value(v) for k, v in g.items()} for g in sd["param_groups"]]
     return tensors, {"param_groups": groups, "values": values}
 
 
