@@ -15,8 +15,8 @@ for stage in "$@"; do
     largest) timeout 300 python3 -m bench.largest --out "$OUT/largest.json" 2>&1 \
         | tee "$OUT/largest.txt" ;;
     train60m)  # issue 6 GPU check and the int8/fp8 accuracy cost on a short real run
-      for v in "poetx auto" "adamw auto" "poetx int8" "poetx fp8"; do
-        set -- $v
+      for v in ${T60_VARIANTS:-poetx:auto adamw:auto poetx:int8 poetx:fp8}; do
+        set -- ${v/:/ }
         python3 -m poetx.cli.main train --preset llama-60m --optimizer "$1" --w0-format "$2" \
           --steps "${STEPS60:-400}" --eval-every 200 --save-every 100000 --no-progress \
           --out "/tmp/run60m_$1_$2" 2>&1 | tail -6
