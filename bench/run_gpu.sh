@@ -27,8 +27,8 @@ for stage in "$@"; do
         --methods "${METHODS:-adamw,fast,mem-ckpt,int8,fp8}" --out "$OUT/model_${models//,/_}.json" \
         2>&1 | tee "$OUT/model_${models//,/_}.txt" | tail -40 ;;
     capture)  # whole-step capture and the kernels/loss it relies on
-      timeout 300 python3 -m pytest -q -m gpu tests/test_capture.py tests/test_kernels.py \
-        tests/test_lm_loss.py 2>&1 | tail -25 | tee "$OUT/gpu_tests_capture.txt" ;;
+      timeout 300 python3 -m pytest -q -s -m gpu tests/test_capture.py tests/test_trainer.py \
+        tests/test_kernels.py tests/test_lm_loss.py 2>&1 | tail -25 | tee "$OUT/gpu_tests_capture.txt" ;;
     loss)  # chunked CE vs Liger's fused linear CE (wheel carried in .whl, see bench/loss.py)
       ls .whl/liger_kernel-*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index \
         --no-deps --target /tmp/site .whl/liger_kernel-*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
@@ -38,7 +38,7 @@ for stage in "$@"; do
         --cases "${CASES:-llama-130m:16x512,llama-8b:1x1024,llama-8b:2x2048}" \
         --methods "${METHODS:-adamw,adamw-compile,poetx-eager,poetx,authors}" \
         --authors-path "${AUTHORS:-third_party}" ${STEP_FLAGS:-} --out "$OUT/${STEP_JSON:-step.json}" \
-        2>&1 | tee "$OUT/${STEP_JSON:-step}.txt" | tail -30 ;;
+        2>&1 | tee "$OUT/step.txt" | tail -30 ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done
