@@ -77,6 +77,23 @@ def test_a_run_killed_before_its_first_checkpoint_can_restart_and_resume(data, t
     assert "--resume" in capsys.readouterr().err
 
 
+def test_a_live_run_that_has_not_saved_yet_is_not_taken_over(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / "metrics.jsonl").write_text(json.dumps(
+            {"type": "event", "step": 0, "event": "start", "pid": sleeper.pid}) + "\n")
+        assert main(train_argv(data, out)) == 1
+        err = capsys.readouterr().err
+        assert f"process {sleeper.pid} is still running" in err and str(out) in err
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert main(train_argv(data, out)) == 0  # its process is gone: the directory is free
+
+
 @pytest.fixture(scope="module")
 def finished_run(data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("safety-run") / "run"

@@ -31,6 +31,7 @@ TRAIN_VALUES = {
     "weight_decay": ("0.1", 0.1), "warmup_steps": ("7", 7), "min_lr_ratio": ("0.5", 0.5),
     "max_grad_norm": ("2.5", 2.5), "clip_warmup_steps": ("9", 9),
     "clip_warmup_start": ("0.3", 0.3), "skip_nonfinite": (None, True),
+    "cuda_graphs": (None, False),
     "grad_checkpointing": (None, True), "eval_every": ("11", 11), "eval_batches": ("5", 5),
     "eval_at_start": (None, False), "save_every": ("13", 13), "keep_last": ("4", 4),
     "out": ("runs/x", "runs/x"), "seed": ("5", 5), "progress": (None, False),

@@ -119,15 +119,15 @@ class POETLinear(nn.Module):
     def _store_w0(self, permuted: Tensor) -> None:
         fmt = self.config.w0_format
         if fmt == "auto":
-            self.w0.data = permuted.to(self.compute_dtype).contiguous()
+            _assign_(self.w0, permuted.to(self.compute_dtype))
             return
         q, scale = quantize(permuted, fmt, self.config.quant_group_size)
         assert q.dtype == STORAGE_DTYPES[fmt]
-        self.w0.data = q
+        _assign_(self.w0, q)
         if self.w0_scale is None:
             self.w0_scale = nn.Parameter(scale, requires_grad=False)
         else:
-            self.w0_scale.data = scale
+            _assign_(self.w0_scale, scale)
 
     def _draw_permutations(self) -> None:
         count = int(self.merge_count)
@@ -219,3 +219,14 @@ class POETLinear(nn.Module):
             f"bias={self.bias is not None}, block_size={self.config.block_size}, "
             f"mode={self.config.mode}, w0={self.w0.dtype}"
         )
+
+
+def _assign_(param: nn.Parameter, value: Tensor) -> None:
+    """Overwrite ``param`` with ``value``: in place when shape, dtype and device match (a merge,
+    so captured CUDA graphs and optimizer references stay valid), else by replacing its data
+    (construction, where ``param`` is still an uninitialized placeholder)."""
+    d = param.data
+    if d.shape == value.shape and d.dtype == value.dtype and d.device == value.device:
+        d.copy_(value)
+    else:
+        param.data = value.contiguous()

@@ -9,14 +9,15 @@ from torch import nn
 
 from poetx.config import POETConfig
 from poetx.model.wrap import merge_all_, rotation_parameters
+from poetx.optim.state import reset_state_
 
 
 class MergeSchedule:
     """Call :meth:`step` after every optimizer step.
 
     Every ``config.merge_every`` steps it merges all ``POETLinear`` layers (``W0 <- R W0 P``,
-    new permutations, skew parameters to zero) and deletes the optimizer state of exactly the
-    rotation parameters, so Adam restarts on them; ordinary parameters keep their state.
+    new permutations, skew parameters to zero) and zeroes, in place, the optimizer state of exactly
+    the rotation parameters, so Adam restarts on them; ordinary parameters keep their state.
 
     Clip warm-up (as the authors do): :meth:`clip_value` ramps the clipping threshold linearly
     from ``clip_warmup_start * max_norm`` to ``max_norm`` over ``clip_warmup_steps`` steps after
@@ -55,8 +56,7 @@ class MergeSchedule:
     @torch.no_grad()
     def merge_now(self) -> None:
         merge_all_(self.model)
-        for p in rotation_parameters(self.model):
-            self.optimizer.state.pop(p, None)
+        reset_state_(self.optimizer, rotation_parameters(self.model))
         self.merges += 1
         self.last_merge_step = self.steps
 

@@ -131,6 +131,8 @@ class TrainConfig:
         clip_warmup_start: after each merge the threshold ramps from ``start * max_grad_norm``
         back to ``max_grad_norm`` over that many steps.
         skip_nonfinite: skip a step with a NaN/inf loss or gradient instead of stopping.
+        cuda_graphs: replay the step as one CUDA graph (``poetx.train.capture``) where it
+            applies: a CUDA device and a single process; ignored elsewhere.
         grad_checkpointing: HF activation checkpointing of the decoder blocks.
         poet: the reparameterization (block size, merge period ``T``, mode, W0 storage...).
     Bookkeeping:
@@ -208,6 +210,9 @@ class TrainConfig:
     skip_nonfinite: bool = setting(
         False, "skip steps with NaN/inf loss or gradient instead of stopping",
         group="optimization")
+    cuda_graphs: bool = setting(
+        True, "record the training step as one CUDA graph after 3 eager steps and replay it "
+        "(CUDA, one process; off: every step eager)", group="optimization")
     grad_checkpointing: bool = setting(False, "activation checkpointing of the decoder blocks",
                                        group="memory")
     eval_every: int | None = setting(

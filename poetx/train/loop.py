@@ -9,6 +9,7 @@ evaluation batches, same clipping and schedule machinery. The only differences a
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from pathlib import Path
@@ -179,10 +180,11 @@ def _train(cfg: TrainConfig, resume_from: Path | None, ctx: DistContext,
         print(header, flush=True)
         if resuming:
             print(f"resumed from {resume_from} (step {trainer.step})", flush=True)
-            logger.event(trainer.step, "resume", str(resume_from))
+            logger.event(trainer.step, "resume", str(resume_from), pid=os.getpid())
         else:
             logger.event(0, "start", header, parameters=total, trainable=trainable,
-                         global_batch=global_batch, world_size=ctx.world)
+                         global_batch=global_batch, world_size=ctx.world,
+                         pid=os.getpid())
 
     result = trainer.fit(run_dir, logger, resume_from, dtype_name, started)
     if ctx.is_main:

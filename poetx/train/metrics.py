@@ -5,6 +5,10 @@ Record kinds in ``metrics.jsonl``:
     "tokens_per_s", "peak_mem_gib", "elapsed_s", "merged", "skipped"}``
     ``{"type": "eval", "step", "val_loss", "val_ppl", "tokens"}``
     ``{"type": "event", "step", "event", "message"}`` (start, resume, checkpoint, stop...)
+
+``loss`` is the mean over the global batch (all ranks), ``tokens`` counts global tokens. The
+step metrics are read from the device every ``metrics_every`` steps, so ``step_s`` and
+``tokens_per_s`` are the mean over the steps read together (no per-step wait to time them).
 """
 
 from __future__ import annotations

@@ -4,12 +4,14 @@ claiming the directory for a run.
 A run directory holds ``config.json``, ``tokenizer.json``, ``metrics.jsonl``, ``tensorboard/``
 and ``checkpoints/step_XXXXXXXX/``. A run killed before its first checkpoint (OOM, power loss,
 ``kill -9``) leaves a directory without a finished checkpoint: starting again, with or without
-``--resume``, starts that run afresh instead of refusing both ways.
+``--resume``, starts that run afresh instead of refusing both ways, unless the process that
+started it (the ``pid`` of its start event in ``metrics.jsonl``) is still running.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from poetx.train.checkpoint import (
     read_state,
     resolve_resume,
 )
+from poetx.train.checkpoint.store import pid_alive
 from poetx.train.config import (
     TrainConfig,
     build_config,
@@ -27,7 +30,7 @@ from poetx.train.config import (
     merge_settings,
     resume_config,
 )
-from poetx.train.metrics import METRICS_FILE, TB_DIR
+from poetx.train.metrics import METRICS_FILE, TB_DIR, read_metrics
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -41,6 +44,21 @@ class RunDirError(Exception):
 def _never_saved(run_dir: Path) -> bool:
     """A run was started here but stopped before its first finished checkpoint."""
     return (run_dir / CONFIG_FILE).is_file() and not list_checkpoints(run_dir / CHECKPOINT_DIR)
+
+
+def live_owner(run_dir: Path) -> int | None:
+    """The pid of another process still training in ``run_dir`` (from the ``pid`` of the last
+    start/resume event in its metrics), or None."""
+    try:
+        records = read_metrics(run_dir / METRICS_FILE)
+    except FileNotFoundError:
+        return None
+    starts = [r for r in records if r.get("type") == "event"
+              and r.get("event") in ("start", "resume") and isinstance(r.get("pid"), int)]
+    if not starts:
+        return None
+    pid = starts[-1]["pid"]
+    return pid if pid != os.getpid() and pid_alive(pid) else None
 
 
 def config_from_sources(config_file: str | None, overrides: dict[str, Any],
@@ -99,6 +117,12 @@ def claim_run_dir(cfg: TrainConfig, resuming: bool) -> Path:
             f"it, or choose another --out"
         )
     if _never_saved(run_dir):
+        owner = live_owner(run_dir)
+        if owner is not None:
+            raise RunDirError(
+                f"{run_dir} is in use by a run that has not saved a checkpoint yet (process "
+                f"{owner} is still running); wait for it, stop it, or choose another --out"
+            )
         (run_dir / METRICS_FILE).unlink(missing_ok=True)
         shutil.rmtree(run_dir / TB_DIR, ignore_errors=True)
     return run_dir

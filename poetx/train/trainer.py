@@ -5,7 +5,8 @@ every micro-batch, gradient norm and clipping, the NaN/inf decision and the opti
 with no host synchronization (no ``.item()``, no branch on a device value). A step with a
 non-finite loss or gradient norm is skipped on the device: the fused AdamW reads
 ``optimizer.found_inf`` and neither moves a parameter nor counts the step. That makes the step
-something CUDA graphs, ``torch.compile`` or DDP can wrap from outside (``self.step_fn``).
+something CUDA graphs, ``torch.compile`` or DDP can wrap from outside (``self.step_fn``; on
+one CUDA device it is replayed as a CUDA graph, ``cfg.cuda_graphs``).
 
 Between steps, in :meth:`Trainer.fit`: the learning-rate schedule (written in place into device
 tensors), the merge schedule, evaluation, checkpoints, and reading the step metrics, which
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 from poetx import MergeSchedule, make_optimizer
 from poetx.model.causal_lm import CausalLMWithLoss
 from poetx.optim.optimizer import DECAY_GROUP, POET_GROUP
+from poetx.train.capture import CapturedStep
 from poetx.train.checkpoint import (
     checkpoint_name,
     load_model_state,
@@ -144,8 +146,11 @@ class Trainer:
         self.train_module = parallelize(self.loss_module, scheme, device)
         # Fused AdamW: one kernel per device and dtype, a device-side skip (found_inf), an lr
         # tensor; it runs on CPU too, so the CPU suite tests the same update as the GPU runs.
+        # One CUDA graph per step where it applies (a DDP step's hooks are not captured).
+        self.graphs = cfg.cuda_graphs and device.type == "cuda" and not self.ctx.distributed
         self.optimizer = make_optimizer(model, lr=cfg.lr, poet_lr=cfg.poet_lr,
-                                        weight_decay=cfg.weight_decay, fused=True)
+                                        weight_decay=cfg.weight_decay, fused=True,
+                                        capturable=self.graphs)
         self.scheduler = build_scheduler(self.optimizer, cfg.warmup_steps, cfg.steps,
                                          cfg.min_lr_ratio)
         self.merge = (MergeSchedule(model, self.optimizer, cfg.poet, cfg.clip_warmup_steps,
@@ -173,9 +178,20 @@ class Trainer:
         # "forward" while nothing of the current step is applied, "update" once the optimizer
         # may have changed the state: a KeyboardInterrupt in the step saves only in "forward".
         self.phase = "idle"
-        # The function the loop calls each step. A whole-step capture (CUDA graphs) plugs in
-        # here, replacing it by a wrapper that replays train_step on the static self.batch.
+        # The function the loop calls each step: train_step, or its CUDA-graph replay on the
+        # static self.batch (recorded at the 4th call; merges and schedules change tensors in
+        # place, so the graph stays valid).
         self.step_fn = self.train_step
+        self.captured: CapturedStep | None = None
+        if self.graphs:
+            self.captured = CapturedStep(self.train_step, self.batch, warmup=3,
+                                         share_batch=True)
+            self.step_fn = self._replay_step
+
+    def _replay_step(self, batch: Tensor) -> dict[str, Tensor]:
+        metrics = self.captured(batch)
+        self.phase = "update"  # set inside train_step, which a replay does not run
+        return metrics
 
     # the step ------------------------------------------------------------------------------
     def train_step(self, batch: Tensor) -> dict[str, Tensor]:
@@ -285,6 +301,8 @@ class Trainer:
         load_model_state(path, self.model)
         load_optimizer_state(path, self.optimizer, state)
         self._install_lr_tensors()
+        if self.captured is not None:  # the loaded state is new tensors
+            self.captured.invalidate()
         load_scheduler_state(self.scheduler, state["lr_scheduler"])
         if self.merge is not None:
             self.merge.load_state_dict(state["merge_schedule"])

@@ -119,7 +119,8 @@ def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
     return doomed
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (on this machine)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -144,7 +145,7 @@ def clean_stale(root: str | Path) -> list[Path]:
         if not m:
             continue
         pid = int(m.group(2))
-        if pid != os.getpid() and _pid_alive(pid):
+        if pid != os.getpid() and pid_alive(pid):
             continue
         final = root / p.name.split(".", 1)[0]
         if m.group(1) == "old" and not final.exists():
