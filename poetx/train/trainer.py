@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from poetx import MergeSchedule, make_optimizer
 from poetx.model.causal_lm import CausalLMWithLoss
+from poetx.optim.clip import DeviceGradClip
 from poetx.optim.optimizer import DECAY_GROUP, POET_GROUP
 from poetx.train.capture import CapturedStep
 from poetx.train.checkpoint import (
@@ -162,11 +163,9 @@ class Trainer:
         self._lr_tensors = [torch.zeros((), dtype=torch.float32, device=device)
                             for _ in self.optimizer.param_groups]
         self._install_lr_tensors()
-        self.clipping = cfg.max_grad_norm > 0
-        self.max_norm = torch.full((), cfg.max_grad_norm, dtype=torch.float32, device=device)
+        # Clipping and the skip are applied by the fused AdamW kernel (grad_scale, found_inf).
+        self.clip = DeviceGradClip(self.optimizer, self.params, cfg.max_grad_norm)
         self._max_norm_value = cfg.max_grad_norm
-        self.found_inf = torch.zeros((), dtype=torch.float32, device=device)
-        self.optimizer.found_inf = self.found_inf
         shape = (cfg.grad_accum, cfg.batch_size, cfg.seq_len + 1)
         self.batch = torch.zeros(shape, dtype=torch.int64, device=device)
         on_cuda = device.type == "cuda"
@@ -211,13 +210,11 @@ class Trainer:
         loss = total / micro if micro > 1 else total
         if self.ctx.distributed:
             loss = self.ctx.all_reduce_sum(loss.clone()) / self.ctx.world
-        grads = [p.grad for p in self.params if p.grad is not None]
-        grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-        if self.clipping:
-            torch._foreach_mul_(grads, (self.max_norm / (grad_norm + 1e-6)).clamp(max=1.0))
-        # Same on every rank: the loss is all-reduced and the gradients are.
+        grad_norm = self.clip()
+        # Same on every rank: the loss is all-reduced and the gradients are. A NaN loss with
+        # finite gradients (possible with ignored tokens only) skips the step too.
         nonfinite = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
-        self.found_inf.copy_(nonfinite)
+        self.clip.found_inf.copy_(nonfinite)
         self.phase = "update"
         self.optimizer.step()
         return {"loss": loss, "grad_norm": grad_norm, "nonfinite": nonfinite}
@@ -256,7 +253,7 @@ class Trainer:
         clip = self.merge.clip_value(self.cfg.max_grad_norm) if self.merge else \
             self.cfg.max_grad_norm
         if clip != self._max_norm_value:
-            self.max_norm.fill_(clip)
+            self.clip.set_max_norm(clip)
             self._max_norm_value = clip
         return clip
 
