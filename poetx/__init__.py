@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from poetx.model.wrap import unwrap, wrap
     from poetx.optim.merge import MergeSchedule
     from poetx.optim.optimizer import make_optimizer
+    from poetx.optim.poet_adamw import POETAdamW
 
 _EXPORTS = {
     "POETConfig": "poetx.config",
@@ -23,9 +24,11 @@ _EXPORTS = {
     "unwrap": "poetx.model.wrap",
     "make_optimizer": "poetx.optim.optimizer",
     "MergeSchedule": "poetx.optim.merge",
+    "POETAdamW": "poetx.optim.poet_adamw",
 }
 
-__all__ = ["POETConfig", "POETLinear", "wrap", "unwrap", "make_optimizer", "MergeSchedule"]
+__all__ = ["POETConfig", "POETLinear", "wrap", "unwrap", "make_optimizer", "MergeSchedule",
+           "POETAdamW"]
 __version__ = "0.1.0"
 
 

@@ -150,9 +150,8 @@ def test_make_optimizer_option_and_merge_schedule():
         schedule.step()
     assert schedule.merges == 1
     for p in rotation_parameters(model):
-        assert p.dtype == torch.float32
-        state = opt.state.get(p, {})  # restarted in place by the merge (first moment zeroed)
-        assert not state or float(state["exp_avg"].abs().sum()) == 0
+        assert p.dtype == torch.float32  # Adam restarted in place by the merge (re-warm)
+        assert not opt.state.get(p, {}) or not opt.state[p]["exp_avg"].any()
     assert "compensation" in opt.state[model[0].weight]
     assert not torch.equal(model[0].weight, emb_before)
     with pytest.raises(ValueError, match="dense_optimizer"):

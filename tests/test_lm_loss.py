@@ -35,3 +35,22 @@ def test_causal_lm_loss_matches_model_loss():
     full = causal_lm_loss(model, batch, chunk_tokens=None)
     torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(causal_lm_loss(model, batch), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_chunked_cross_entropy_bf16_on_cuda_matches_float32():
+    """The CUDA path (16-bit GEMMs with float32 accumulation of the weight gradient) against
+    float32 full logits: bf16-input error, no more."""
+    hidden = torch.randn(300, 64, device="cuda")
+    weight = torch.randn(1000, 64, device="cuda") * 0.1
+    targets = torch.randint(0, 1000, (300,), device="cuda")
+    targets[7] = -100
+    h, w = hidden.bfloat16().requires_grad_(), weight.bfloat16().requires_grad_()
+    loss = chunked_cross_entropy(h, w, targets, 64)
+    loss.backward()
+    hr, wr = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    ref = nn.functional.cross_entropy(hr @ wr.T, targets, ignore_index=-100)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-4)
+    for got, want in ((h.grad, hr.grad), (w.grad, wr.grad)):
+        assert float((got.float() - want).norm() / want.norm()) < 1e-2

@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 TRAIN_VALUES = {
     "preset": ("llama-60m", "llama-60m"), "optimizer": ("adamw", "adamw"),
     "data": ("corpus.txt", "corpus.txt"), "tokenizer": ("tok.json", "tok.json"),
+    "init_from": ("hf-model", "hf-model"),
     "vocab_size": ("1000", 1000), "cache_dir": ("cache", "cache"), "seq_len": ("33", 33),
     "batch_size": ("3", 3), "grad_accum": ("2", 2), "parallel": ("ddp", "ddp"),
     "metrics_every": ("3", 3), "dtype": ("bfloat16", "bfloat16"), "device": ("cpu", "cpu"),
@@ -30,6 +31,7 @@ TRAIN_VALUES = {
     "weight_decay": ("0.1", 0.1), "warmup_steps": ("7", 7), "min_lr_ratio": ("0.5", 0.5),
     "max_grad_norm": ("2.5", 2.5), "clip_warmup_steps": ("9", 9),
     "clip_warmup_start": ("0.3", 0.3), "skip_nonfinite": (None, True),
+    "cuda_graphs": (None, False),
     "grad_checkpointing": (None, True), "eval_every": ("11", 11), "eval_batches": ("5", 5),
     "eval_at_start": (None, False), "save_every": ("13", 13), "keep_last": ("4", 4),
     "out": ("runs/x", "runs/x"), "seed": ("5", 5), "progress": (None, False),

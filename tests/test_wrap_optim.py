@@ -77,7 +77,7 @@ def test_optimizer_groups():
 
 
 @pytest.mark.parametrize("restart", ["reset", "rewarm"])
-def test_merge_schedule_merges_and_clears_only_rotation_state(restart):
+def test_merge_schedule_merges_and_resets_only_rotation_state(restart):
     torch.manual_seed(0)
     cfg = POETConfig(block_size=8, merge_every=3, adam_restart=restart, max_q_norm=0)
     model = poetx.wrap(Toy(), cfg)

@@ -383,14 +383,19 @@ def inverse_index(index: Tensor, cols: int) -> Tensor:
 
     Remembered for the last few index tensors (keyed by identity, storage and version counter,
     checked through a weak reference), so a layer's permutation buffer is inverted once per
-    change instead of once per call."""
+    change instead of once per call. While a CUDA graph is being captured the inversion is
+    always recorded: the graph must see the index's contents at replay, which a merge changes
+    in place, not the ones at capture time."""
+    capturing = index.is_cuda and torch.cuda.is_current_stream_capturing()
     key = (id(index), index.data_ptr(), index._version, cols)
-    hit = _INVERSE_CACHE.get(key)
+    hit = None if capturing else _INVERSE_CACHE.get(key)
     if hit is not None and hit[0]() is index:
         return hit[1]
     inv = torch.empty(cols, dtype=torch.int32, device=index.device)
     n = index.numel()
     _invert_kernel[(triton.cdiv(n, 1024),)](index, inv, n, BLOCK=1024)
+    if capturing:
+        return inv
     if len(_INVERSE_CACHE) >= _INVERSE_CACHE_SIZE:
         _INVERSE_CACHE.pop(next(iter(_INVERSE_CACHE)))
     _INVERSE_CACHE[key] = (weakref.ref(index), inv)

@@ -353,3 +353,4 @@ class POETLinear(nn.Module):
             f"bias={self.bias is not None}, block_size={self.config.block_size}, "
             f"mode={self.config.mode}, w0={self.w0.dtype}"
         )
+

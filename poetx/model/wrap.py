@@ -45,6 +45,55 @@ def eligible_linears(model: nn.Module, config: POETConfig) -> Iterator[tuple[str
         yield name, module
 
 
+# A POETLinear made from a transformers ``Conv1D`` (GPT-2 style: ``y = x W + b`` with ``W`` stored
+# ``(in, out)``) carries this attribute, so that unwrap and export give the layer back in the
+# layout its model class loads.
+FROM_CONV1D = "poetx_from_conv1d"
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
+
+
+def eligible_conv1d(model: nn.Module, config: POETConfig) -> Iterator[tuple[str, nn.Module]]:
+    """``(name, layer)`` of every transformers ``Conv1D`` projection that ``wrap`` replaces."""
+    for name, module in model.named_modules():
+        if _is_hf_conv1d(module) and not _excluded(name, NEVER_WRAPPED) \
+                and not _excluded(name, config.exclude):
+            yield name, module
+
+
+def _conv1d_as_linear(conv: nn.Module) -> nn.Linear:
+    """The ``nn.Linear`` computing what ``conv`` computes (weight transposed to ``(out, in)``);
+    it shares no storage with ``conv``."""
+    n_in, n_out = conv.weight.shape
+    linear = nn.Linear(n_in, n_out, bias=conv.bias is not None, device=conv.weight.device,
+                       dtype=conv.weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.t())
+        if conv.bias is not None:
+            linear.bias.copy_(conv.bias)
+    return linear
+
+
+def dense_layer(layer: POETLinear) -> nn.Module:
+    """The plain layer ``layer`` stands for: ``nn.Linear``, or ``Conv1D`` if it came from one."""
+    linear = layer.to_linear()
+    if not getattr(layer, FROM_CONV1D, False):
+        return linear
+    from transformers.pytorch_utils import Conv1D
+
+    conv = Conv1D(layer.out_features, layer.in_features).to(linear.weight.device,
+                                                            linear.weight.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(linear.weight.t())
+        if linear.bias is not None:
+            conv.bias.copy_(linear.bias)
+        else:
+            conv.bias.zero_()
+    return conv
+
+
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -54,15 +103,22 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 def wrap(model: nn.Module, config: POETConfig | None = None) -> nn.Module:
     """Replace every eligible ``nn.Linear`` of ``model`` by a ``POETLinear``; returns ``model``.
 
-    ``lm_head``, layers tied to embeddings and names matching ``config.exclude`` stay dense.
+    Hugging Face ``Conv1D`` projections (GPT-2) are wrapped too and come back as ``Conv1D`` on
+    ``unwrap``. ``lm_head``, layers tied to embeddings and names matching ``config.exclude``
+    stay dense.
     Each layer's permutations are seeded from ``config.seed`` and its module name.
     """
     config = config or POETConfig()
     targets = list(eligible_linears(model, config))
-    if not targets:
+    convs = list(eligible_conv1d(model, config))
+    if not targets and not convs:
         raise ValueError("wrap: the model has no nn.Linear layer to reparameterize")
     for name, linear in targets:
         _set_submodule(model, name, POETLinear.from_linear(linear, config, name=name))
+    for name, conv in convs:
+        layer = POETLinear.from_linear(_conv1d_as_linear(conv), config, name=name)
+        setattr(layer, FROM_CONV1D, True)
+        _set_submodule(model, name, layer)
     return model
 
 
@@ -73,9 +129,10 @@ def poet_layers(model: nn.Module) -> Iterator[tuple[str, POETLinear]]:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """Merge every ``POETLinear`` and put a plain ``nn.Linear`` (weight ``R W0 P``) back."""
+    """Merge every ``POETLinear`` and put a plain ``nn.Linear`` (weight ``R W0 P``) back (a
+    ``Conv1D`` where ``wrap`` found one)."""
     for name, layer in list(poet_layers(model)):
-        _set_submodule(model, name, layer.to_linear())
+        _set_submodule(model, name, dense_layer(layer))
     return model
 
 

@@ -197,6 +197,15 @@ def poet_linear(
         index_in / index_out: padded permutations ``(nb*b,)``, ``-1`` for phantom coordinates.
         terms: Neumann terms, ``None`` for the exact Cayley map.
     """
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Mixed precision (Trainer(bf16=True), accelerate): compute as a model stored in the
+        # autocast dtype does. Left on inside the op, autocast would give outputs (and so
+        # backward's incoming gradients) another dtype than the saved input.
+        with torch.autocast(device_type, enabled=False):
+            return poet_linear(x.to(torch.get_autocast_dtype(device_type)), w0, w0_scale,
+                               theta_in, theta_out, index_in, index_out, block_in, block_out,
+                               terms, save_intermediate)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if not x2.is_contiguous():

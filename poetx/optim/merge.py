@@ -11,6 +11,7 @@ from torch import nn
 
 from poetx.config import POETConfig
 from poetx.model.wrap import merge_all_, rotation_norm_max, rotation_parameters
+from poetx.optim.state import reset_state_, rewarm_state_
 
 log = logging.getLogger("poetx")
 
@@ -33,10 +34,6 @@ class MergeSchedule:
     Guard: every ``config.q_norm_check_every`` steps it reads :func:`rotation_norm_max` (one
     device-to-host copy) and merges at once when it exceeds ``config.max_q_norm`` (logged on
     the ``"poetx"`` logger and counted in ``early_merges``).
-
-    Clip warm-up (as the authors do): :meth:`clip_value` ramps the clipping threshold linearly
-    from ``clip_warmup_start * max_norm`` to ``max_norm`` over ``clip_warmup_steps`` steps after
-    each merge; ``clip_warmup_steps = 0`` disables it.
     """
 
     def __init__(
@@ -83,29 +80,10 @@ class MergeSchedule:
     @torch.no_grad()
     def merge_now(self) -> None:
         merge_all_(self.model)
-        self._restart_rotation_state()
+        restart = rewarm_state_ if self.config.adam_restart == "rewarm" else reset_state_
+        restart(self.optimizer, rotation_parameters(self.model))
         self.merges += 1
         self.last_merge_step = self.steps
-
-    @torch.no_grad()
-    def _restart_rotation_state(self) -> None:
-        rewarm = self.config.adam_restart == "rewarm"
-        for p in rotation_parameters(self.model):
-            state = self.optimizer.state.get(p)
-            if not state:
-                continue
-            if not all(torch.is_tensor(v) for v in state.values()):
-                self.optimizer.state.pop(p)  # not a tensor-only state: cannot zero in place
-                continue
-            if rewarm and "exp_avg" in state and "exp_avg_sq" in state:
-                state["exp_avg"].zero_()
-                sq = state["exp_avg_sq"]
-                sq.copy_(sq.mean().expand_as(sq))
-                if "max_exp_avg_sq" in state:
-                    state["max_exp_avg_sq"].copy_(sq)
-            else:
-                for value in state.values():
-                    value.zero_()
 
     def clip_value(self, max_norm: float) -> float:
         """The clipping threshold for the coming step (``max_norm`` outside a warm-up)."""

@@ -25,6 +25,7 @@ def make_optimizer(
     fused: bool | None = None,
     poet_eps: float = POET_EPS,
     dense_optimizer: str = "adamw",
+    capturable: bool = False,
 ) -> torch.optim.AdamW:
     """A standard ``torch.optim.AdamW`` over the trainable parameters of ``model``.
 
@@ -43,6 +44,10 @@ def make_optimizer(
     ``1e-6`` damps the entries whose gradient is at noise level. The presets' ``poet_lr``
     values (``poetx.train.config``) are chosen with it so that the largest block ``||Q||``
     stays small within a merge period (see README, "Rotation size").
+    ``capturable`` (``dense_optimizer="adamw"`` only): every group's ``lr`` is a 0-d float32
+    tensor on the parameters' device (change it in place, e.g. ``group["lr"].fill_(x)``, as
+    torch's LR schedulers do) and the step is the fused kernel with ``capturable=True``, so it
+    can be recorded in a CUDA graph; see :mod:`poetx.train.capture`.
     """
     for name, value in (("lr", lr), ("poet_lr", poet_lr), ("poet_eps", poet_eps)):
         if not value > 0:
@@ -66,6 +71,15 @@ def make_optimizer(
     if not groups:
         raise ValueError("make_optimizer: the model has no trainable parameter")
     all_params = [p for g in groups for p in g["params"]]
+    if capturable:
+        if dense_optimizer != "adamw":
+            raise ValueError(f"capturable: only with dense_optimizer='adamw' (the one whose "
+                             f"step was checked under CUDA-graph capture), got {dense_optimizer!r}")
+        device = all_params[0].device
+        for g in groups:
+            g["lr"] = torch.tensor(float(g["lr"]), dtype=torch.float32, device=device)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True,
+                                 capturable=True)
     if fused is None:
         fused = all(p.is_cuda for p in all_params)
     kwargs = {"fused": True} if fused else {"foreach": True}

@@ -294,7 +294,7 @@ def predict(
     # ---- activations -------------------------------------------------------------------------
     saved = saved_activations(shape, seq_len, batch_size, setting, e, cuda_allocator)
     saved_layer, kept_layer = saved["layer"], saved["kept_layer"]
-    all_saved = n_layers * kept_layer + saved["rope"] + saved["final_norm"]
+    all_saved = n_layers * kept_layer + saved["rope"] + saved["final_norm"] + saved["loss_count"]
 
     moments: list[tuple[str, dict[str, int]]] = []
 
@@ -340,14 +340,15 @@ def saved_activations(shape: ModelShape, seq_len: int, batch_size: int, setting:
     Returns ``layer`` (one decoder layer's saved tensors, as recomputed under checkpointing),
     ``kept_layer`` (what each layer keeps until its backward: ``layer``, or only its input under
     checkpointing), ``rope`` (rotary ``cos``/``sin`` of one sequence, shared by the batch and
-    the layers) and ``final_norm`` (the final RMSNorm with its output, which the loss saves).
+    the layers), ``final_norm`` (the final RMSNorm with its output, which the loss saves) and
+    ``loss_count`` (the loss's token count, an int64 kept on the device so nothing syncs).
     """
     rb: Round = block_bytes if cuda_allocator else _exact
     e, t, d = dtype_bytes, seq_len * batch_size, shape.hidden
     layer = _saved_layer_bytes(rb, shape, t, setting, e)
     kept = rb(t * d * e) if setting.checkpointing else layer
     return {"layer": layer, "kept_layer": kept, "rope": 2 * rb(seq_len * shape.head_dim * e),
-            "final_norm": _norm_saved(rb, t, d, e)}
+            "final_norm": _norm_saved(rb, t, d, e), "loss_count": rb(8)}
 
 
 def _layer_theta_bytes(rb: Round, linears: list[tuple[str, int, int]], block_size: int) -> int:

@@ -95,7 +95,8 @@ assert set(PRESET_DEFAULTS) == set(PRESETS)
 # must keep them, or its checkpoint would not load or the run would no longer be one run.
 # ``batch_size`` is not locked: the *global* batch (batch x grad_accum x processes) is, checked
 # when the checkpoint is loaded, so a run can resume on another number of GPUs.
-RESUME_LOCKED = ("preset", "optimizer", "data", "vocab_size", "seq_len", "seed", "dtype")
+RESUME_LOCKED = ("preset", "optimizer", "data", "vocab_size", "seq_len", "seed", "dtype",
+                 "init_from")
 RESUME_LOCKED_POET = ("block_size", "neumann_terms", "init", "exclude", "seed", "w0_format",
                       "quant_group_size", "w0_residual")
 
@@ -110,6 +111,11 @@ class TrainConfig:
             (plain AdamW on the dense model); both run through the same loop.
         data: text file / folder / corpus name for ``poetx.data``; ``None`` = bundled corpus.
         tokenizer: a ``tokenizer.json`` to use instead of training one.
+        init_from: a Hugging Face causal-LM folder (``config.json``, weights, ``tokenizer.json``)
+            to continue pretraining from: its weights start the run (``poet.init = "keep"``, the
+            default then), its tokenizer tokenizes the data unless ``tokenizer`` is given; the
+            model's shape is the checkpoint's (``preset`` only picks the recipe's defaults).
+            Resume, eval and export of the run read the folder again (the model class).
         vocab_size: size of the tokenizer trained for the run (default: the preset's, 512 for
             ``tiny``); the model's vocabulary is the tokenizer's.
         cache_dir: data cache (default ``$POETX_DATA_DIR`` or ``~/.cache/poetx``).
@@ -130,6 +136,8 @@ class TrainConfig:
         clip_warmup_start: after each merge the threshold ramps from ``start * max_grad_norm``
         back to ``max_grad_norm`` over that many steps.
         skip_nonfinite: skip a step with a NaN/inf loss or gradient instead of stopping.
+        cuda_graphs: replay the step as one CUDA graph (``poetx.train.capture``) where it
+            applies: a CUDA device and a single process; ignored elsewhere.
         grad_checkpointing: HF activation checkpointing of the decoder blocks.
         poet: the reparameterization (block size, merge period ``T``, mode, W0 storage...).
     Bookkeeping:
@@ -151,6 +159,9 @@ class TrainConfig:
         check=non_empty, group="data", metavar="PATH")
     tokenizer: str | None = setting(None, "tokenizer.json to use instead of training one",
                                     check=non_empty, group="data", metavar="PATH")
+    init_from: str | None = setting(
+        None, "continue pretraining a Hugging Face causal LM folder: its weights (POET init "
+        "'keep') and its tokenizer.json", check=non_empty, group="data", metavar="HF_DIR")
     vocab_size: int | None = setting(
         None, "vocabulary of the tokenizer trained for the run (default: the preset's)",
         check=at_least(2), group="data")
@@ -204,6 +215,9 @@ class TrainConfig:
     skip_nonfinite: bool = setting(
         False, "skip steps with NaN/inf loss or gradient instead of stopping",
         group="optimization")
+    cuda_graphs: bool = setting(
+        True, "record the training step as one CUDA graph after 3 eager steps and replay it "
+        "(CUDA, one process; off: every step eager)", group="optimization")
     grad_checkpointing: bool = setting(False, "activation checkpointing of the decoder blocks",
                                        group="memory")
     eval_every: int | None = setting(
@@ -257,6 +271,8 @@ class TrainConfig:
                                0 if poetx_run else max(1, self.steps // 10))
         if not isinstance(self.poet, POETConfig):
             poet = {"block_size": d.block_size, "merge_every": d.merge_every, "seed": self.seed}
+            if self.init_from is not None:
+                poet["init"] = "keep"  # continued pretraining starts from the trained weights
             if self.poet is not None:
                 if not isinstance(self.poet, dict):
                     raise ValueError(f"poet: must be a table of POET settings, got {self.poet!r}")
@@ -276,6 +292,11 @@ class TrainConfig:
                 f"warmup_steps: must not exceed steps ({self.steps}), got {self.warmup_steps}"
             )
         self.poet.validate()
+        if self.init_from is not None and self.optimizer == "poetx" and self.poet.init != "keep":
+            raise ValueError(
+                f"poet.init: must be 'keep' with init_from (the checkpoint's weights become W0), "
+                f"got {self.poet.init!r}"
+            )
 
     # conversion -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from poetx.train.run_dir import (
     RunDirError,
     claim_run_dir,
 )
-from poetx.train.run_model import build_run_model
+from poetx.train.run_model import build_run_model, check_pretrained_dir
 from poetx.train.trainer import RunResult, Trainer, data_fingerprint
 
 __all__ = ["NonFiniteError", "RunResult", "TrainError", "TrainInterrupted", "Trainer", "train"]
@@ -72,6 +72,10 @@ def _build_data(cfg: TrainConfig, run_dir: Path, resuming: bool, global_batch: i
     if resuming and tokenizer is None and (run_dir / TOKENIZER_FILE).is_file():
         # The run's own copy: the data cache may have been cleared since.
         tokenizer = str(run_dir / TOKENIZER_FILE)
+    if cfg.init_from is not None:
+        check_pretrained_dir(cfg.init_from)  # before any data work
+        if tokenizer is None:
+            tokenizer = cfg.init_from  # the checkpoint's tokenizer.json
     try:
         return build_data(
             cfg.data, cfg.seq_len, global_batch, cfg.seed, vocab_size=cfg.vocab_size,

@@ -6,6 +6,8 @@ the same model for a given config.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 from transformers import LlamaForCausalLM
@@ -24,6 +26,13 @@ def build_run_model(cfg: TrainConfig, vocab_size: int, device: torch.device,
     ``W0`` in that dtype while its skew parameters stay float32 (bf16 cannot hold their small
     updates). Model initialization draws from the global torch RNG: seed it first.
     """
+    if cfg.init_from is not None:
+        model = load_pretrained(cfg.init_from, vocab_size, device, dtype)
+        if cfg.optimizer == "poetx":
+            poetx.wrap(model, cfg.poet)
+        if cfg.grad_checkpointing:
+            enable_grad_checkpointing(model)
+        return model
     max_positions = max(cfg.seq_len, 2048)
     if cfg.optimizer == "poetx" and cfg.poet.init == "normalized":
         # Nothing of the dense linear weights is needed: build on meta and draw W0 in place, so
@@ -40,6 +49,35 @@ def build_run_model(cfg: TrainConfig, vocab_size: int, device: torch.device,
     if cfg.grad_checkpointing:
         enable_grad_checkpointing(model)
     return model
+
+
+def check_pretrained_dir(path: str | Path) -> Path:
+    """``path`` if it is a Hugging Face model folder, else ``FileNotFoundError`` naming it."""
+    path = Path(path).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"init_from: {path} is not a Hugging Face model folder "
+                                f"(no config.json)")
+    return path
+
+
+def load_pretrained(path: str | Path, vocab_size: int, device: torch.device,
+                    dtype: torch.dtype) -> nn.Module:
+    """The Hugging Face causal LM saved in ``path``, in ``dtype`` on ``device``, set up for
+    training (no KV cache); its vocabulary must hold every token id (below ``vocab_size``)."""
+    from transformers import AutoModelForCausalLM
+
+    path = check_pretrained_dir(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"init_from: cannot load a causal LM from {path}: {e}") from e
+    rows = model.get_input_embeddings().weight.shape[0]
+    if vocab_size > rows:
+        raise ValueError(f"init_from: the data's tokenizer has {vocab_size} tokens but {path} "
+                         f"embeds only {rows}; use the checkpoint's own tokenizer")
+    model.config.use_cache = False
+    model.config.dtype = dtype
+    return model.to(device=device, dtype=dtype)
 
 
 def enable_grad_checkpointing(model: nn.Module) -> None:

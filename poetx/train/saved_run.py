@@ -58,7 +58,9 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: 
     saved_dtype = state.get("dtype") or cfg.dtype
     torch_dtype = resolve_dtype(dtype or saved_dtype, dev)
     torch.manual_seed(cfg.seed)
-    model = build_run_model(cfg, checkpoint_vocab_size(path), dev, torch_dtype)
+    # A continued-pretraining run takes its vocabulary (and architecture) from init_from.
+    vocab = 0 if cfg.init_from is not None else checkpoint_vocab_size(path)
+    model = build_run_model(cfg, vocab, dev, torch_dtype)
     load_model_state(path, model)
     model.eval()
     return LoadedRun(Path(run_dir), path, cfg, state, model, dev)

@@ -5,7 +5,8 @@ every micro-batch, gradient norm and clipping, the NaN/inf decision and the opti
 with no host synchronization (no ``.item()``, no branch on a device value). A step with a
 non-finite loss or gradient norm is skipped on the device: the fused AdamW reads
 ``optimizer.found_inf`` and neither moves a parameter nor counts the step. That makes the step
-something CUDA graphs, ``torch.compile`` or DDP can wrap from outside (``self.step_fn``).
+something CUDA graphs, ``torch.compile`` or DDP can wrap from outside (``self.step_fn``; on
+one CUDA device it is replayed as a CUDA graph, ``cfg.cuda_graphs``).
 
 Between steps, in :meth:`Trainer.fit`: the learning-rate schedule (written in place into device
 tensors), the merge schedule, evaluation, checkpoints, and reading the step metrics, which
@@ -29,7 +30,9 @@ from torch import Tensor, nn
 from poetx import MergeSchedule, make_optimizer
 from poetx.model.causal_lm import CausalLMWithLoss
 from poetx.model.wrap import rotation_norm_max
+from poetx.optim.clip import DeviceGradClip
 from poetx.optim.optimizer import DECAY_GROUP, POET_GROUP
+from poetx.train.capture import CapturedStep
 from poetx.train.checkpoint import (
     checkpoint_name,
     load_model_state,
@@ -145,8 +148,11 @@ class Trainer:
         self.train_module = parallelize(self.loss_module, scheme, device)
         # Fused AdamW: one kernel per device and dtype, a device-side skip (found_inf), an lr
         # tensor; it runs on CPU too, so the CPU suite tests the same update as the GPU runs.
+        # One CUDA graph per step where it applies (a DDP step's hooks are not captured).
+        self.graphs = cfg.cuda_graphs and device.type == "cuda" and not self.ctx.distributed
         self.optimizer = make_optimizer(model, lr=cfg.lr, poet_lr=cfg.poet_lr,
-                                        weight_decay=cfg.weight_decay, fused=True)
+                                        weight_decay=cfg.weight_decay, fused=True,
+                                        capturable=self.graphs)
         self.scheduler = build_scheduler(self.optimizer, cfg.warmup_steps, cfg.steps,
                                          cfg.min_lr_ratio)
         self.merge = (MergeSchedule(model, self.optimizer, cfg.poet, cfg.clip_warmup_steps,
@@ -158,11 +164,9 @@ class Trainer:
         self._lr_tensors = [torch.zeros((), dtype=torch.float32, device=device)
                             for _ in self.optimizer.param_groups]
         self._install_lr_tensors()
-        self.clipping = cfg.max_grad_norm > 0
-        self.max_norm = torch.full((), cfg.max_grad_norm, dtype=torch.float32, device=device)
+        # Clipping and the skip are applied by the fused AdamW kernel (grad_scale, found_inf).
+        self.clip = DeviceGradClip(self.optimizer, self.params, cfg.max_grad_norm)
         self._max_norm_value = cfg.max_grad_norm
-        self.found_inf = torch.zeros((), dtype=torch.float32, device=device)
-        self.optimizer.found_inf = self.found_inf
         shape = (cfg.grad_accum, cfg.batch_size, cfg.seq_len + 1)
         self.batch = torch.zeros(shape, dtype=torch.int64, device=device)
         on_cuda = device.type == "cuda"
@@ -174,9 +178,20 @@ class Trainer:
         # "forward" while nothing of the current step is applied, "update" once the optimizer
         # may have changed the state: a KeyboardInterrupt in the step saves only in "forward".
         self.phase = "idle"
-        # The function the loop calls each step. A whole-step capture (CUDA graphs) plugs in
-        # here, replacing it by a wrapper that replays train_step on the static self.batch.
+        # The function the loop calls each step: train_step, or its CUDA-graph replay on the
+        # static self.batch (recorded at the 4th call; merges and schedules change tensors in
+        # place, so the graph stays valid).
         self.step_fn = self.train_step
+        self.captured: CapturedStep | None = None
+        if self.graphs:
+            self.captured = CapturedStep(self.train_step, self.batch, warmup=3,
+                                         share_batch=True)
+            self.step_fn = self._replay_step
+
+    def _replay_step(self, batch: Tensor) -> dict[str, Tensor]:
+        metrics = self.captured(batch)
+        self.phase = "update"  # set inside train_step, which a replay does not run
+        return metrics
 
     # the step ------------------------------------------------------------------------------
     def train_step(self, batch: Tensor) -> dict[str, Tensor]:
@@ -196,13 +211,11 @@ class Trainer:
         loss = total / micro if micro > 1 else total
         if self.ctx.distributed:
             loss = self.ctx.all_reduce_sum(loss.clone()) / self.ctx.world
-        grads = [p.grad for p in self.params if p.grad is not None]
-        grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-        if self.clipping:
-            torch._foreach_mul_(grads, (self.max_norm / (grad_norm + 1e-6)).clamp(max=1.0))
-        # Same on every rank: the loss is all-reduced and the gradients are.
+        grad_norm = self.clip()
+        # Same on every rank: the loss is all-reduced and the gradients are. A NaN loss with
+        # finite gradients (possible with ignored tokens only) skips the step too.
         nonfinite = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
-        self.found_inf.copy_(nonfinite)
+        self.clip.found_inf.copy_(nonfinite)
         self.phase = "update"
         self.optimizer.step()
         return {"loss": loss, "grad_norm": grad_norm, "nonfinite": nonfinite}
@@ -241,7 +254,7 @@ class Trainer:
         clip = self.merge.clip_value(self.cfg.max_grad_norm) if self.merge else \
             self.cfg.max_grad_norm
         if clip != self._max_norm_value:
-            self.max_norm.fill_(clip)
+            self.clip.set_max_norm(clip)
             self._max_norm_value = clip
         return clip
 
@@ -286,6 +299,8 @@ class Trainer:
         load_model_state(path, self.model)
         load_optimizer_state(path, self.optimizer, state)
         self._install_lr_tensors()
+        if self.captured is not None:  # the loaded state is new tensors
+            self.captured.invalidate()
         load_scheduler_state(self.scheduler, state["lr_scheduler"])
         if self.merge is not None:
             self.merge.load_state_dict(state["merge_schedule"])
