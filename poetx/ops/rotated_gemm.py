@@ -204,8 +204,8 @@ def poet_linear(
         # backward's incoming gradients) another dtype than the saved input.
         with torch.autocast(device_type, enabled=False):
             return poet_linear(x.to(torch.get_autocast_dtype(device_type)), w0, w0_scale,
-                               theta_in, theta_out, index_in, index_out, block_in, block_out,
-                               terms, save_intermediate)
+                               quant_group, theta_in, theta_out, index_in, index_out, block_in,
+                               block_out, terms, save_intermediate)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if not x2.is_contiguous():
