@@ -7,12 +7,10 @@ import os
 import random
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import poetx.train.checkpoint.store as ck
 import poetx.train.trainer as trainer_mod
@@ -20,6 +18,7 @@ from poetx.cli.main import main
 from poetx.train.checkpoint import verify_checkpoint
 from poetx.train.metrics import read_metrics
 from poetx.train.saved_run import load_run
+from tests.isolation import assert_loads_without_poetx
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,45 +102,8 @@ def test_export_loads_without_poetx_and_gives_the_same_logits(run_dir, tmp_path)
                         generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = model(input_ids=ids).logits
-    save_file({"ids": ids, "logits": expected}, str(tmp_path / "expected.safetensors"))
-    script = textwrap.dedent(f"""
-        import os, sys
-        repo = {str(REPO)!r}
-        sys.path[:] = [p for p in sys.path if p and os.path.abspath(p) != repo]
-
-        class HidePoetx:
-            def find_spec(self, name, path=None, target=None):
-                if name == "poetx" or name.startswith("poetx."):
-                    raise ImportError("poetx is hidden in this test")
-                return None
-
-        sys.meta_path.insert(0, HidePoetx())
-        try:
-            import poetx  # noqa: F401
-            sys.exit("poetx importable")
-        except ImportError:
-            pass
-        import torch
-        from safetensors.torch import load_file
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        model = AutoModelForCausalLM.from_pretrained({str(dest)!r}).eval()
-        ref = load_file({str(tmp_path / "expected.safetensors")!r})
-        with torch.no_grad():
-            logits = model(input_ids=ref["ids"]).logits
-        diff = (logits - ref["logits"]).abs().max().item()
-        print("maxdiff", diff)
-        assert diff < 1e-4, diff
-        tok = AutoTokenizer.from_pretrained({str(dest)!r})
-        text = "Hamlet waits for Juliet by the sea."
-        assert tok.decode(tok(text)["input_ids"]) == text
-        assert not any(m.startswith("poetx") for m in sys.modules)
-        print("ok")
-    """)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "ok" in proc.stdout
+    assert_loads_without_poetx(dest, ids, expected, tmp_path,
+                               tokenizer_text="Hamlet waits for Juliet by the sea.")
 
 
 @pytest.mark.slow

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import poetx
 from poetx import POETAdamW, POETConfig
 from poetx.integrations.transformers import merged_state_dict, save_pretrained_merged
+from tests.isolation import assert_loads_without_poetx
 
 REPO = Path(__file__).resolve().parent.parent
 VOCAB = 96
@@ -40,43 +36,6 @@ class TokenDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
-def assert_loads_without_poetx(dest: Path, ids: torch.Tensor, logits: torch.Tensor,
-                               tmp_path: Path) -> None:
-    """``dest`` loads with transformers in a process where poetx cannot be imported and gives
-    ``logits`` on ``ids``."""
-    ref = tmp_path / "expected.safetensors"
-    save_file({"ids": ids, "logits": logits.contiguous()}, str(ref))
-    script = textwrap.dedent(f"""
-        import os, sys
-        repo = {str(REPO)!r}
-        sys.path[:] = [p for p in sys.path if p and os.path.abspath(p) != repo]
-
-        class HidePoetx:
-            def find_spec(self, name, path=None, target=None):
-                if name == "poetx" or name.startswith("poetx."):
-                    raise ImportError("poetx is hidden in this test")
-                return None
-
-        sys.meta_path.insert(0, HidePoetx())
-        import torch
-        from safetensors.torch import load_file
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(dest)!r}).eval()
-        ref = load_file({str(ref)!r})
-        with torch.no_grad():
-            logits = model(input_ids=ref["ids"]).logits
-        diff = (logits - ref["logits"]).abs().max().item()
-        assert diff < 1e-4, diff
-        assert not any(m.startswith("poetx") for m in sys.modules)
-        print("ok", type(model).__name__)
-    """)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "ok" in proc.stdout
 
 
 def _trainer(model, out: Path, steps: int, **optimizer_kwargs):
