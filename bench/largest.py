@@ -41,6 +41,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--poet-lr", type=float, default=5e-4)
     parser.add_argument("--warmup", type=int, default=3, help="linear lr warm-up steps")
+    # the memory options of poetx train (see `poetx plan`)
+    parser.add_argument("--dense-optimizer", default="adamw",
+                        choices=["adamw", "adamw-kahan", "adamw-fp32-master", "adamw8bit"])
+    parser.add_argument("--rotation-states", default="fp32", choices=["fp32", "8bit"])
+    parser.add_argument("--step-in-backward", action="store_true",
+                        help="embedding and lm_head stepped in backward, clipped per tensor")
     parser.add_argument("--out", default="bench/results/largest.json")
     args = parser.parse_args()
 
@@ -58,7 +64,14 @@ def main() -> None:
     build_s = time.perf_counter() - start
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    opt = poetx.make_optimizer(model, lr=args.lr, poet_lr=args.poet_lr)
+    opt = poetx.make_optimizer(model, lr=args.lr, poet_lr=args.poet_lr,
+                               dense_optimizer=args.dense_optimizer,
+                               rotation_8bit=args.rotation_states == "8bit")
+    in_backward = None
+    if args.step_in_backward:
+        from poetx.optim.in_backward import StepInBackward, embedding_and_head
+
+        in_backward = StepInBackward(opt, embedding_and_head(model), 1.0)
     warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup))
     dense_params = sum(
         m.in_features * m.out_features for _, m in poetx.model.wrap.poet_layers(model)
@@ -71,8 +84,11 @@ def main() -> None:
     for step in range(args.steps):
         t0 = time.perf_counter()
         loss = causal_lm_loss(model, data.train.batch(step).cuda())
+        if in_backward is not None:
+            in_backward.begin(loss)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        # the parameters stepped in backward were clipped on their own (their grads are None)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 1.0)
         opt.step()
         warmup.step()
         opt.zero_grad(set_to_none=True)
@@ -83,7 +99,9 @@ def main() -> None:
                      "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
                      "dense_params_b": dense_params / 1e9, "trainable_m": trainable / 1e6,
                      "w0_format": args.w0_format, "mode": args.mode, "lr": args.lr,
-                     "poet_lr": args.poet_lr,
+                     "poet_lr": args.poet_lr, "dense_optimizer": args.dense_optimizer,
+                     "rotation_states": args.rotation_states,
+                     "step_in_backward": args.step_in_backward, "loss_impl": "vocab-chunked",
                      "batch": args.batch, "seq_len": args.seq_len})
         print(f"step {step}: loss {rows[-1]['loss']:.4f}  {rows[-1]['tokens_per_s']:.0f} tok/s  "
               f"peak {rows[-1]['peak_gib']:.1f} GiB", flush=True)

@@ -28,8 +28,11 @@ class Method:
     w0_format: str = "auto"
     checkpointing: bool = False
     dense_optimizer: str = "adamw"
+    rotation_states: str = "fp32"
+    step_in_backward: bool = False
 
 
+_LEAN = {"dense_optimizer": "adamw8bit", "step_in_backward": True}
 METHODS = {
     "adamw": Method(poetx=False),
     "adamw-ckpt": Method(poetx=False, checkpointing=True),
@@ -45,6 +48,15 @@ METHODS = {
                           dense_optimizer="adamw-fp32-master"),
     "int8-8bit": Method(poetx=True, mode="mem", w0_format="int8", checkpointing=True,
                         dense_optimizer="adamw8bit"),
+    # the memory options of issue 13: 8-bit embedding/head states stepped in backward, then
+    # 8-bit rotation states too ("lean")
+    "mem-ckpt-8bit-inbwd": Method(poetx=True, mode="mem", checkpointing=True, **_LEAN),
+    "mem-ckpt-lean": Method(poetx=True, mode="mem", checkpointing=True, rotation_states="8bit",
+                            **_LEAN),
+    "int8-8bit-inbwd": Method(poetx=True, mode="mem", w0_format="int8", checkpointing=True,
+                              **_LEAN),
+    "int8-lean": Method(poetx=True, mode="mem", w0_format="int8", checkpointing=True,
+                        rotation_states="8bit", **_LEAN),
 }
 
 
@@ -64,7 +76,13 @@ def build(preset: str, method: Method, block_size: int, device: str):
         model = build_poet_model(lambda: LlamaForCausalLM(llama_config(preset)), cfg, device,
                                  torch.bfloat16, rebuild_buffers=rebuild_hf_rotary)
         opt = poetx.make_optimizer(model, lr=1e-4, poet_lr=1e-4,
-                                   dense_optimizer=method.dense_optimizer)
+                                   dense_optimizer=method.dense_optimizer,
+                                   rotation_8bit=method.rotation_states == "8bit")
+    if method.step_in_backward:
+        from poetx.optim.in_backward import StepInBackward, embedding_and_head
+
+        # no clipping, as the other rows (max_norm 0)
+        model._step_in_backward = StepInBackward(opt, embedding_and_head(model), 0.0)
     if method.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -80,9 +98,13 @@ def worker(args: argparse.Namespace) -> None:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     model, opt = build(args.models, method, args.block_size, args.device)
     vocab = model.config.vocab_size
+    env = environment()
     for seq in [int(s) for s in args.seqs.split(",")]:
         row = {"model": args.models, "seq_len": seq, "batch": args.batch, "method": args.method,
-               "block_size": args.block_size if method.poetx else None}
+               "block_size": args.block_size if method.poetx else None,
+               "loss_impl": "vocab-chunked",  # poetx.model.lm_loss since issue 13
+               "device": env["device"], "command": " ".join(["python -m bench.model",
+                                                              *sys.argv[1:]])}
         try:
             sync()
             if cuda:
@@ -92,6 +114,8 @@ def worker(args: argparse.Namespace) -> None:
             for step in range(args.warmup + args.steps):
                 start = time.perf_counter()
                 loss = causal_lm_loss(model, batch)
+                if method.step_in_backward:
+                    model._step_in_backward.begin(loss)
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)

@@ -33,11 +33,23 @@ BENCH_METHODS: dict[str, dict[str, Any]] = {
                     "dense_optimizer": "adamw-fp32-master"},
     "int8-8bit": {"mode": "mem", "w0_format": "int8", "checkpointing": True,
                   "dense_optimizer": "adamw8bit"},
+    "mem-ckpt-8bit-inbwd": {"mode": "mem", "checkpointing": True, "dense_optimizer": "adamw8bit",
+                            "step_in_backward": True},
+    "mem-ckpt-lean": {"mode": "mem", "checkpointing": True, "dense_optimizer": "adamw8bit",
+                      "step_in_backward": True, "rotation_states": "8bit"},
+    "int8-8bit-inbwd": {"mode": "mem", "w0_format": "int8", "checkpointing": True,
+                        "dense_optimizer": "adamw8bit", "step_in_backward": True},
+    "int8-lean": {"mode": "mem", "w0_format": "int8", "checkpointing": True,
+                  "dense_optimizer": "adamw8bit", "step_in_backward": True,
+                  "rotation_states": "8bit"},
 }
 
 
 def setting_of_row(row: dict[str, Any]) -> Setting:
+    """The planner setting of a ``bench/model.py`` row; rows without a ``loss`` key were
+    measured before issue 13, with the token-chunked loss (float32 head gradient)."""
     options = dict(BENCH_METHODS[row["method"]])
+    options["loss"] = row.get("loss_impl", "token-chunked")
     if row.get("block_size"):
         options["block_size"] = row["block_size"]
     return Setting(**options)
@@ -68,7 +80,11 @@ def compare_largest(rows: list[dict[str, Any]], vocab_size: int = 16384) -> dict
     first = rows[0]
     hidden, inter, layers, heads = SHAPES[first["shape"]]
     shape = ModelShape(hidden, inter, layers, heads, heads, vocab_size)
-    setting = Setting(mode=first["mode"], checkpointing=True, w0_format=first["w0_format"])
+    setting = Setting(mode=first["mode"], checkpointing=True, w0_format=first["w0_format"],
+                      loss=first.get("loss_impl", "token-chunked"),
+                      dense_optimizer=first.get("dense_optimizer", "adamw"),
+                      rotation_states=first.get("rotation_states", "fp32"),
+                      step_in_backward=bool(first.get("step_in_backward", False)))
     p = predict(shape, first["seq_len"], first["batch"], setting, first["shape"])
     measured = max(r["peak_gib"] for r in rows)
     return {"model": first["shape"], "seq_len": first["seq_len"], "batch": first["batch"],

@@ -49,10 +49,15 @@ class DeviceGradClip:
         self.max_norm.fill_(float(max_norm))
 
     @torch.no_grad()
-    def __call__(self) -> Tensor:
+    def __call__(self, extra_sq: Tensor | None = None) -> Tensor:
+        """Clip the gradients present now; ``extra_sq``: squared norm of gradients already
+        applied and freed (``StepInBackward.sq_norm``), counted in the returned norm and the
+        skip, not in the clipping factor (those were clipped per tensor)."""
         grads = [p.grad for p in self.params if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads, foreach=True).float()
-        self.found_inf.copy_(torch.logical_not(torch.isfinite(norm)).float())
+        norm = (torch.nn.utils.get_total_norm(grads, foreach=True).float() if grads else
+                self.max_norm.new_zeros(()))
+        total = norm if extra_sq is None else torch.sqrt(norm.square() + extra_sq)
+        self.found_inf.copy_(torch.logical_not(torch.isfinite(total)).float())
         factor = torch.clamp((norm + _EPS) / self.max_norm, min=1.0)
         self.grad_scale.copy_(torch.where(self.max_norm > 0, factor, 1.0))
-        return norm
+        return total

@@ -11,7 +11,15 @@ AdamW stops moving the parameter. Remedies, chosen per optimizer (``make_optimiz
 - ``"fp32-master"``: a float32 master copy receives the updates; the bf16 parameter is its
   rounding (4 extra bytes per parameter).
 - ``"adamw8bit"`` (:class:`LowBitAdamW`): torchao's 8-bit Adam states (about 2 bytes per
-  parameter instead of 4) and stochastic rounding of the bf16 parameter.
+  parameter instead of 4) and stochastic rounding for the bf16 matrices (embedding, lm_head);
+  bf16 vectors (norms, a few KB) keep bf16 states with Kahan compensation. Optionally the
+  float32 rotation parameters get 8-bit states too (``rotation_8bit``).
+
+Clipping and the non-finite skip (:class:`~poetx.optim.clip.DeviceGradClip` attaches
+``grad_scale`` and ``found_inf`` to the optimizer): torch's fused kernel applies them to the
+parameters it steps; the parameters stepped here are divided by ``grad_scale`` too, and skipped
+when ``found_inf`` is set, which costs one read of ``found_inf`` by the host per step (these
+optimizers are not capturable as a CUDA graph anyway).
 
 Float32 parameters (the rotations) are stepped by ``torch.optim.AdamW`` itself (fused on CUDA),
 exactly as without this option. The compensated update runs in slices of ``chunk_elements``
@@ -33,14 +41,17 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 class _SplitAdamW(torch.optim.AdamW):
-    """``torch.optim.AdamW`` for float32 parameters; bf16/fp16 ones are stepped by
-    :meth:`_step_low_precision`. Groups (and their ``lr``) are shared, so schedules, the merge
-    schedule (which clears rotation state in ``self.state``) and gradient clipping see one
+    """``torch.optim.AdamW`` for the parameters it does not own; the owned ones (by default
+    every bf16/fp16 parameter) are stepped by :meth:`_step_low_precision`. Groups (and their
+    ``lr``) are shared, so schedules, the merge schedule and gradient clipping see one
     optimizer."""
 
     @staticmethod
     def _low_precision(p: Tensor) -> bool:
         return p.dtype in _LOW_PRECISION
+
+    def _owns(self, group: dict, p: Tensor) -> bool:
+        return self._low_precision(p)
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
@@ -48,12 +59,12 @@ class _SplitAdamW(torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # Hide the low-precision gradients from torch's AdamW (it skips parameters without a
+        # Hide the owned gradients from torch's AdamW (it skips parameters without a
         # gradient), step the rest with it, then step the hidden ones.
         hidden: list[tuple[dict, Tensor, Tensor]] = []
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is not None and self._low_precision(p):
+                if p.grad is not None and self._owns(group, p):
                     hidden.append((group, p, p.grad))
                     p.grad = None
         try:
@@ -61,10 +72,13 @@ class _SplitAdamW(torch.optim.AdamW):
         finally:
             for _, p, grad in hidden:
                 p.grad = grad
-        self._step_low_precision(hidden)
+        found_inf = getattr(self, "found_inf", None)
+        if hidden and not (found_inf is not None and bool(found_inf)):
+            self._step_low_precision(hidden, getattr(self, "grad_scale", None))
         return loss
 
-    def _step_low_precision(self, items: list[tuple[dict, Tensor, Tensor]]) -> None:
+    def _step_low_precision(self, items: list[tuple[dict, Tensor, Tensor]],
+                            grad_scale: Tensor | None) -> None:
         raise NotImplementedError
 
 
@@ -95,9 +109,10 @@ class CompensatedAdamW(_SplitAdamW):
         self.compensation = compensation
         self.chunk_elements = chunk_elements
 
-    def _step_low_precision(self, items: list[tuple[dict, Tensor, Tensor]]) -> None:
+    def _step_low_precision(self, items: list[tuple[dict, Tensor, Tensor]],
+                            grad_scale: Tensor | None) -> None:
         for group, p, grad in items:
-            self._update(group, p, grad)
+            self._update(group, p, grad, grad_scale)
 
     def _state(self, p: Tensor) -> dict[str, Any]:
         state = self.state[p]
@@ -111,7 +126,8 @@ class CompensatedAdamW(_SplitAdamW):
                 state["master"] = p.detach().float().clone()
         return state
 
-    def _update(self, group: dict[str, Any], p: Tensor, grad: Tensor) -> None:
+    def _update(self, group: dict[str, Any], p: Tensor, grad: Tensor,
+                grad_scale: Tensor | None = None) -> None:
         if grad.is_sparse:
             raise RuntimeError("CompensatedAdamW does not support sparse gradients")
         if group.get("amsgrad") or group.get("maximize"):
@@ -129,7 +145,7 @@ class CompensatedAdamW(_SplitAdamW):
         for start in range(0, p.numel(), self.chunk_elements):
             end = min(start + self.chunk_elements, p.numel())
             pc, gc, mc, vc, xc = (t[start:end] for t in flat)
-            g = gc.float()
+            g = gc.float() if grad_scale is None else gc.float().div_(grad_scale)
             m = mc.float().mul_(beta1).add_(g, alpha=1 - beta1)
             v = vc.float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
             del g
@@ -168,20 +184,25 @@ class CompensatedAdamW(_SplitAdamW):
                 self.state[p]["master"] = masters[i].to(device=p.device, dtype=torch.float32)
 
 
-class LowBitAdamW(_SplitAdamW):
-    """``torch.optim.AdamW`` for float32 parameters; torchao's ``AdamW8bit`` for bf16/fp16 ones:
-    8-bit block-quantized Adam states (uint8 codes + one float32 scale per ``block_size``
-    values, for tensors of at least 4096 values that ``block_size`` divides; smaller ones keep
-    states in their dtype) and stochastic rounding of bf16 parameters, so small updates are
-    kept in expectation. Needs the ``lowbit`` extra (torchao).
+class LowBitAdamW(CompensatedAdamW):
+    """torchao's ``AdamW8bit`` for the bf16/fp16 matrices (embedding, lm_head) and, with
+    ``rotation_8bit``, for the float32 parameters of the ``"poet"`` group; Kahan-compensated
+    AdamW (:class:`CompensatedAdamW`) for the other bf16/fp16 parameters (norms);
+    ``torch.optim.AdamW`` for the remaining float32 ones. Needs the ``lowbit`` extra (torchao).
 
-    The low-precision states live in the inner torchao optimizer; ``state_dict`` carries them
-    under ``"lowbit"``. Its groups mirror this optimizer's and take their ``lr``, ``betas``,
-    ``eps`` and ``weight_decay`` at every step.
+    torchao keeps 8-bit block-quantized Adam states (uint8 codes + one float32 scale per
+    ``block_size`` values, for tensors of at least 4096 values that ``block_size`` divides;
+    smaller ones keep states in their dtype) and rounds bf16 parameters stochastically, so
+    small updates are kept in expectation. Its states live in the inner optimizer ``lowbit``;
+    :meth:`state_dict` returns them under the outer parameter indices, each 8-bit state as
+    plain tensors (``"exp_avg.codes"``, ``"exp_avg.scale"``, ``"exp_avg.qmap"`` and the bool
+    ``"exp_avg.signed"``), so a checkpoint holds them exactly. The inner groups mirror this
+    optimizer's and take their ``lr``, ``betas``, ``eps`` and ``weight_decay`` at every step.
     """
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, block_size: int = 256,
+                 rotation_8bit: bool = False, chunk_elements: int = DEFAULT_CHUNK,
                  fused: bool | None = None, foreach: bool | None = None) -> None:
         try:
             from torchao.optim import AdamW8bit
@@ -189,59 +210,148 @@ class LowBitAdamW(_SplitAdamW):
             raise ImportError("dense_optimizer 'adamw8bit' needs torchao: "
                               "pip install 'poetx[lowbit]'") from e
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         compensation="kahan", chunk_elements=chunk_elements,
                          fused=fused, foreach=foreach)
+        self.rotation_8bit = rotation_8bit
+        self._lowbit_ids: set[int] = set()
         self._mirrors: list[tuple[dict, dict]] = []
-        inner_groups = []
+        inner_groups, outer = [], []
         for group in self.param_groups:
-            low = [p for p in group["params"] if self._low_precision(p)]
-            if low:
-                inner_groups.append({"params": low, "lr": float(group["lr"]),
+            mine = [p for p in group["params"] if self._wants_8bit(group, p)]
+            self._lowbit_ids.update(id(p) for p in mine)
+            if mine:
+                outer.append(group)
+                inner_groups.append({"params": mine, "lr": float(group["lr"]),
                                      "betas": group["betas"], "eps": group["eps"],
                                      "weight_decay": group["weight_decay"]})
-        # torchao needs at least one parameter; a model without bf16 parameters has no inner
+        # torchao needs at least one parameter; a model without such parameters has no inner
         self.lowbit = (AdamW8bit(inner_groups, lr=lr, betas=betas, eps=eps, block_size=block_size,
                                  bf16_stochastic_round=True) if inner_groups else None)
         if self.lowbit is not None:
-            outer = [g for g in self.param_groups if any(map(self._low_precision, g["params"]))]
             self._mirrors = list(zip(outer, self.lowbit.param_groups, strict=True))
 
-    def _step_low_precision(self, items: list[tuple[dict, Tensor, Tensor]]) -> None:
-        if not items or self.lowbit is None:
+    def _wants_8bit(self, group: dict, p: Tensor) -> bool:
+        if self._low_precision(p):
+            return p.ndim >= 2
+        return self.rotation_8bit and group.get("name") == "poet"
+
+    def _owns(self, group: dict, p: Tensor) -> bool:
+        return self._low_precision(p) or id(p) in self._lowbit_ids
+
+    def state_holder(self, p: Tensor) -> torch.optim.Optimizer:
+        """The optimizer whose ``state`` holds ``p``'s state (``lowbit`` or this one)."""
+        return self.lowbit if id(p) in self._lowbit_ids else self
+
+    def _step_low_precision(self, items: list[tuple[dict, Tensor, Tensor]],
+                            grad_scale: Tensor | None) -> None:
+        compensated = [it for it in items if id(it[1]) not in self._lowbit_ids]
+        super()._step_low_precision(compensated, grad_scale)
+        if self.lowbit is None or len(compensated) == len(items):
             return
+        if grad_scale is not None:
+            for _, p, grad in items:
+                if id(p) in self._lowbit_ids:
+                    grad.div_(grad_scale.to(grad.dtype))
         for outer, inner in self._mirrors:
             inner["lr"].fill_(float(outer["lr"]))  # torchao keeps lr as a tensor
             for key in ("betas", "eps", "weight_decay"):
                 inner[key] = outer[key]
         self.lowbit.step()
 
+    def _outer_index(self) -> dict[int, int]:
+        params = [p for g in self.param_groups for p in g["params"]]
+        return {id(p): i for i, p in enumerate(params)}
+
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
-        if self.lowbit is not None:
-            sd["lowbit"] = self.lowbit.state_dict()
+        if self.lowbit is None:
+            return sd
+        index = self._outer_index()
+        for p, state in self.lowbit.state.items():
+            flat: dict[str, Any] = {}
+            for key, value in state.items():
+                if hasattr(value, "codes") and hasattr(value, "qmap"):  # torchao OptimState8bit
+                    flat[f"{key}.codes"] = value.codes
+                    flat[f"{key}.scale"] = value.scale
+                    flat[f"{key}.qmap"] = value.qmap
+                    flat[f"{key}.signed"] = bool(value.signed)
+                else:
+                    flat[key] = value
+            sd["state"][index[id(p)]] = flat
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        inner = state_dict.pop("lowbit", None)
-        super().load_state_dict(state_dict)
-        if (inner is None) != (self.lowbit is None):
-            raise ValueError("optimizer state: the 8-bit states do not match this model's "
-                             "bf16 parameters")
-        if inner is not None:
-            self.lowbit.load_state_dict(inner)
+        """Inverse of :meth:`state_dict`; a missing or misshapen 8-bit tensor raises
+        ``ValueError`` naming the parameter index and the state."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        saved = dict(state_dict["state"])
+        inner: dict[int, dict[str, Any]] = {}
+        for i, p in enumerate(params):
+            if id(p) in self._lowbit_ids and i in saved:
+                inner[i] = saved.pop(i)
+            elif i in saved and any("." in k for k in saved[i]):
+                raise ValueError(f"optimizer state of parameter {i}: 8-bit states saved for a "
+                                 f"parameter this optimizer keeps in full precision")
+        for i, p in enumerate(params):
+            if id(p) in self._lowbit_ids and i not in inner and i in saved:
+                raise ValueError(f"optimizer state of parameter {i}: missing")
+        super().load_state_dict({"state": saved, "param_groups": state_dict["param_groups"]})
+        if self.lowbit is None:
+            return
+        self.lowbit.state.clear()
+        for i, flat in inner.items():
+            self.lowbit.state[params[i]] = _unflatten_8bit(flat, params[i], i)
+
+
+def _unflatten_8bit(flat: dict[str, Any], p: Tensor, index: int) -> dict[str, Any]:
+    from torchao.optim.subclass_8bit import OptimState8bit
+
+    state: dict[str, Any] = {}
+    names = {k.split(".", 1)[0] for k in flat}
+    for name in sorted(names):
+        where = f"optimizer state of parameter {index}, {name!r}"
+        if name in flat:
+            value = flat[name]
+            if name == "step":
+                state[name] = torch.as_tensor(value, dtype=torch.float32).reshape(()).cpu()
+                continue
+            if tuple(value.shape) != tuple(p.shape):
+                raise ValueError(f"{where}: shape {tuple(value.shape)}, the parameter has "
+                                 f"{tuple(p.shape)}")
+            state[name] = value.to(p.device)
+            continue
+        parts = {}
+        for part in ("codes", "scale", "qmap", "signed"):
+            if f"{name}.{part}" not in flat:
+                raise ValueError(f"{where}: the 8-bit state lacks its {part!r}")
+            parts[part] = flat[f"{name}.{part}"]
+        codes, scale, qmap = (parts[k] for k in ("codes", "scale", "qmap"))
+        if (codes.dtype != torch.uint8 or tuple(codes.shape) != tuple(p.shape)
+                or scale.ndim != 1 or scale.numel() == 0 or codes.numel() % scale.numel()
+                or qmap.dtype != torch.float32 or qmap.numel() != 256):
+            raise ValueError(f"{where}: corrupt 8-bit state (codes {codes.dtype} "
+                             f"{tuple(codes.shape)}, scale {tuple(scale.shape)}, qmap "
+                             f"{tuple(qmap.shape)}; parameter {tuple(p.shape)})")
+        state[name] = OptimState8bit(codes.to(p.device), scale.to(p.device, torch.float32),
+                                     qmap.to(p.device), bool(parts["signed"]))
+    return state
 
 
 DENSE_OPTIMIZERS = ("adamw", "adamw-kahan", "adamw-fp32-master", "adamw8bit")
 
 
-def make_dense_variant(name: str, groups: list[dict[str, Any]], **kwargs: Any
-                       ) -> torch.optim.AdamW:
-    """The optimizer of ``make_optimizer(..., dense_optimizer=name)`` over its ``groups``."""
+def make_dense_variant(name: str, groups: list[dict[str, Any]], rotation_8bit: bool = False,
+                       **kwargs: Any) -> torch.optim.AdamW:
+    """The optimizer of ``make_optimizer(..., dense_optimizer=name)`` over its ``groups``;
+    ``rotation_8bit`` (``"adamw8bit"`` only): 8-bit states for the rotations too."""
+    if rotation_8bit and name != "adamw8bit":
+        raise ValueError(f"rotation_states '8bit': needs dense_optimizer 'adamw8bit' (torchao), "
+                         f"got {name!r}")
     if name == "adamw":
         return torch.optim.AdamW(groups, **kwargs)
     if name in ("adamw-kahan", "adamw-fp32-master"):
         return CompensatedAdamW(groups, compensation=name.removeprefix("adamw-"), **kwargs)
     if name == "adamw8bit":
-        return LowBitAdamW(groups, **kwargs)
+        return LowBitAdamW(groups, rotation_8bit=rotation_8bit, **kwargs)
     raise ValueError(f"dense_optimizer: must be one of {', '.join(DENSE_OPTIMIZERS)}; "
                      f"got {name!r}")

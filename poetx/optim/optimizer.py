@@ -26,6 +26,7 @@ def make_optimizer(
     poet_eps: float = POET_EPS,
     dense_optimizer: str = "adamw",
     capturable: bool = False,
+    rotation_8bit: bool = False,
 ) -> torch.optim.AdamW:
     """A standard ``torch.optim.AdamW`` over the trainable parameters of ``model``.
 
@@ -36,7 +37,9 @@ def make_optimizer(
     ``W0`` has ``requires_grad=False`` and gets no state. ``fused`` defaults to True when every
     parameter is on CUDA, else the foreach implementation is used. ``dense_optimizer``:
     ``"adamw"``, or ``"adamw-kahan"`` / ``"adamw-fp32-master"`` so that bf16 embeddings, lm_head
-    and norms keep their small updates (``poetx.optim.dense_update``).
+    and norms keep their small updates, or ``"adamw8bit"`` (torchao 8-bit states for embedding
+    and lm_head; ``rotation_8bit`` gives the rotations 8-bit states too)
+    (``poetx.optim.dense_update``).
 
     Rotation convention: the ``"poet"`` group runs at ``poet_lr`` with its own Adam ``poet_eps``
     (default ``1e-6``, as the authors). The skew gradients are small (``1e-6`` .. ``1e-4``), so
@@ -83,8 +86,9 @@ def make_optimizer(
     if fused is None:
         fused = all(p.is_cuda for p in all_params)
     kwargs = {"fused": True} if fused else {"foreach": True}
-    if dense_optimizer != "adamw":
+    if dense_optimizer != "adamw" or rotation_8bit:
         from poetx.optim.dense_update import make_dense_variant
 
-        return make_dense_variant(dense_optimizer, groups, lr=lr, betas=betas, eps=eps, **kwargs)
+        return make_dense_variant(dense_optimizer, groups, rotation_8bit=rotation_8bit, lr=lr,
+                                  betas=betas, eps=eps, **kwargs)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kwargs)

@@ -10,6 +10,28 @@ from torch import nn
 ADAM_STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"})
 
 
+def _holder(optimizer: torch.optim.Optimizer, p: nn.Parameter) -> torch.optim.Optimizer:
+    """The optimizer whose ``state`` holds ``p``'s: ``optimizer``, or its inner one
+    (``LowBitAdamW.state_holder``)."""
+    holder = getattr(optimizer, "state_holder", None)
+    return holder(p) if holder is not None else optimizer
+
+
+def _state_of(optimizer: torch.optim.Optimizer, p: nn.Parameter) -> dict:
+    return _holder(optimizer, p).state.get(p)
+
+
+def _plain(t: torch.Tensor) -> bool:
+    return type(t) in (torch.Tensor, nn.Parameter)
+
+
+def _fill_quantized_(t: torch.Tensor, value: torch.Tensor | float) -> None:
+    """Set a quantized state tensor (torchao ``OptimState8bit``) to ``value`` everywhere: it
+    supports ``copy_`` from a plain tensor (quantizing it), not ``zero_``."""
+    t.copy_(torch.as_tensor(value, dtype=torch.float32, device=t.device).expand(t.shape)
+            .contiguous())
+
+
 @torch.no_grad()
 def reset_state_(optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter]) -> int:
     """Zero every tensor of the optimizer state of ``params`` in place; returns how many
@@ -24,14 +46,19 @@ def reset_state_(optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter
     tensors = []
     count = 0
     for p in params:
-        state = optimizer.state.get(p)
+        state = _state_of(optimizer, p)
         if not state:
             continue
         count += 1
         if set(state) <= ADAM_STATE_KEYS:
-            tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
-        else:  # an optimizer whose zero state may not mean "fresh" (e.g. quantized codes)
-            optimizer.state.pop(p)
+            for v in state.values():
+                if isinstance(v, torch.Tensor):
+                    if _plain(v):
+                        tensors.append(v)
+                    else:  # 8-bit codes: zero means the code of 0, written by quantizing 0
+                        _fill_quantized_(v, 0.0)
+        else:  # an optimizer whose zero state may not mean "fresh"
+            _holder(optimizer, p).state.pop(p)
     for device_tensors in _by_device(tensors).values():
         torch._foreach_zero_(device_tensors)
     return count
@@ -49,16 +76,20 @@ def rewarm_state_(optimizer: torch.optim.Optimizer, params: Iterable[nn.Paramete
     count = 0
     firsts = []
     for p in params:
-        state = optimizer.state.get(p)
+        state = _state_of(optimizer, p)
         if not state:
             continue
         count += 1
         if not (set(state) <= ADAM_STATE_KEYS and "exp_avg_sq" in state):
             reset_state_(optimizer, [p])
             continue
-        firsts.append(state["exp_avg"])
         sq = state["exp_avg_sq"]
-        sq.copy_(sq.mean().expand_as(sq))
+        if _plain(sq):
+            firsts.append(state["exp_avg"])
+            sq.copy_(sq.mean().expand_as(sq))
+        else:  # 8-bit states (torchao): through their dequantized values
+            _fill_quantized_(state["exp_avg"], 0.0)
+            _fill_quantized_(sq, sq.dequantize().mean())
         if "max_exp_avg_sq" in state:
             state["max_exp_avg_sq"].copy_(sq)
     for device_tensors in _by_device(firsts).values():

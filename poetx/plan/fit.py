@@ -33,6 +33,13 @@ def setting_of(cfg: Any) -> Setting:
         block_size=poet.block_size,
         quant_group_size=poet.quant_group_size,
         dense_optimizer=getattr(cfg, "dense_optimizer", "adamw"),
+        rotation_states=getattr(cfg, "rotation_states", "fp32"),
+        step_in_backward=bool(getattr(cfg, "step_in_backward", False)),
+        w0_residual=poet.w0_residual,
+        # the Trainer captures only torch's fused AdamW (CUDA, one process)
+        cuda_graphs=bool(getattr(cfg, "cuda_graphs", False))
+        and getattr(cfg, "dense_optimizer", "adamw") == "adamw"
+        and getattr(cfg, "rotation_states", "fp32") == "fp32",
     )
 
 
@@ -46,6 +53,14 @@ def flags_of(setting: Setting) -> str:
     flags.append("--grad-checkpointing" if setting.checkpointing else "--no-grad-checkpointing")
     if setting.dense_optimizer != "adamw":
         flags.append(f"--dense-optimizer {setting.dense_optimizer}")
+    if setting.rotation_states != "fp32":
+        flags.append(f"--rotation-states {setting.rotation_states}")
+    if setting.step_in_backward:
+        flags.append("--step-in-backward")
+    if setting.optimizer == "poetx" and setting.w0_residual != "host":
+        flags.append(f"--w0-residual {setting.w0_residual}")
+    if not setting.cuda_graphs and setting.dense_optimizer == "adamw":
+        flags.append("--no-cuda-graphs")
     return " ".join(flags)
 
 
@@ -72,10 +87,18 @@ def fitting_settings(preset: str, seq_len: int, batch_size: int, budget: int,
     """Settings whose requirement fits ``budget`` bytes, largest peak first (the largest that
     fits usually trades the least speed): the standard ones at the current block size and
     dense-parameter optimizer, and the current one with checkpointing."""
-    candidates = [replace(s, dense_optimizer=current.dense_optimizer)
-                  for s in standard_settings((current.block_size,))
-                  if s.dense_optimizer == "adamw"]
+    keep = {"dense_optimizer": current.dense_optimizer, "rotation_states":
+            current.rotation_states, "step_in_backward": current.step_in_backward,
+            "w0_residual": current.w0_residual, "cuda_graphs": current.cuda_graphs}
+    candidates = [replace(s, **keep) for s in standard_settings((current.block_size,))
+                  if s.dense_optimizer == "adamw" and not s.step_in_backward]
     candidates.append(replace(current, checkpointing=True))
+    # the memory options, on the current setting and on the leanest one
+    lean = [replace(s, dense_optimizer="adamw8bit", step_in_backward=True, cuda_graphs=False,
+                    rotation_states=r)
+            for s in (current, replace(current, checkpointing=True, mode="mem"))
+            for r in ("fp32", "8bit")] if current.optimizer == "poetx" else []
+    candidates += lean
     seen, plans = set(), []
     for s in candidates:
         if s in seen:

@@ -6,16 +6,28 @@ preset built as ``bench/model.py`` and ``poetx train`` build it. It is not a fit
 is a tensor the code allocates, sized from the shapes, and the peak is the largest of the
 moments where memory can be highest:
 
-- ``loss-backward``: all saved activations are alive and ``chunked_cross_entropy`` holds its
-  float32 head gradient (``V x d x 4`` bytes), the bf16 copy it converts to, and the last
-  chunk's probabilities and logit gradient (Python locals until the function returns);
+- ``loss-backward``: all saved activations are alive and ``chunked_cross_entropy`` holds the
+  head gradient (``V x d``, model dtype, written chunk of rows by chunk of rows), a float32
+  accumulator of the hidden gradient (``T x d x 4``) and one vocabulary chunk's logits in the
+  model dtype and float32;
 - ``layer-backward``: the last and the first decoder layer under backward, with the layer's
   activations (recomputed under checkpointing), the gradients accumulated so far and the
   temporaries of one POET-X linear backward (rotation blocks, dequantized ``W0``, ``T x m``
   buffers, Cayley-Neumann scratch);
+- ``embedding-backward``: the end of backward: every rotation (or dense) gradient, the
+  norms', the embedding's fresh gradient and the gradient flowing into it;
 - ``optimizer-step``: every gradient and optimizer state, and the optimizer's scratch: none
   for torch's fused AdamW; five float32 slices of ``COMPENSATED_CHUNK`` values for the
-  compensated update; none assumed for torchao's compiled 8-bit step (not yet measured).
+  compensated update; none for torchao's compiled 8-bit step (one fused kernel per tensor).
+  With ``step_in_backward`` the embedding and lm_head gradients are stepped and freed as they
+  are written, so they are in none of the later moments.
+- ``outside the graph`` (``cuda_graphs`` only): a captured step's private memory pool keeps
+  the step's peak reserved for the whole run, so the merge and evaluation, which run outside
+  the graph, allocate on top of it (their temporaries: one linear's float32 merge product and
+  one evaluation forward).
+
+Persistent extras: ``w0_residual = "device"`` keeps the rounding residual of a low-precision
+``W0`` beside it (``W0``'s size again); ``"host"`` and ``"off"`` keep none on the device.
 
 Saved activations follow the code: Hugging Face ``LlamaDecoderLayer`` with SDPA (flash)
 attention saves, per token, the float32 input copy and the normalized bf16 value of each
@@ -69,9 +81,20 @@ OPTIMIZERS = ("poetx", "adamw")
 MODES = ("fast", "mem")
 W0_FORMATS = ("auto", "int8", "fp8")
 DENSE_OPTIMIZERS = ("adamw", "adamw-kahan", "adamw-fp32-master", "adamw8bit")
+ROTATION_STATES = ("fp32", "8bit")
+# "vocab-chunked": poetx.model.lm_loss today; "token-chunked": the loss before issue 13 (float32
+# head gradient), kept to check the planner against the peaks recorded with it
+LOSSES = ("vocab-chunked", "token-chunked")
+W0_RESIDUALS = ("host", "device", "off")
+# torchao AdamW8bit: tensors of at least this many values that the block divides get 8-bit
+# states (uint8 codes, one float32 scale per block and a 256-entry float32 code table each)
+LOWBIT_MIN = 4096
+LOWBIT_BLOCK = 256
+LOWBIT_QMAP_BYTES = 256 * 4
 
 PARTS = (
     "w0",
+    "w0_residual",
     "dense_linear_weights",
     "dense_linear_grads",
     "dense_linear_states",
@@ -104,7 +127,16 @@ class Setting:
         dense_optimizer: update of the ordinary parameters (embedding, lm_head, norms):
             ``"adamw"`` (torch fused AdamW, states in the parameter dtype), ``"adamw-kahan"``
             (+ a compensation buffer in the parameter dtype), ``"adamw-fp32-master"``
-            (+ a float32 master copy), ``"adamw8bit"`` (torchao 8-bit states, block 256).
+            (+ a float32 master copy), ``"adamw8bit"`` (torchao 8-bit states, block 256,
+            for embedding and lm_head; Kahan-compensated bf16 states for norms).
+        rotation_states: ``"fp32"`` or ``"8bit"`` (torchao) Adam states of the rotations.
+        step_in_backward: embedding and lm_head stepped (and their gradients freed) inside
+            backward.
+        w0_residual: where the rounding residual of a low-precision ``W0`` lives
+            (``"device"`` costs ``W0``'s size again).
+        cuda_graphs: the step is replayed as a CUDA graph (its pool stays reserved).
+        loss: ``"vocab-chunked"`` (the code's loss) or ``"token-chunked"`` (the loss of the
+            code before issue 13, with a float32 head gradient; for recorded rows).
     """
 
     optimizer: str = "poetx"
@@ -114,12 +146,20 @@ class Setting:
     block_size: int = 256
     quant_group_size: int = 256
     dense_optimizer: str = "adamw"
+    rotation_states: str = "fp32"
+    step_in_backward: bool = False
+    w0_residual: str = "host"
+    cuda_graphs: bool = False
+    loss: str = "vocab-chunked"
 
     def __post_init__(self) -> None:
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("mode", self.mode, MODES)
         _choice("w0_format", self.w0_format, W0_FORMATS)
         _choice("dense_optimizer", self.dense_optimizer, DENSE_OPTIMIZERS)
+        _choice("rotation_states", self.rotation_states, ROTATION_STATES)
+        _choice("w0_residual", self.w0_residual, W0_RESIDUALS)
+        _choice("loss", self.loss, LOSSES)
         for name in ("block_size", "quant_group_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 2:
@@ -139,6 +179,14 @@ class Setting:
             parts.append(f"b{self.block_size}")
         if self.dense_optimizer != "adamw":
             parts.append(self.dense_optimizer.replace("adamw-", "").replace("adamw", ""))
+        if self.optimizer == "poetx" and self.rotation_states != "fp32":
+            parts.append(f"rot{self.rotation_states}")
+        if self.step_in_backward:
+            parts.append("inbwd")
+        if self.optimizer == "poetx" and self.w0_residual == "device":
+            parts.append("resdev")
+        if self.cuda_graphs:
+            parts.append("graph")
         return "-".join(parts)
 
 
@@ -267,6 +315,7 @@ def predict(
 
     if poet:
         w0_bytes, buffers = 0, 0
+        low_precision_w0 = setting.w0_format != "auto" or e < 4
         for _, m, n in linears:
             if setting.w0_format == "auto":
                 w0_bytes += rb(m * n * e)
@@ -276,10 +325,14 @@ def predict(
             # perm_in/perm_out int64 and the int32 inverse output index cached by the kernels
             buffers += rb(8 * n) + rb(8 * m) + rb(4 * m)
         persistent["w0"] = w0_bytes * n_layers
+        if setting.w0_residual == "device" and low_precision_w0:
+            persistent["w0_residual"] = w0_bytes * n_layers  # same format and scales as W0
         persistent["buffers"] = buffers * n_layers
         theta = _layer_theta_bytes(rb, linears, setting.block_size)
         persistent["rotation_params"] = theta * n_layers
-        persistent["rotation_states"] = 2 * theta * n_layers
+        persistent["rotation_states"] = n_layers * (
+            2 * theta if setting.rotation_states == "fp32" else
+            sum(_lowbit_states(rb, s, 4) for s in _layer_theta_sizes(linears, setting.block_size)))
         layer_grad = theta
         grads["rotation_grads"] = theta * n_layers
     else:
@@ -294,7 +347,11 @@ def predict(
     # ---- activations -------------------------------------------------------------------------
     saved = saved_activations(shape, seq_len, batch_size, setting, e, cuda_allocator)
     saved_layer, kept_layer = saved["layer"], saved["kept_layer"]
-    all_saved = n_layers * kept_layer + saved["rope"] + saved["final_norm"] + saved["loss_count"]
+    legacy_loss = setting.loss == "token-chunked"
+    if legacy_loss:
+        saved["loss_lse"] = 0
+    all_saved = (n_layers * kept_layer + saved["rope"] + saved["final_norm"]
+                 + saved["loss_count"] + saved["loss_lse"])
 
     moments: list[tuple[str, dict[str, int]]] = []
 
@@ -309,11 +366,15 @@ def predict(
         parts["optimizer_temporaries"] += optimizer
         moments.append((name, parts))
 
-    loss_fwd, loss_bwd = _loss_temporaries(rb, t, d, vocab, e)
-    moment("loss-forward", {}, activations=all_saved, loss=loss_fwd)
+    loss_fwd, loss_bwd = (_token_chunked_loss_temporaries if legacy_loss else
+                          _loss_temporaries)(rb, t, d, vocab, e)
+    # the forward's lse buffer is allocated before the chunks and saved for backward
+    moment("loss-forward", {}, activations=all_saved - saved["loss_lse"],
+           loss=loss_fwd + saved["loss_lse"])
     moment("loss-backward", {}, activations=all_saved, loss=loss_bwd)
 
-    head_grad = {"embed_head_norm_grads": grad_embed + _tensors(rb, [d * e])}
+    in_bwd = setting.step_in_backward
+    head_grad = {"embed_head_norm_grads": (0 if in_bwd else grad_embed) + _tensors(rb, [d * e])}
     grad_flow = 2 * rb(t * d * e)  # gradient into and out of the layer
     layer_work = _layer_backward_temporaries(rb, shape, t, setting, e)
     recompute = saved_layer if setting.checkpointing else 0
@@ -325,7 +386,24 @@ def predict(
         acts = (position + 1) * kept_layer + recompute + saved["rope"] + grad_flow
         moment(f"layer-backward ({label} layer)", g, activations=acts, backward=layer_work)
 
-    moment("optimizer-step", grads, optimizer=_step_temporaries(rb, setting, embed_sizes, e))
+    # end of backward: the embedding's gradient is written while every other gradient is held
+    # (the head's too unless it was stepped in backward)
+    end = dict(grads)
+    if in_bwd and not shape.tie_embeddings:
+        end["embed_head_norm_grads"] -= grad_embed
+    moment("embedding-backward", end, activations=rb(t * d * e))
+
+    if in_bwd:
+        grads = dict(grads)
+        grads["embed_head_norm_grads"] -= grad_embed * len(embed_sizes)
+    moment("optimizer-step", grads,
+           optimizer=_step_temporaries(rb, setting, embed_sizes, norm_sizes, e))
+
+    if setting.cuda_graphs:
+        _, step_peak = max(moments, key=lambda item: sum(item[1].values()))
+        outside = _outside_graph_temporaries(rb, shape, t, setting, e, saved, loss_fwd)
+        moment("outside the graph (merge / eval)", {},
+               backward=sum(step_peak.values()) - sum(persistent.values()) + outside)
 
     phase, parts = max(moments, key=lambda item: sum(item[1].values()))
     return MemoryPlan(preset=preset, seq_len=seq_len, batch_size=batch_size, setting=setting,
@@ -341,23 +419,36 @@ def saved_activations(shape: ModelShape, seq_len: int, batch_size: int, setting:
     ``kept_layer`` (what each layer keeps until its backward: ``layer``, or only its input under
     checkpointing), ``rope`` (rotary ``cos``/``sin`` of one sequence, shared by the batch and
     the layers), ``final_norm`` (the final RMSNorm with its output, which the loss saves) and
-    ``loss_count`` (the loss's token count, an int64 kept on the device so nothing syncs).
+    ``loss_count`` (the loss's token count, an int64 kept on the device so nothing syncs) and
+    ``loss_lse`` (each token's float32 log-sum-exp, kept by the loss for its backward).
     """
     rb: Round = block_bytes if cuda_allocator else _exact
     e, t, d = dtype_bytes, seq_len * batch_size, shape.hidden
     layer = _saved_layer_bytes(rb, shape, t, setting, e)
     kept = rb(t * d * e) if setting.checkpointing else layer
     return {"layer": layer, "kept_layer": kept, "rope": 2 * rb(seq_len * shape.head_dim * e),
-            "final_norm": _norm_saved(rb, t, d, e), "loss_count": rb(8)}
+            "final_norm": _norm_saved(rb, t, d, e), "loss_count": rb(8), "loss_lse": rb(4 * t)}
 
 
-def _layer_theta_bytes(rb: Round, linears: list[tuple[str, int, int]], block_size: int) -> int:
-    total = 0
+def _layer_theta_sizes(linears: list[tuple[str, int, int]], block_size: int) -> list[int]:
+    """Values of each skew-parameter tensor of one layer (input side, output side per linear)."""
+    sizes = []
     for _, m, n in linears:
         for dim in (n, m):
             nb, b = num_blocks(dim, block_size)
-            total += rb(4 * nb * b * (b - 1) // 2)
-    return total
+            sizes.append(nb * b * (b - 1) // 2)
+    return sizes
+
+
+def _layer_theta_bytes(rb: Round, linears: list[tuple[str, int, int]], block_size: int) -> int:
+    return sum(rb(4 * s) for s in _layer_theta_sizes(linears, block_size))
+
+
+def _lowbit_states(rb: Round, numel: int, elem_bytes: int) -> int:
+    """Both Adam states of one tensor under torchao's AdamW8bit (bytes)."""
+    if numel >= LOWBIT_MIN and numel % LOWBIT_BLOCK == 0:
+        return 2 * (rb(numel) + rb(4 * numel // LOWBIT_BLOCK) + rb(LOWBIT_QMAP_BYTES))
+    return 2 * rb(elem_bytes * numel)
 
 
 def _norm_saved(rb: Round, t: int, d: int, e: int) -> int:
@@ -418,17 +509,35 @@ def _loss_temporaries(rb: Round, t: int, d: int, vocab: int, e: int) -> tuple[in
     c = loss_chunk_tokens(vocab)
     chunks = [min(c, t - s) for s in range(0, t, c)]
 
+    # forward, per chunk of tokens: the model-dtype logits and their float32 copy, then the
+    # float32 copy and the exp(logits - max) of logsumexp
+    fwd = max(max(rb(r * vocab * e) + rb(r * vocab * 4), 2 * rb(r * vocab * 4)) for r in chunks)
+    # backward, per chunk of the vocabulary (rows of the head): logits in the model dtype, then
+    # float32 probabilities, then their model-dtype copy; for the whole backward the head
+    # gradient, the float32 hidden-gradient accumulator and per-token masks and weights; at
+    # the end the accumulator is converted to the model dtype
+    vc = max(1, min(vocab, c * vocab // max(t, 1)))
+    rows = [min(vc, vocab - s) for s in range(0, vocab, vc)]
+    per_chunk = max(rb(t * r * e) + rb(t * r * 4) for r in rows)
+    masks = rb(t) + rb(4 * t) + rb(8 * t) + rb(t)  # valid, weights, local ids, inside
+    held = rb(vocab * d * e) + rb(t * d * 4) + masks
+    return fwd, held + max(per_chunk, rb(t * d * e))
+
+
+def _token_chunked_loss_temporaries(rb: Round, t: int, d: int, vocab: int, e: int
+                                    ) -> tuple[int, int]:
+    """The loss before issue 13 (chunks of tokens in backward too, a float32 head gradient
+    and its conversion): what the rows recorded with it used."""
+    c = loss_chunk_tokens(vocab)
+    chunks = [min(c, t - s) for s in range(0, t, c)]
+
     def per(rows: int, nbytes: int) -> int:
         return rb(rows * vocab * nbytes)
 
-    # forward: the previous chunk's float32 logits live until the new ones are assigned
     fwd = 0
     for k, rows in enumerate(chunks):
         prev = per(chunks[k - 1], 4) if k else 0
         fwd = max(fwd, prev + per(rows, e) + per(rows, 4), per(rows, 4) * 2)
-    # backward: float32 head gradient for the whole step, the hidden gradient, and per chunk
-    # logits (e), their float32 copy and softmax, while the previous chunk's probabilities and
-    # logit gradient are still referenced; at the end the float32 gradient is converted to e
     grad_w32 = rb(vocab * d * 4)
     grad_hidden = rb(t * d * e)
     loop = 0
@@ -453,15 +562,9 @@ def _dense_states(rb: Round, setting: Setting, embed_sizes: list[int], norm_size
         return plain + _tensors(rb, [s * e for s in sizes])
     if setting.dense_optimizer == "adamw-fp32-master":
         return plain + _tensors(rb, [s * 4 for s in sizes])
-    # torchao AdamW8bit: uint8 codes + one float32 scale per 256 values, for tensors of at least
-    # 4096 elements that 256 divides; others keep states in the parameter dtype
-    total = 0
-    for s in sizes:
-        if s >= 4096 and s % 256 == 0:
-            total += 2 * (rb(s) + rb(4 * s // 256))
-        else:
-            total += 2 * rb(e * s)
-    return total
+    # torchao AdamW8bit for the matrices; norms keep Kahan-compensated states in their dtype
+    return (sum(_lowbit_states(rb, s, e) for s in embed_sizes)
+            + 3 * _tensors(rb, [s * e for s in norm_sizes]))
 
 
 # Values updated at once by the compensated AdamW (poetx.optim.dense_update.DEFAULT_CHUNK),
@@ -470,12 +573,30 @@ COMPENSATED_CHUNK = 1 << 22
 COMPENSATED_SCRATCH_SLICES = 5
 
 
-def _step_temporaries(rb: Round, setting: Setting, embed_sizes: list[int], e: int) -> int:
+def _step_temporaries(rb: Round, setting: Setting, embed_sizes: list[int],
+                      norm_sizes: list[int], e: int) -> int:
     """Scratch of the optimizer step beyond states and gradients (bytes)."""
     if setting.dense_optimizer in ("adamw-kahan", "adamw-fp32-master"):
         chunk = min(COMPENSATED_CHUNK, max(embed_sizes))
         return COMPENSATED_SCRATCH_SLICES * rb(4 * chunk)
+    if setting.dense_optimizer == "adamw8bit":  # the Kahan update of the norms
+        return COMPENSATED_SCRATCH_SLICES * rb(4 * min(COMPENSATED_CHUNK, max(norm_sizes)))
     return 0
+
+
+def _outside_graph_temporaries(rb: Round, shape: ModelShape, t: int, setting: Setting, e: int,
+                               saved: dict[str, int], loss_fwd: int) -> int:
+    """What runs outside a captured step allocates beside the graph's pool (bytes): the
+    merge of the largest linear (its float32 product ``R W0 P``, one float32 temporary and the
+    residual brought to the device) or one evaluation forward (a layer's activations and the
+    loss forward), whichever is larger. Not measured yet."""
+    merge = 0
+    if setting.optimizer == "poetx":
+        m, n = max(((m, n) for _, m, n in shape.linears()), key=lambda x: x[0] * x[1])
+        w0 = rb(m * n * e) if setting.w0_format == "auto" else rb(m * n)
+        merge = 2 * rb(4 * m * n) + (w0 if setting.w0_residual == "host" else 0)
+    evaluation = saved["layer"] + loss_fwd
+    return max(merge, evaluation)
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -502,8 +623,9 @@ def plan(preset: str, seq_len: int, batch_size: int, setting: Setting,
 
 def standard_settings(block_sizes: tuple[int, ...] = (256,)) -> list[Setting]:
     """The settings ``poetx plan`` compares: AdamW with and without checkpointing; POET-X fast /
-    mem, with and without checkpointing, bf16 / int8 / fp8 ``W0`` at each block size; and the
-    leanest POET-X setting with each dense-parameter optimizer."""
+    mem, with and without checkpointing, bf16 / int8 / fp8 ``W0`` at each block size; and mem
+    with checkpointing (bf16 and int8 ``W0``) with each dense-parameter optimizer, then with
+    8-bit embedding/head states stepped in backward, then with 8-bit rotation states too."""
     out = [Setting(optimizer="adamw"), Setting(optimizer="adamw", checkpointing=True)]
     for b in block_sizes:
         for mode in MODES:
@@ -511,7 +633,11 @@ def standard_settings(block_sizes: tuple[int, ...] = (256,)) -> list[Setting]:
                 out.append(Setting(mode=mode, checkpointing=ckpt, block_size=b))
         for fmt in ("int8", "fp8"):
             out.append(Setting(mode="mem", checkpointing=True, w0_format=fmt, block_size=b))
-    lean = Setting(mode="mem", checkpointing=True, w0_format="int8", block_size=block_sizes[0])
-    out += [replace(lean, dense_optimizer=o) for o in DENSE_OPTIMIZERS if o != "adamw"]
+    for fmt in ("auto", "int8"):
+        lean = Setting(mode="mem", checkpointing=True, w0_format=fmt, block_size=block_sizes[0])
+        out += [replace(lean, dense_optimizer=o) for o in DENSE_OPTIMIZERS if o != "adamw"]
+        out.append(replace(lean, dense_optimizer="adamw8bit", step_in_backward=True))
+        out.append(replace(lean, dense_optimizer="adamw8bit", step_in_backward=True,
+                           rotation_states="8bit"))
     return out
 

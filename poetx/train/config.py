@@ -44,6 +44,9 @@ from poetx.settings import (
 )
 
 OPTIMIZERS = ("poetx", "adamw")
+# poetx.optim.dense_update.DENSE_OPTIMIZERS (named here: this module does not import torch)
+DENSE_OPTIMIZERS = ("adamw", "adamw-kahan", "adamw-fp32-master", "adamw8bit")
+ROTATION_STATES = ("fp32", "8bit")
 PARALLEL = ("auto", "none", "ddp", "fsdp")
 # Keys of config.json computed for the reader (world size, global batch); ignored on load.
 DERIVED_KEY = "derived"
@@ -96,7 +99,7 @@ assert set(PRESET_DEFAULTS) == set(PRESETS)
 # ``batch_size`` is not locked: the *global* batch (batch x grad_accum x processes) is, checked
 # when the checkpoint is loaded, so a run can resume on another number of GPUs.
 RESUME_LOCKED = ("preset", "optimizer", "data", "vocab_size", "seq_len", "seed", "dtype",
-                 "init_from")
+                 "init_from", "dense_optimizer", "rotation_states")
 RESUME_LOCKED_POET = ("block_size", "neumann_terms", "init", "exclude", "seed", "w0_format",
                       "quant_group_size", "w0_residual")
 
@@ -138,7 +141,21 @@ class TrainConfig:
         skip_nonfinite: skip a step with a NaN/inf loss or gradient instead of stopping.
         cuda_graphs: replay the step as one CUDA graph (``poetx.train.capture``) where it
             applies: a CUDA device and a single process; ignored elsewhere.
+    Memory (``poetx plan`` predicts each option's effect):
         grad_checkpointing: HF activation checkpointing of the decoder blocks.
+        dense_optimizer: update of embedding, lm_head and norms (``poetx.optim.dense_update``):
+            ``adamw`` (bf16 states; the only one a CUDA graph can capture), ``adamw-kahan``
+            (+ a bf16 compensation buffer, small updates kept), ``adamw-fp32-master``
+            (+ a float32 master copy), ``adamw8bit`` (torchao 8-bit states and stochastic
+            rounding for embedding and lm_head, Kahan for norms).
+        rotation_states: ``fp32`` Adam states of the rotations, or ``8bit`` (torchao; needs
+            ``dense_optimizer = "adamw8bit"``).
+        step_in_backward: step embedding and lm_head inside backward, as soon as each gradient
+            is written, then free it (``poetx.optim.in_backward``); they are clipped each on
+            its own at ``max_grad_norm``. Needs ``grad_accum = 1`` and one process.
+        fit_check: refuse, before allocating, a CUDA run that the planner predicts will not
+            fit (the error names a setting that fits); gpu_mem: the memory (GiB) to plan
+            against instead of the device's (also on a CPU run, e.g. to check a plan).
         poet: the reparameterization (block size, merge period ``T``, mode, W0 storage...).
     Bookkeeping:
         eval_every / save_every: period in steps (0 = only at the end); eval_batches: cap on the
@@ -220,6 +237,22 @@ class TrainConfig:
         "(CUDA, one process; off: every step eager)", group="optimization")
     grad_checkpointing: bool = setting(False, "activation checkpointing of the decoder blocks",
                                        group="memory")
+    dense_optimizer: str = setting(
+        "adamw", "update of embedding, lm_head and norms: adamw (bf16 states), adamw-kahan, "
+        "adamw-fp32-master, adamw8bit (torchao 8-bit states for embedding and lm_head)",
+        choices=DENSE_OPTIMIZERS, group="memory")
+    rotation_states: str = setting(
+        "fp32", "Adam states of the rotations: fp32, or 8bit (with --dense-optimizer adamw8bit)",
+        choices=ROTATION_STATES, group="memory")
+    step_in_backward: bool = setting(
+        False, "step embedding and lm_head inside backward (each clipped on its own), so "
+        "their gradients never coexist with the others", group="memory")
+    fit_check: bool = setting(
+        True, "refuse a run that the memory planner predicts will not fit on the device",
+        group="memory")
+    gpu_mem: float | None = setting(
+        None, "device memory in GiB for the fit check (default: the device's free memory)",
+        check=positive, group="memory", metavar="GIB")
     eval_every: int | None = setting(
         None, "evaluate every N steps, 0 = only at the end (default: the preset's)",
         check=at_least(0), group="logging and checkpoints")
@@ -292,6 +325,9 @@ class TrainConfig:
                 f"warmup_steps: must not exceed steps ({self.steps}), got {self.warmup_steps}"
             )
         self.poet.validate()
+        if self.rotation_states == "8bit" and self.dense_optimizer != "adamw8bit":
+            raise ValueError("rotation_states: '8bit' needs dense_optimizer 'adamw8bit' "
+                             f"(torchao), got dense_optimizer {self.dense_optimizer!r}")
         if self.init_from is not None and self.optimizer == "poetx" and self.poet.init != "keep":
             raise ValueError(
                 f"poet.init: must be 'keep' with init_from (the checkpoint's weights become W0), "

@@ -110,6 +110,18 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> RunResult:
         shutdown_distributed(ctx)
 
 
+def _check_fits(cfg: TrainConfig, device: torch.device) -> None:
+    """Refuse, before anything is allocated, a run the planner predicts will not fit."""
+    from poetx.plan.fit import check_fits
+    from poetx.plan.memory import GIB
+
+    budget = None if cfg.gpu_mem is None else int(cfg.gpu_mem * GIB)
+    try:
+        check_fits(cfg, device, budget)
+    except ValueError as e:
+        raise TrainError(f"{e} (--no-fit-check runs it anyway)") from None
+
+
 def _save_tokenizer(tokenizer, run_dir: Path) -> None:
     from poetx.data.tokenizer import save_tokenizer
 
@@ -124,6 +136,8 @@ def _train(cfg: TrainConfig, resume_from: Path | None, ctx: DistContext,
     dtype = resolve_dtype(cfg.dtype, device)
     dtype_name = str(dtype).removeprefix("torch.")
     scheme = resolve_parallel(cfg.parallel, ctx)
+    if cfg.fit_check:
+        _check_fits(cfg, device)
     with ctx.main_first():  # rank 0 cleans up the directory; the others then find it clean
         run_dir = _check_run_dir(cfg, resuming)
     global_batch = cfg.batch_size * cfg.grad_accum * ctx.world

@@ -31,6 +31,7 @@ from poetx import MergeSchedule, make_optimizer
 from poetx.model.causal_lm import CausalLMWithLoss
 from poetx.model.wrap import rotation_norm_max
 from poetx.optim.clip import DeviceGradClip
+from poetx.optim.in_backward import StepInBackward, embedding_and_head
 from poetx.optim.optimizer import DECAY_GROUP, POET_GROUP
 from poetx.train.capture import CapturedStep
 from poetx.train.checkpoint import (
@@ -149,10 +150,16 @@ class Trainer:
         # Fused AdamW: one kernel per device and dtype, a device-side skip (found_inf), an lr
         # tensor; it runs on CPU too, so the CPU suite tests the same update as the GPU runs.
         # One CUDA graph per step where it applies (a DDP step's hooks are not captured).
-        self.graphs = cfg.cuda_graphs and device.type == "cuda" and not self.ctx.distributed
+        # Only torch's fused AdamW (bf16 dense states, float32 rotation states) is capturable;
+        # the other dense optimizers run eager steps.
+        capturable_optimizer = cfg.dense_optimizer == "adamw" and cfg.rotation_states == "fp32"
+        self.graphs = (cfg.cuda_graphs and device.type == "cuda" and not self.ctx.distributed
+                       and capturable_optimizer)
         self.optimizer = make_optimizer(model, lr=cfg.lr, poet_lr=cfg.poet_lr,
                                         weight_decay=cfg.weight_decay, fused=True,
-                                        capturable=self.graphs)
+                                        capturable=self.graphs,
+                                        dense_optimizer=cfg.dense_optimizer,
+                                        rotation_8bit=cfg.rotation_states == "8bit")
         self.scheduler = build_scheduler(self.optimizer, cfg.warmup_steps, cfg.steps,
                                          cfg.min_lr_ratio)
         self.merge = (MergeSchedule(model, self.optimizer, cfg.poet, cfg.clip_warmup_steps,
@@ -167,6 +174,17 @@ class Trainer:
         # Clipping and the skip are applied by the fused AdamW kernel (grad_scale, found_inf).
         self.clip = DeviceGradClip(self.optimizer, self.params, cfg.max_grad_norm)
         self._max_norm_value = cfg.max_grad_norm
+        # Embedding and lm_head stepped inside backward, clipped per tensor at the same
+        # (shared, in place) threshold.
+        self.in_backward: StepInBackward | None = None
+        if cfg.step_in_backward:
+            if cfg.grad_accum != 1 or self.ctx.distributed:
+                raise TrainError(
+                    f"step_in_backward: needs one backward per step in one process (a hook "
+                    f"would step on a partial or unreduced gradient); this run has grad accum "
+                    f"{cfg.grad_accum} and {self.ctx.world} processes")
+            self.in_backward = StepInBackward(self.optimizer, embedding_and_head(model),
+                                              self.clip.max_norm)
         shape = (cfg.grad_accum, cfg.batch_size, cfg.seq_len + 1)
         self.batch = torch.zeros(shape, dtype=torch.int64, device=device)
         on_cuda = device.type == "cuda"
@@ -206,12 +224,14 @@ class Trainer:
         for k in range(micro):
             with no_sync(self.train_module, last=k == micro - 1):
                 loss = compute_loss(self.train_module, batch[k])
+                if self.in_backward is not None:
+                    self.in_backward.begin(loss)
                 (loss / micro if micro > 1 else loss).backward()
             total = loss.detach() if total is None else total + loss.detach()
         loss = total / micro if micro > 1 else total
         if self.ctx.distributed:
             loss = self.ctx.all_reduce_sum(loss.clone()) / self.ctx.world
-        grad_norm = self.clip()
+        grad_norm = self.clip(self.in_backward.sq_norm if self.in_backward is not None else None)
         # Same on every rank: the loss is all-reduced and the gradients are. A NaN loss with
         # finite gradients (possible with ignored tokens only) skips the step too.
         nonfinite = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
