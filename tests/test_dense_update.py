@@ -165,8 +165,8 @@ def test_lowbit_adamw_states_are_8bit_and_tiny_updates_survive_in_expectation():
     from poetx.optim.dense_update import LowBitAdamW
 
     steps, lr, n = 60, 1e-4, 4096
-    emb = nn.Parameter(torch.ones(n, dtype=torch.bfloat16))
-    norm = nn.Parameter(torch.ones(64, dtype=torch.bfloat16))  # under 4096 values: plain states
+    emb = nn.Parameter(torch.ones(n // 256, 256, dtype=torch.bfloat16))
+    norm = nn.Parameter(torch.ones(64, dtype=torch.bfloat16))  # a vector: Kahan, bf16 states
     rot = nn.Parameter(torch.zeros(300))
     ref_rot = nn.Parameter(torch.zeros(300))
     groups = [{"params": [rot], "lr": lr, "weight_decay": 0.0, "name": "poet"},
@@ -177,7 +177,7 @@ def test_lowbit_adamw_states_are_8bit_and_tiny_updates_survive_in_expectation():
     for _ in range(steps):
         g = torch.randn(300)
         rot.grad, ref_rot.grad = g.clone(), g.clone()
-        emb.grad = torch.full((n,), 0.5, dtype=torch.bfloat16)
+        emb.grad = torch.full(emb.shape, 0.5, dtype=torch.bfloat16)
         norm.grad = torch.full((64,), 0.5, dtype=torch.bfloat16)
         opt.step()
         ref.step()
@@ -187,7 +187,11 @@ def test_lowbit_adamw_states_are_8bit_and_tiny_updates_survive_in_expectation():
     assert type(codes).__name__ == "OptimState8bit"
     assert codes.codes.dtype == torch.uint8 and codes.codes.numel() == n
     assert codes.scale.numel() == n // 256
-    assert opt.lowbit.state[norm]["exp_avg"].dtype == torch.bfloat16
+    assert norm not in opt.lowbit.state and opt.state[norm]["exp_avg"].dtype == torch.bfloat16
+    assert opt.state[norm]["compensation"].dtype == torch.bfloat16
+    # Kahan keeps the norm's sub-spacing updates: parameter + carried error moved by their sum
+    kept = norm.float() + opt.state[norm]["compensation"].float()
+    assert abs(1 - kept.mean().item() - steps * lr) < 0.02 * steps * lr
     # every update (1e-4) is below half the bf16 spacing at 1.0; plain bf16 AdamW would not move
     # at all, stochastic rounding moves the mean by the sum of the updates
     moved = 1 - emb.float().mean().item()
@@ -195,7 +199,7 @@ def test_lowbit_adamw_states_are_8bit_and_tiny_updates_survive_in_expectation():
     # lr follows the outer group (a schedule writes floats)
     opt.param_groups[1]["lr"] = 0.0
     before = emb.detach().clone()
-    emb.grad = torch.full((n,), 0.5, dtype=torch.bfloat16)
+    emb.grad = torch.full(emb.shape, 0.5, dtype=torch.bfloat16)
     opt.step()
     assert torch.equal(emb, before)
     # state round trip

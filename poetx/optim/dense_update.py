@@ -37,6 +37,8 @@ from torch import Tensor
 
 COMPENSATIONS = ("kahan", "fp32-master")
 DEFAULT_CHUNK = 1 << 22
+# torchao's quantization block of 8-bit states (values per float32 scale)
+LOWBIT_BLOCK_SIZE = 256
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
@@ -201,7 +203,7 @@ class LowBitAdamW(CompensatedAdamW):
     """
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, *, block_size: int = 256,
+                 eps: float = 1e-8, weight_decay: float = 1e-2, *, block_size: int | None = None,
                  rotation_8bit: bool = False, chunk_elements: int = DEFAULT_CHUNK,
                  fused: bool | None = None, foreach: bool | None = None) -> None:
         try:
@@ -225,6 +227,7 @@ class LowBitAdamW(CompensatedAdamW):
                                      "betas": group["betas"], "eps": group["eps"],
                                      "weight_decay": group["weight_decay"]})
         # torchao needs at least one parameter; a model without such parameters has no inner
+        block_size = LOWBIT_BLOCK_SIZE if block_size is None else block_size
         self.lowbit = (AdamW8bit(inner_groups, lr=lr, betas=betas, eps=eps, block_size=block_size,
                                  bf16_stochastic_round=True) if inner_groups else None)
         if self.lowbit is not None:

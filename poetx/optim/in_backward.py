@@ -77,7 +77,8 @@ class StepInBackward:
     @torch.no_grad()
     def _hook(self, p: Tensor) -> None:
         grad = p.grad
-        norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
+        wide = torch.float32 if grad.dtype in (torch.bfloat16, torch.float16) else None
+        norm = torch.linalg.vector_norm(grad, dtype=wide)
         self.sq_norm.add_(norm.square())
         self.found_inf.copy_((self.loss_bad | ~torch.isfinite(norm)).float())
         factor = torch.clamp((norm + _EPS) / self.max_norm, min=1.0)

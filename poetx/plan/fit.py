@@ -94,10 +94,11 @@ def fitting_settings(preset: str, seq_len: int, batch_size: int, budget: int,
                   if s.dense_optimizer == "adamw" and not s.step_in_backward]
     candidates.append(replace(current, checkpointing=True))
     # the memory options, on the current setting and on the leanest one
+    bases = (current, replace(current, checkpointing=True, mode="mem"),
+             replace(current, checkpointing=True, mode="mem", w0_format="int8"))
     lean = [replace(s, dense_optimizer="adamw8bit", step_in_backward=True, cuda_graphs=False,
                     rotation_states=r)
-            for s in (current, replace(current, checkpointing=True, mode="mem"))
-            for r in ("fp32", "8bit")] if current.optimizer == "poetx" else []
+            for s in bases for r in ("fp32", "8bit")] if current.optimizer == "poetx" else []
     candidates += lean
     seen, plans = set(), []
     for s in candidates:

@@ -67,4 +67,8 @@ def load_optimizer_state(path: str | Path, optimizer: torch.optim.Optimizer,
         per_param.setdefault(int(idx), {})[name] = value
     restored_groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()}
                        for g in groups]
-    optimizer.load_state_dict({"state": per_param, "param_groups": restored_groups})
+    try:
+        optimizer.load_state_dict({"state": per_param, "param_groups": restored_groups})
+    except (ValueError, KeyError, RuntimeError) as e:
+        # e.g. an 8-bit state without its codes or scales (LowBitAdamW names which)
+        raise CheckpointError(f"{fpath}: {e}") from None
