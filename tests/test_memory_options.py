@@ -127,6 +127,31 @@ def test_missing_or_corrupt_8bit_state_is_refused_naming_it(tmp_path, damage, me
 
 
 @needs_torchao
+def test_8bit_step_in_slices_equals_the_whole_tensor_step(monkeypatch):
+    from poetx.optim import dense_update
+    from poetx.optim.dense_update import LowBitAdamW
+
+    def run(chunk):
+        monkeypatch.setattr(dense_update, "LOWBIT_CHUNK", chunk)
+        torch.manual_seed(0)
+        p = nn.Parameter(torch.randn(64 * 256))
+        opt = LowBitAdamW([{"params": [p], "name": "poet"}], lr=1e-2, rotation_8bit=True)
+        for i in range(3):
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(i))
+            opt.step()
+        state = opt.lowbit.state[p]
+        return p.detach().clone(), state["exp_avg"].codes.clone(), state["exp_avg_sq"].scale
+
+    whole, sliced = run(1 << 24), run(256 * 5)  # 13 slices, the last one shorter
+    for a, b in zip(whole, sliced, strict=True):
+        assert torch.equal(a, b)
+    assert dense_update.LOWBIT_CHUNK == 256 * 5
+    from poetx.plan import memory
+
+    assert memory.LOWBIT_CHUNK == 1 << 24  # the planner's copy of the constant (default)
+
+
+@needs_torchao
 def test_merge_restart_reaches_the_8bit_rotation_states():
     from poetx.optim.state import reset_state_, rewarm_state_
 

@@ -39,6 +39,10 @@ COMPENSATIONS = ("kahan", "fp32-master")
 DEFAULT_CHUNK = 1 << 22
 # torchao's quantization block of 8-bit states (values per float32 scale)
 LOWBIT_BLOCK_SIZE = 256
+# Values stepped at once by the 8-bit update: torchao's compiled step materializes float32
+# copies of the states it quantizes (two full-size float32 buffers on CPU: 4 GiB for a Llama-8B
+# lm_head), so large tensors are stepped in slices of whole quantization blocks.
+LOWBIT_CHUNK = 1 << 24
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
@@ -259,7 +263,37 @@ class LowBitAdamW(CompensatedAdamW):
             inner["lr"].fill_(float(outer["lr"]))  # torchao keeps lr as a tensor
             for key in ("betas", "eps", "weight_decay"):
                 inner[key] = outer[key]
-        self.lowbit.step()
+        self._lowbit_step()
+
+    @torch.no_grad()
+    def _lowbit_step(self) -> None:
+        """torchao's ``AdamW8bit.step`` (same state, same compiled per-tensor update), run on
+        slices of at most ``LOWBIT_CHUNK`` values (whole quantization blocks, so the result
+        is the unsliced one, up to the stochastic rounding's random draws)."""
+        from torchao.optim.adam import single_param_adam
+
+        opt = self.lowbit
+        if getattr(self, "_compiled", None) is None:
+            self._compiled = torch.compile(single_param_adam, fullgraph=True, dynamic=False)
+        with torch._dynamo.utils.disable_cache_limit():
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    state = opt.state[p]
+                    if len(state) == 0:
+                        state["step"] = torch.tensor(0.0)
+                        state["exp_avg"] = opt._new_buffer(p, True)
+                        state["exp_avg_sq"] = opt._new_buffer(p, False)
+                    state["step"] += 1
+                    stochastic = opt.bf16_stochastic_round and p.dtype is torch.bfloat16
+                    for sl in _block_slices(p.numel(), opt.block_size, LOWBIT_CHUNK):
+                        self._compiled(
+                            p.detach().view(-1)[sl], p.grad.view(-1)[sl], state["step"],
+                            _state_slice(state["exp_avg"], sl),
+                            _state_slice(state["exp_avg_sq"], sl), None, group["lr"],
+                            group["betas"][0], group["betas"][1], group["weight_decay"],
+                            group["eps"], True, stochastic)
 
     def _outer_index(self) -> dict[int, int]:
         params = [p for g in self.param_groups for p in g["params"]]
@@ -304,6 +338,24 @@ class LowBitAdamW(CompensatedAdamW):
         self.lowbit.state.clear()
         for i, flat in inner.items():
             self.lowbit.state[params[i]] = _unflatten_8bit(flat, params[i], i)
+
+
+def _block_slices(numel: int, block: int, chunk: int) -> list[slice]:
+    """Slices of ``range(numel)`` of at most ``chunk`` values, on block boundaries."""
+    step = max(block, chunk // block * block)
+    return [slice(a, min(a + step, numel)) for a in range(0, numel, step)]
+
+
+def _state_slice(state: Tensor, sl: slice) -> Tensor:
+    """The flat slice ``sl`` of a state: a view of a plain tensor, or an ``OptimState8bit``
+    over views of its codes and of the scales of those blocks (writes reach the state)."""
+    if not hasattr(state, "codes"):
+        return state.view(-1)[sl]
+    from torchao.optim.subclass_8bit import OptimState8bit
+
+    block = state.block_size
+    return OptimState8bit(state.codes.view(-1)[sl], state.scale[sl.start // block:
+                          -(-sl.stop // block)], state.qmap, state.signed, dtype=state.dtype)
 
 
 def _unflatten_8bit(flat: dict[str, Any], p: Tensor, index: int) -> dict[str, Any]:

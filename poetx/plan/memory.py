@@ -91,6 +91,10 @@ W0_RESIDUALS = ("host", "device", "off")
 LOWBIT_MIN = 4096
 LOWBIT_BLOCK = 256
 LOWBIT_QMAP_BYTES = 256 * 4
+# poetx.optim.dense_update.LOWBIT_CHUNK: values per slice of the 8-bit step, which holds two
+# float32 buffers of a slice (what torchao's compiled update materializes)
+LOWBIT_CHUNK = 1 << 24
+LOWBIT_SCRATCH_SLICES = 2
 
 PARTS = (
     "w0",
@@ -389,15 +393,17 @@ def predict(
     # end of backward: the embedding's gradient is written while every other gradient is held
     # (the head's too unless it was stepped in backward)
     end = dict(grads)
+    step_scratch = _step_temporaries(rb, setting, embed_sizes, norm_sizes, e)
     if in_bwd and not shape.tie_embeddings:
         end["embed_head_norm_grads"] -= grad_embed
-    moment("embedding-backward", end, activations=rb(t * d * e))
+    # in backward, the embedding's step follows its backward while every other gradient lives
+    moment("embedding-backward", end, activations=rb(t * d * e),
+           optimizer=step_scratch if in_bwd else 0)
 
     if in_bwd:
         grads = dict(grads)
         grads["embed_head_norm_grads"] -= grad_embed * len(embed_sizes)
-    moment("optimizer-step", grads,
-           optimizer=_step_temporaries(rb, setting, embed_sizes, norm_sizes, e))
+    moment("optimizer-step", grads, optimizer=step_scratch)
 
     if setting.cuda_graphs:
         _, step_peak = max(moments, key=lambda item: sum(item[1].values()))
@@ -579,8 +585,10 @@ def _step_temporaries(rb: Round, setting: Setting, embed_sizes: list[int],
     if setting.dense_optimizer in ("adamw-kahan", "adamw-fp32-master"):
         chunk = min(COMPENSATED_CHUNK, max(embed_sizes))
         return COMPENSATED_SCRATCH_SLICES * rb(4 * chunk)
-    if setting.dense_optimizer == "adamw8bit":  # the Kahan update of the norms
-        return COMPENSATED_SCRATCH_SLICES * rb(4 * min(COMPENSATED_CHUNK, max(norm_sizes)))
+    if setting.dense_optimizer == "adamw8bit":  # Kahan for the norms, then 8-bit slices
+        kahan = COMPENSATED_SCRATCH_SLICES * rb(4 * min(COMPENSATED_CHUNK, max(norm_sizes)))
+        lowbit = LOWBIT_SCRATCH_SLICES * rb(4 * min(LOWBIT_CHUNK, max(embed_sizes)))
+        return max(kahan, lowbit)
     return 0
 
 
