@@ -1,6 +1,7 @@
 """The memory planner against measured peaks: predicted vs ``max_memory_allocated`` per row.
 
-    python -m bench.plan_check --measured bench/results/model.json \
+    python -m bench.plan_check \
+        --measured bench/results/model.json,bench/results/memory_options.json \
         --largest bench/results/largest.json --out bench/results/plan_check.json
 
 Reads the rows written by ``bench/model.py`` (no GPU needed), predicts each with
@@ -95,23 +96,29 @@ def compare_largest(rows: list[dict[str, Any]], vocab_size: int = 16384) -> dict
 
 
 def markdown(records: list[dict[str, Any]], source: str) -> str:
+    devices = sorted({str(r["measured_on"]) for r in records})
     lines = [
         "# Memory planner vs measured peaks",
         "",
-        f"measured: `{source}` (torch.cuda.max_memory_allocated, {records[0]['measured_on']}); "
+        f"measured: `{source}` (torch.cuda.max_memory_allocated on {', '.join(devices)}); "
         "predicted: `poetx.plan.memory` (no GPU).",
         "command: `python -m bench.plan_check --measured " + source + "` (the last row: "
-        "`bench/results/largest.json`, a 32B-parameter Llama, vocabulary 16384)",
+        "`bench/results/largest.json`, a 32B-parameter Llama, vocabulary 16384).",
+        "Rows of `model.json` (H100) ran the loss before issue 13 (float32 head gradient, "
+        "planner setting `loss=token-chunked`); rows of `memory_options.json` (H200) the "
+        "current one.",
         "",
-        "| model | batch x seq_len | method | measured GiB | predicted GiB | error | peak at |",
-        "|---|---|---|---|---|---|---|",
+        "| model | batch x seq_len | method | device | measured GiB | predicted GiB | error | "
+        "peak at |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         meas = "OOM" if r["status"] == "oom" else (
             "" if r["measured_gib"] is None else f"{r['measured_gib']:.2f}")
         err = "" if r["error_pct"] is None else f"{r['error_pct']:+.1f}%"
-        lines.append(f"| {r['model']} | {r['batch']} x {r['seq_len']} | {r['method']} | {meas} | "
-                     f"{r['predicted_gib']:.2f} | {err} | {r['peak_at']} |")
+        device = str(r["measured_on"]).replace("NVIDIA ", "").split(" ")[0]
+        lines.append(f"| {r['model']} | {r['batch']} x {r['seq_len']} | {r['method']} | "
+                     f"{device} | {meas} | {r['predicted_gib']:.2f} | {err} | {r['peak_at']} |")
     errs = [abs(r["error_pct"]) for r in records if r["error_pct"] is not None]
     if errs:
         lines += ["", f"rows: {len(errs)} measured; mean |error| {sum(errs) / len(errs):.2f}%, "
@@ -121,12 +128,14 @@ def markdown(records: list[dict[str, Any]], source: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--measured", default="bench/results/model.json")
+    parser.add_argument("--measured",
+                        default="bench/results/model.json,bench/results/memory_options.json",
+                        help="rows of bench/model.py (comma-separated JSON files)")
     parser.add_argument("--largest", default="bench/results/largest.json",
                         help="rows of bench/largest.py ('' to skip)")
     parser.add_argument("--out", default="bench/results/plan_check.json")
     args = parser.parse_args()
-    rows = json.loads(Path(args.measured).read_text())
+    rows = [r for name in args.measured.split(",") for r in json.loads(Path(name).read_text())]
     records = compare(rows)
     if args.largest:
         records.append(compare_largest(json.loads(Path(args.largest).read_text())))

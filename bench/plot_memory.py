@@ -1,10 +1,12 @@
 """Stacked memory parts per setting (the planner), with the measured peaks beside them.
 
     python -m bench.plot_memory --preset llama-8b --seq-len 1024 \
-        --measured bench/results/model.json --out bench/results/memory_llama-8b_1024.png
+        --measured bench/results/memory_options.json \
+        --out bench/results/memory_llama-8b_1024.png
 
 One bar per setting of ``poetx plan``: the predicted parts at the peak, stacked; a black tick
-marks the peak measured by ``bench/model.py`` where the JSON has that row. Needs matplotlib.
+marks the peak measured by ``bench/model.py`` where a JSON (comma-separated list) has that row
+with the current code's loss. Needs matplotlib.
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ import argparse
 import json
 from pathlib import Path
 
-from bench.plan_check import BENCH_METHODS
+from bench.plan_check import setting_of_row
 from poetx.plan.memory import GIB, Setting, plan, standard_settings
 
 GROUPS = [
-    ("W0 (+ scales)", ("w0",)),
+    ("W0 (+ scales, residual on the device)", ("w0", "w0_residual")),
     ("dense linears: weights, grads, states",
      ("dense_linear_weights", "dense_linear_grads", "dense_linear_states")),
     ("embedding / lm_head / norms: weights", ("embed_head_norm_weights",)),
@@ -36,7 +38,7 @@ def main() -> None:
     parser.add_argument("--preset", default="llama-8b")
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--measured", default="bench/results/model.json")
+    parser.add_argument("--measured", default="bench/results/memory_options.json")
     parser.add_argument("--out", default="bench/results/memory_llama-8b_1024.png")
     args = parser.parse_args()
 
@@ -46,15 +48,16 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     measured: dict[Setting, float] = {}
-    path = Path(args.measured)
-    if path.is_file():
+    devices = set()
+    for name in args.measured.split(","):
+        path = Path(name)
+        if not path.is_file():
+            continue
         for row in json.loads(path.read_text()):
             if (row["model"], row["seq_len"], row.get("batch", 1), row.get("status")) == (
                     args.preset, args.seq_len, args.batch_size, "ok"):
-                options = dict(BENCH_METHODS[row["method"]])
-                if row.get("block_size"):
-                    options["block_size"] = row["block_size"]
-                measured[Setting(**options)] = row["peak_gib"]
+                measured[setting_of_row(row)] = row["peak_gib"]
+                devices.add(row.get("device", "GPU"))
 
     settings = standard_settings()
     plans = [plan(args.preset, args.seq_len, args.batch_size, s) for s in settings]
@@ -72,7 +75,7 @@ def main() -> None:
     for i, s in enumerate(settings):
         if s in measured:
             ax.plot([i - 0.4, i + 0.4], [measured[s]] * 2, color="black", lw=2,
-                    label=None if marked else "measured peak (H100)")
+                    label=None if marked else f"measured peak ({', '.join(sorted(devices))})")
             marked = True
     ax.set_xticks(list(x), [s.name.replace("-b256", "") for s in settings], rotation=30,
                   ha="right")

@@ -103,8 +103,11 @@ def add_settings_flags(parser: argparse.ArgumentParser, cls: type,
                                       "help": help_text}
             typ, _ = base_type(hint)
             if typ is bool:
-                state = "on" if default is True else "off"
-                kwargs["help"] = f"{help_text} (default {state})"
+                if default is None:  # filled from the preset; the help text says how
+                    kwargs["help"] = help_text
+                else:
+                    state = "on" if default is True else "off"
+                    kwargs["help"] = f"{help_text} (default {state})"
                 group.add_argument(option, action=argparse.BooleanOptionalAction, **kwargs)
             else:
                 choices = choices_of(f)

@@ -51,12 +51,11 @@ def flags_of(setting: Setting) -> str:
         flags = ["--optimizer poetx", f"--mode {setting.mode}",
                  f"--w0-format {setting.w0_format}", f"--block-size {setting.block_size}"]
     flags.append("--grad-checkpointing" if setting.checkpointing else "--no-grad-checkpointing")
-    if setting.dense_optimizer != "adamw":
-        flags.append(f"--dense-optimizer {setting.dense_optimizer}")
+    # explicit: their defaults depend on the preset
+    flags.append(f"--dense-optimizer {setting.dense_optimizer}")
+    flags.append("--step-in-backward" if setting.step_in_backward else "--no-step-in-backward")
     if setting.rotation_states != "fp32":
         flags.append(f"--rotation-states {setting.rotation_states}")
-    if setting.step_in_backward:
-        flags.append("--step-in-backward")
     if setting.optimizer == "poetx" and setting.w0_residual != "host":
         flags.append(f"--w0-residual {setting.w0_residual}")
     if not setting.cuda_graphs and setting.dense_optimizer == "adamw":
