@@ -182,7 +182,8 @@ class Trainer:
                 raise TrainError(
                     f"step_in_backward: needs one backward per step in one process (a hook "
                     f"would step on a partial or unreduced gradient); this run has grad accum "
-                    f"{cfg.grad_accum} and {self.ctx.world} processes")
+                    f"{cfg.grad_accum} and {self.ctx.world} processes; pass "
+                    f"--no-step-in-backward")
             self.in_backward = StepInBackward(self.optimizer, embedding_and_head(model),
                                               self.clip.max_norm)
         shape = (cfg.grad_accum, cfg.batch_size, cfg.seq_len + 1)
