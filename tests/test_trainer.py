@@ -65,15 +65,19 @@ class _NoHostSync(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("optimizer", ["poetx", "adamw"])
-def test_train_step_never_waits_for_the_device(optimizer, monkeypatch):
+@pytest.mark.parametrize("optimizer,in_backward", [("poetx", False), ("adamw", False),
+                                                   ("poetx", True)])
+def test_train_step_never_waits_for_the_device(optimizer, in_backward, monkeypatch):
     # transformers' mask builder reads position_ids once per forward to detect packed
     # sequences (an eager-only check it skips under CUDA-graph capture and torch.compile);
     # our rows are never packed, so give its answer for that case and test the rest.
     import transformers.masking_utils as masking
 
     monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda position_ids: None)
-    t = _trainer(optimizer=optimizer, grad_accum=2, batch_size=2)
+    # the optimizer step in backward (embedding and lm_head) is recorded by a captured step too
+    t = (_trainer(optimizer=optimizer, step_in_backward=True) if in_backward else
+         _trainer(optimizer=optimizer, grad_accum=2, batch_size=2))
+    assert (t.in_backward is not None) == in_backward
     batch = t.load_batch(0)
     t.step_fn(batch)  # the first step creates the optimizer state
     with _NoHostSync():
@@ -83,8 +87,9 @@ def test_train_step_never_waits_for_the_device(optimizer, monkeypatch):
     assert math.isfinite(float(metrics["loss"])) and not bool(metrics["nonfinite"])
 
 
-def test_nonfinite_step_is_skipped_on_device_without_touching_state(monkeypatch):
-    t = _trainer()
+@pytest.mark.parametrize("in_backward", [False, True])
+def test_nonfinite_step_is_skipped_on_device_without_touching_state(in_backward, monkeypatch):
+    t = _trainer(step_in_backward=in_backward)
     t.step_fn(t.load_batch(0))
     before = _state(t)
     assert any(k.endswith(".step") for k in before)
@@ -223,3 +228,26 @@ def test_cuda_graph_step_matches_the_eager_step():
     assert replayed[:3] == eager[:3]
     assert abs(replayed[3] - eager[3]) <= 1e-4 * abs(eager[3])
     assert max(abs(r - e) / abs(e) for r, e in zip(replayed, eager, strict=True)) < 1e-2
+
+
+@pytest.mark.gpu
+def test_cuda_graph_step_with_step_in_backward_matches_the_eager_step():
+    """The optimizer step in backward (post-accumulate-grad hooks on embedding and lm_head) is
+    recorded with the rest of the captured step: a replay updates them as the eager step."""
+    losses, heads = {}, {}
+    for graphs in (False, True):
+        t = _cuda_trainer(cuda_graphs=graphs, step_in_backward=True)
+        assert t.graphs == graphs and t.in_backward is not None
+        head = t.model.get_output_embeddings().weight
+        run = []
+        for step in range(6):
+            metrics = t.step_fn(t.load_batch(step))
+            run.append(float(metrics["loss"]))
+            assert head.grad is None  # stepped and freed inside backward
+            t._advance_schedules(step + 1)
+        assert (t.captured is not None and t.captured.captured) == graphs
+        losses[graphs], heads[graphs] = run, head.detach().float().clone()
+    eager, replayed = losses[False], losses[True]
+    assert replayed[:3] == eager[:3]
+    assert max(abs(r - e) / abs(e) for r, e in zip(replayed, eager, strict=True)) < 1e-2
+    torch.testing.assert_close(heads[True], heads[False], rtol=2e-2, atol=1e-3)
