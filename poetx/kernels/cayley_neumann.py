@@ -472,7 +472,8 @@ def cayley_neumann_delta(
     nb, npar = _check_theta(theta, block)
     if torch.float64 in (theta.dtype, out_dtype):
         wide = theta.to(torch.float64)
-        return rotation_delta_reference(wide, block, terms, valid_last).to(out_dtype)
+        result = rotation_delta_reference(wide, block, terms, valid_last).to(out_dtype)
+        return result if out is None else out.copy_(result)
     if terms < 1:
         raise ValueError(f"terms must be at least 1, got {terms}")
     theta = theta.contiguous().float()
@@ -525,9 +526,10 @@ def cayley_neumann_delta_backward(
         raise ValueError(f"grad_delta must be {(nb, block, block)}, got {tuple(grad_delta.shape)}")
     if torch.float64 in (theta.dtype, grad_delta.dtype) or terms != 3:
         wide = torch.float64 if torch.float64 in (theta.dtype, grad_delta.dtype) else torch.float32
-        return rotation_delta_backward_reference(
+        result = rotation_delta_backward_reference(
             theta.to(wide), grad_delta.to(wide), block, terms, valid_last
         ).to(theta.dtype)
+        return result if out is None else out.copy_(result)
     out_dtype = theta.dtype
     theta = theta.contiguous().float()
     g = grad_delta.contiguous().float()

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from poetx.config import POETConfig
 from poetx.layers.poet_linear import POETLinear
+from poetx.layers.rotation_groups import group_rotations, ungroup_rotations
 
 NEVER_WRAPPED = ("lm_head",)
 
@@ -119,6 +120,7 @@ def wrap(model: nn.Module, config: POETConfig | None = None) -> nn.Module:
         layer = POETLinear.from_linear(_conv1d_as_linear(conv), config, name=name)
         setattr(layer, FROM_CONV1D, True)
         _set_submodule(model, name, layer)
+    group_rotations(model)
     return model
 
 
@@ -133,6 +135,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     ``Conv1D`` where ``wrap`` found one)."""
     for name, layer in list(poet_layers(model)):
         _set_submodule(model, name, dense_layer(layer))
+    ungroup_rotations(model)
     return model
 
 
