@@ -228,3 +228,22 @@ def test_batched_build_equals_per_layer_on_gpu(mode):
     assert abs(loss_on - loss_off) <= 1e-6 * abs(loss_off)
     for name, g in g_off.items():
         torch.testing.assert_close(g_on[name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.gpu
+def test_group_build_at_decoder_block_size_on_gpu():
+    """Llama-8B's 14 sides of one decoder block (320 blocks of 256: three chunks) built and
+    differentiated together: the per-side kernels' numbers (same kernels, same blocks)."""
+    from poetx.ops import backend
+
+    sizes = [16, 16, 16, 4, 16, 4, 16, 16, 16, 56, 16, 56, 56, 16]
+    thetas = [(0.01 * torch.randn(nb, num_skew_params(256), device="cuda")).requires_grad_(True)
+              for nb in sizes]
+    grads = [torch.randn(nb, 256, 256, device="cuda") for nb in sizes]
+    blocks, handles = build_rotation_group(thetas, 256, 3, None, torch.bfloat16)
+    torch.autograd.backward(handles, grads)
+    for t, d, g in zip(thetas, blocks, grads, strict=True):
+        ref = backend.rotation_delta(t.detach(), 256, 3, None, torch.bfloat16)
+        torch.testing.assert_close(d, ref, rtol=0, atol=0)
+        ref_grad = backend.rotation_delta_backward(t.detach(), g, 256, 3, None)
+        torch.testing.assert_close(t.grad, ref_grad, rtol=1e-6, atol=1e-9)
