@@ -3,8 +3,9 @@
 Llamas, merges at steps 20 and 40, clip warm-up, LR schedule; the second run's state is copied
 from the first after every step), step by step, with the parameter that differs most.
 
-Pairs: ``eager`` vs ``eager`` (is the eager step deterministic?) and ``eager`` vs ``captured``;
-``--no-merge`` runs without merges. Run once per environment (e.g. with
+Pairs (``--pairs``): ``eager-eager`` (is the eager step deterministic?), ``eager-captured``
+(the test) and ``captured-captured`` (is the replayed step deterministic?); ``--no-merge`` runs
+without merges. Run once per environment (e.g. with
 ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` set before CUDA starts).
 
     python -m bench.capture_diff --out capture_diff.json
@@ -31,16 +32,17 @@ def _param_diffs(a, b) -> tuple[float, str]:
     return worst, name
 
 
-def pair(captured: bool, merge_every: int, device: str = "cuda") -> dict:
+def pair(ref_captured: bool, captured: bool, merge_every: int, device: str = "cuda") -> dict:
     from tests.test_capture import _advance, _copy_state_, _llama_setup
 
     gen = torch.Generator().manual_seed(5)
     fixed = [torch.randint(0, 512, (4, 65), generator=gen).to(device) for _ in range(2)]
-    ref, test = (_llama_setup(c, fixed[0], merge_every, device) for c in (False, captured))
+    ref, test = (_llama_setup(c, fixed[0], merge_every, device)
+                 for c in (ref_captured, captured))
     loss_diff, param_diff, worst = [], [], []
     for i in range(50):
         if i == 30:
-            test[5].invalidate()
+            test[5].invalidate()  # as the test: a fresh capture mid-run
         batch = fixed[i % 2]
         a, b = _advance(ref, batch), _advance(test, batch)
         loss_diff.append(abs(a - b) / abs(a))
@@ -49,7 +51,7 @@ def pair(captured: bool, merge_every: int, device: str = "cuda") -> dict:
         worst.append(name)
         _copy_state_(test, ref)
     top = sorted(range(50), key=lambda i: -param_diff[i])[:5]
-    return {"captured": captured, "merge_every": merge_every,
+    return {"merge_every": merge_every,
             "max_loss_diff": max(loss_diff), "max_param_diff": max(param_diff),
             "loss_diff": loss_diff, "param_diff": param_diff,
             "worst_steps": [(i + 1, param_diff[i], worst[i], loss_diff[i]) for i in top],
@@ -59,15 +61,16 @@ def pair(captured: bool, merge_every: int, device: str = "cuda") -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="capture_diff.json")
-    parser.add_argument("--pairs", default="eager,captured")
+    parser.add_argument("--pairs", default="eager-eager,eager-captured,captured-captured")
     parser.add_argument("--no-merge", action="store_true")
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
     env = {**environment(), "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG")}
     rows = []
     for kind in args.pairs.split(","):
-        row = {**env, "pair": f"eager-vs-{kind}",
-               **pair(kind == "captured", 1000 if args.no_merge else 20, args.device)}
+        first, second = kind.split("-")
+        row = {**env, "pair": kind, **pair(first == "captured", second == "captured",
+                                           1000 if args.no_merge else 20, args.device)}
         rows.append(row)
         print(row["pair"], "merge_every", row["merge_every"], "max loss diff",
               f"{row['max_loss_diff']:.3g}", "max param diff", f"{row['max_param_diff']:.3g}",

@@ -145,6 +145,15 @@ def test_batched_build_over_merges_and_optimizer_steps(prebuilt_calls):
     assert len(prebuilt_calls) == 5 * 2 * len(BLOCK_SHAPES)
 
 
+def test_chunks_pack_consecutive_sides(monkeypatch):
+    import poetx.ops.rotation_group as rg
+
+    monkeypatch.setattr(rg, "CHUNK_BLOCKS", 96)
+    sizes = [16, 16, 16, 4, 16, 4, 16, 16, 16, 56, 16, 56, 56, 16]  # Llama-8B, b = 256
+    assert rg._chunks(sizes) == [(0, 7), (7, 10), (10, 12), (12, 14)]
+    assert rg._chunks([200, 3]) == [(0, 1), (1, 2)] and rg._chunks([]) == []
+
+
 def test_unused_layer_gets_no_gradient_and_no_grad_forward():
     ref, batched = _towers(3, "fast")
     block = batched.blocks[0]
@@ -181,10 +190,16 @@ def test_direct_calls_outside_the_group_take_the_per_layer_path(prebuilt_calls):
 
 
 @pytest.mark.parametrize("sides", [[(3, 8, None), (2, 8, None), (1, 8, 5)],
-                                   [(4, 6, None)], [(1, 4, 3)]])
-def test_group_build_blocks_match_reference(sides):
+                                   [(4, 6, None)], [(1, 4, 3)],
+                                   [(2, 8, None), (5, 8, None), (1, 8, None), (2, 8, 3)]])
+@pytest.mark.parametrize("chunk", [96, 3])
+def test_group_build_blocks_match_reference(sides, chunk, monkeypatch):
     """The group's blocks equal the reference of each side, gradients through the handles equal
-    autograd of the reference (float64)."""
+    autograd of the reference (float64); also split into calls of at most ``chunk`` blocks
+    (a larger side alone), the padded side last."""
+    import poetx.ops.rotation_group as rg
+
+    monkeypatch.setattr(rg, "CHUNK_BLOCKS", chunk)
     thetas = [torch.randn(nb, num_skew_params(b), dtype=torch.float64, requires_grad=True)
               for nb, b, _ in sides]
     block = sides[0][1]

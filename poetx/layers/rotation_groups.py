@@ -121,11 +121,13 @@ _GROUP = "_poetx_rotation_group"
 
 
 def _pre_hook(module: nn.Module, _args) -> None:
-    getattr(module, _GROUP).begin(_members(module))
+    if not torch.compiler.is_compiling():  # traced code takes the per-layer path
+        getattr(module, _GROUP).begin(_members(module))
 
 
 def _post_hook(module: nn.Module, _args, _output) -> None:
-    getattr(module, _GROUP).end()
+    if not torch.compiler.is_compiling():
+        getattr(module, _GROUP).end()
 
 
 def _installed(module: nn.Module) -> bool:

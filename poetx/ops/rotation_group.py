@@ -4,8 +4,9 @@ Each ``POETLinear`` side builds ``(nb, b, b)`` blocks ``R - I`` from its ``(nb, 
 parameters. Built side by side that is ~3 small launches per side and direction, each with a
 grid too small to fill the GPU; here the sides of a group (e.g. one decoder block) that share
 block size, Neumann terms and dtype are concatenated and built by one
-``backend.rotation_delta`` call per chunk of :data:`CHUNK_BLOCKS` blocks, and their gradients
-go back through one ``backend.rotation_delta_backward`` call per chunk.
+``backend.rotation_delta`` call per chunk of consecutive sides (at most :data:`CHUNK_BLOCKS`
+blocks unless one side has more), and their gradients go back through one
+``backend.rotation_delta_backward`` call per chunk.
 
 Only the last side of a group may have a padded last block (``valid_last``): the kernels
 mask the last block of what they are given.
@@ -25,33 +26,51 @@ from torch import Tensor
 
 from poetx.ops import backend
 
-# Blocks per kernel call: enough tiles to fill an H200 (128 blocks of 256 x 256 are 2048
-# programs of 64 x 64), while the float32 scratch of the backward (six (n, b, b) buffers)
-# stays ~200 MB at b = 256 however large the group.
-CHUNK_BLOCKS = 128
+# Blocks per kernel call, at most (a larger side is a call of its own): 96 blocks of 256 x 256
+# are 1536 programs of 64 x 64, enough to fill an H200, while the float32 scratch of the
+# backward (six (n, b, b) buffers) stays under ~150 MB at b = 256 however large the group.
+CHUNK_BLOCKS = 96
 
 
-def _chunks(total: int) -> list[tuple[int, int]]:
-    return [(s, min(s + CHUNK_BLOCKS, total)) for s in range(0, total, CHUNK_BLOCKS)]
+def _chunks(sizes: list[int]) -> list[tuple[int, int]]:
+    """Consecutive sides packed into calls: ``[(first side, end side), ...]``."""
+    out, first, total = [], 0, 0
+    for i, nb in enumerate(sizes):
+        if i > first and total + nb > CHUNK_BLOCKS:
+            out.append((first, i))
+            first, total = i, 0
+        total += nb
+    if sizes:
+        out.append((first, len(sizes)))
+    return out
+
+
+def _cat(tensors: list[Tensor]) -> Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
 class _GroupBuild(torch.autograd.Function):
     @staticmethod
     def forward(ctx, block: int, terms: int | None, valid_last: int | None,
                 out_dtype: torch.dtype, *thetas: Tensor):
-        theta = torch.cat(thetas) if len(thetas) > 1 else thetas[0]
-        total = theta.shape[0]
-        deltas = theta.new_empty((total, block, block), dtype=out_dtype)
-        for s, e in _chunks(total):
-            last = valid_last if e == total else None
-            backend.rotation_delta(theta[s:e], block, terms, last, out_dtype, out=deltas[s:e])
+        sizes = [t.shape[0] for t in thetas]
+        first = thetas[0]
+        deltas = first.new_empty((sum(sizes), block, block), dtype=out_dtype)
+        chunks = _chunks(sizes)
+        start = 0
+        for i, (a, b) in enumerate(chunks):
+            n = sum(sizes[a:b])
+            last = valid_last if i == len(chunks) - 1 else None
+            backend.rotation_delta(_cat(thetas[a:b]), block, terms, last, out_dtype,
+                                   out=deltas[start:start + n])
+            start += n
         ctx.save_for_backward(*thetas)
         ctx.geometry = (block, terms, valid_last)
         ctx.mark_non_differentiable(deltas)
         ctx.set_materialize_grads(False)
-        wide = torch.float64 if torch.float64 in (theta.dtype, out_dtype) else torch.float32
-        anchor = theta.new_zeros((), dtype=wide)
-        handles = tuple(anchor.expand(t.shape[0], block, block) for t in thetas)
+        wide = torch.float64 if torch.float64 in (first.dtype, out_dtype) else torch.float32
+        anchor = first.new_zeros((), dtype=wide)
+        handles = tuple(anchor.expand(n, block, block) for n in sizes)
         return (deltas, *handles)
 
     @staticmethod
@@ -61,22 +80,21 @@ class _GroupBuild(torch.autograd.Function):
         if all(g is None for g in grad_handles):
             return (None,) * (4 + len(thetas))
         wide = next(g.dtype for g in grad_handles if g is not None)
-        grads = [g if g is not None else t.new_zeros((t.shape[0], block, block), dtype=wide)
-                 for g, t in zip(grad_handles, thetas, strict=True)]
-        grad = torch.cat(grads) if len(grads) > 1 else grads[0]
-        del grads
-        theta = torch.cat(thetas) if len(thetas) > 1 else thetas[0]
-        total = theta.shape[0]
-        out = torch.empty_like(theta)
-        for s, e in _chunks(total):
-            last = valid_last if e == total else None
-            backend.rotation_delta_backward(theta[s:e], grad[s:e], block, terms, last,
-                                            out=out[s:e])
         sizes = [t.shape[0] for t in thetas]
+        chunks = _chunks(sizes)
+        out: list[Tensor | None] = []
+        for i, (a, b) in enumerate(chunks):
+            grad = _cat([g if g is not None else t.new_zeros((t.shape[0], block, block),
+                                                             dtype=wide)
+                         for g, t in zip(grad_handles[a:b], thetas[a:b], strict=True)])
+            last = valid_last if i == len(chunks) - 1 else None
+            theta = _cat(thetas[a:b])
+            grad_theta = backend.rotation_delta_backward(theta, grad, block, terms, last)
+            del grad
+            out += grad_theta.split(sizes[a:b]) if b - a > 1 else [grad_theta]
         # A side whose layer did not run gets no gradient, as on the per-layer path.
-        grads = [g if h is not None else None
-                 for g, h in zip(out.split(sizes), grad_handles, strict=True)]
-        return (None, None, None, None, *grads)
+        out = [g if h is not None else None for g, h in zip(out, grad_handles, strict=True)]
+        return (None, None, None, None, *out)
 
 
 def build_rotation_group(
