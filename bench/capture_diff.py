@@ -6,7 +6,8 @@ from the first after every step), step by step, with the parameter that differs 
 Pairs (``--pairs``): ``eager-eager`` (is the eager step deterministic?), ``eager-captured``
 (the test) and ``captured-captured`` (is the replayed step deterministic?); ``--no-merge`` runs
 without merges. Run once per environment (e.g. with
-``CUBLAS_WORKSPACE_CONFIG=:4096:8`` set before CUDA starts).
+``CUBLAS_WORKSPACE_CONFIG=:4096:8`` set before CUDA starts, with or without
+``--deterministic``).
 
     python -m bench.capture_diff --out capture_diff.json
 """
@@ -64,8 +65,14 @@ def main() -> None:
     parser.add_argument("--pairs", default="eager-eager,eager-captured,captured-captured")
     parser.add_argument("--no-merge", action="store_true")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="torch.use_deterministic_algorithms(True) (needs "
+                             "CUBLAS_WORKSPACE_CONFIG=:4096:8 set before the process starts)")
     args = parser.parse_args()
-    env = {**environment(), "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG")}
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    env = {**environment(), "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+           "deterministic": args.deterministic}
     rows = []
     for kind in args.pairs.split(","):
         first, second = kind.split("-")

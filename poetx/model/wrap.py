@@ -107,7 +107,9 @@ def wrap(model: nn.Module, config: POETConfig | None = None) -> nn.Module:
     Hugging Face ``Conv1D`` projections (GPT-2) are wrapped too and come back as ``Conv1D`` on
     ``unwrap``. ``lm_head``, layers tied to embeddings and names matching ``config.exclude``
     stay dense.
-    Each layer's permutations are seeded from ``config.seed`` and its module name.
+    Each layer's permutations are seeded from ``config.seed`` and its module name. Every
+    ``ModuleList`` element holding POET layers (a decoder block) gets the batched rotation
+    build (``poetx.layers.rotation_groups``; used as ``config.batch_rotations`` says).
     """
     config = config or POETConfig()
     targets = list(eligible_linears(model, config))
