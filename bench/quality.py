@@ -74,13 +74,18 @@ class RunSpec:
     poet: tuple[tuple[str, str], ...] = ()
     steps: int = STEPS
 
+    @property
+    def warmup_steps(self) -> int:
+        """10 % of the steps (``WARMUP`` for the study's ``STEPS``)."""
+        return self.steps // 10
+
     def command(self, data: Path, runs_dir: Path, resume: bool = False) -> list[str]:
         cmd = [
             sys.executable, "-m", "poetx.cli.main", "train",
             "--preset", self.preset, "--optimizer", self.optimizer,
             "--data", str(data), "--tokenizer", str(data / "tokenizer.json"),
             "--steps", str(self.steps), "--batch-size", str(BATCH), "--seq-len", str(SEQ_LEN),
-            "--lr", f"{self.lr:g}", "--warmup-steps", str(WARMUP),
+            "--lr", f"{self.lr:g}", "--warmup-steps", str(self.warmup_steps),
             "--eval-every", str(EVAL_EVERY), "--save-every", str(SAVE_EVERY),
             "--seed", "0", "--no-progress", "--no-tensorboard",
             "--out", str(runs_dir / self.name),
@@ -105,7 +110,7 @@ LR_SCALES = (0.5, 1.0, 2.0)
 
 
 def _tag(x: float) -> str:
-    return f"{x:.0e}".replace("e-0", "e-")
+    return f"{x:g}"
 
 
 def study() -> list[RunSpec]:
@@ -233,16 +238,31 @@ def save_results(path: Path, rows: dict[str, dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
+def shown_command(command: list[str], gpu: str) -> str:
+    """``command`` as a person would type it: ``python``, paths relative to the repository."""
+    def show(arg: str) -> str:
+        if arg == sys.executable:
+            return "python"
+        path = Path(arg)
+        if path.is_absolute() and path.is_relative_to(ROOT):
+            return str(path.relative_to(ROOT))
+        return arg
+
+    prefix = f"CUDA_VISIBLE_DEVICES={gpu} " if gpu != "cpu" else ""
+    return prefix + " ".join(shlex.quote(show(a)) for a in command)
+
+
 def make_row(spec: RunSpec, summary: dict[str, Any], command: list[str], device: str,
              gpu: str, status: str) -> dict[str, Any]:
     return {
         "name": spec.name, "group": spec.group, "preset": spec.preset,
         "optimizer": spec.optimizer, "lr": spec.lr, "poet_lr": spec.poet_lr,
         "poet_flags": " ".join(f"{k} {v}" for k, v in spec.poet),
-        "steps": spec.steps, "batch": BATCH, "seq_len": SEQ_LEN, "warmup_steps": WARMUP,
+        "steps": spec.steps, "batch": BATCH, "seq_len": SEQ_LEN,
+        "warmup_steps": spec.warmup_steps,
         **{k: v for k, v in summary.items() if k != "done"},
         "status": status,
-        "command": f"CUDA_VISIBLE_DEVICES={gpu} " + " ".join(shlex.quote(a) for a in command),
+        "command": shown_command(command, gpu),
         "device": device,
     }
 
@@ -403,7 +423,9 @@ def plot(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
 
     written = []
     sweep = [r for r in rows if r["group"] == "sweep" and r.get("curve")]
-    presets = sorted({r["preset"] for r in sweep}, key=lambda p: int(p.split("-")[1][:-1]))
+    order = list(PRESET_LRS)
+    presets = sorted({r["preset"] for r in sweep},
+                     key=lambda p: (order.index(p) if p in order else len(order), p))
     if not presets:
         return written
     for x_index, x_label, name in ((1, "training tokens (M)", "quality_ppl_tokens.png"),
@@ -417,9 +439,9 @@ def plot(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
                 ys = [c[3] for c in points]
                 style = "-" if row["optimizer"] == "poetx" else "--"
                 color = "tab:blue" if row["optimizer"] == "poetx" else "tab:orange"
-                alpha = {0.5: 0.45, 1.0: 1.0, 2.0: 0.7}.get(
-                    round(row["lr"] / PRESET_LRS[preset][1 if row["optimizer"] == "poetx" else 0],
-                          2), 0.6)
+                centre = PRESET_LRS.get(preset, (row["lr"], row["lr"], None))
+                scale = row["lr"] / centre[1 if row["optimizer"] == "poetx" else 0]
+                alpha = {0.5: 0.45, 1.0: 1.0, 2.0: 0.7}.get(round(scale, 2), 0.6)
                 label = f"{row['optimizer']} lr {row['lr']:g}" + (
                     f" / poet_lr {row['poet_lr']:g}" if row.get("poet_lr") else "")
                 ax.plot(xs, ys, style, color=color, alpha=alpha, label=label)
@@ -498,7 +520,8 @@ def render_doc(rows: list[dict[str, Any]], plots: list[Path]) -> str:
     by_preset = {}
     for row in rows:
         by_preset.setdefault((row["group"], row["preset"]), []).append(row)
-    for preset in ("llama-60m", "llama-130m"):
+    others = sorted({p for g, p in by_preset if g == "sweep"} - set(PRESET_LRS))
+    for preset in [*PRESET_LRS, *others]:
         out += [f"## {preset}: learning-rate sweep", ""]
         sweep = by_preset.get(("sweep", preset), [])
         if sweep:
@@ -553,8 +576,8 @@ def print_plan(specs: list[RunSpec], data: Path, runs_dir: Path, gpus: int) -> N
     for spec in specs:
         seconds = estimate_seconds(spec, speeds)
         total += seconds
-        print(f"{seconds / 60:5.1f} min  {spec.name:24s} "
-              + " ".join(shlex.quote(a) for a in spec.command(data, runs_dir)[1:]))
+        print(f"{seconds / 60:5.1f} min  {spec.name:20s} "
+              + shown_command(spec.command(data, runs_dir), "cpu"))
     print(f"total {total / 60:.0f} GPU-minutes, {total / 60 / gpus:.0f} minutes on {gpus} GPUs "
           f"({len(specs)} runs of {TOKENS / 1e6:.1f} M tokens)")
 
