@@ -16,14 +16,22 @@ Subcommands:
     ``plan``    the queue, its commands and the GPU time it needs, estimated from the measured
                 tokens/s in ``bench/results/train60m.json`` and ``step.json``.
 
-GPU machine (no network, 64 MiB of files a call), in one command::
+Preparing here (network): ``poetx data install debian-en`` (about 30 minutes on 2 cores) and
+``poetx data pack debian-en --out .cache/gpu-corpus`` (30 M training tokens + the validation
+set, xz-compressed token ids, about 40 MiB). Do not unpack there: the carried folder must stay
+small.
 
-    poetx data unpack .cache/gpu-corpus && \\
-    python bench/quality.py run --gpus 0,1 --data .cache/gpu-corpus --budget-s 540 && \\
-    cp bench/results/quality.json $OUT/
+GPU machine (no network, at most 64 MiB of files a call), from the repository root with
+``carry: [".stage/quality", ".cache/gpu-corpus"]``, each call (finished runs are skipped, run
+folders under ``runs/`` stay on a warm machine between calls)::
 
-Then here: copy ``quality.json`` back to ``bench/results/`` and ``python bench/quality.py
-report``.
+    cd .stage/quality && export PYTHONPATH=$PWD PYTHONUNBUFFERED=1; \
+    python -m poetx.cli.main data unpack ../../.cache/gpu-corpus && \
+    python bench/quality.py run --gpus 0,1 --data ../../.cache/gpu-corpus \
+        --runs-dir ../../runs/quality --budget-s 540; cp bench/results/quality.json $OUT/
+
+Then here: copy ``quality.json`` back to ``bench/results/`` (and into the staged copy before
+the next call, so that its finished runs are skipped), and ``python bench/quality.py report``.
 """
 
 from __future__ import annotations
@@ -466,6 +474,45 @@ _COLUMNS = [("name", "run"), ("optimizer", "optimizer"), ("lr", "lr"), ("poet_lr
             ("peak_gib", "peak GiB"), ("status", "status")]
 
 
+def corpus_section(results_dir: Path) -> list[str]:
+    """Lines about the corpus from ``corpus_debian_en.json`` (the build's manifest) and the
+    transport measurements ``gpu_corpus.json``, when they exist."""
+    manifest_path = results_dir / "corpus_debian_en.json"
+    if not manifest_path.is_file():
+        return []
+    manifest = json.loads(manifest_path.read_text())
+    splits = manifest["splits"]
+    dedup = manifest["dedup"]
+    out = ["## The corpus (`debian-en`, measured)", "",
+           f"Built by `poetx data install debian-en` in {manifest['build_seconds'] / 60:.0f} "
+           f"minutes on a 2-core machine; {len(manifest['sources'])} packages; "
+           f"{dedup['documents']:,} documents extracted, {dedup['exact']:,} exact and "
+           f"{dedup['near']:,} near duplicates removed; tokenizer: byte-level BPE, vocabulary "
+           f"{manifest['vocab_size']:,}.", "",
+           "| split | documents | characters (M) | tokens (M) |", "|---|---|---|---|"]
+    for name, split in splits.items():
+        out.append(f"| {name} | {split['documents']:,} | {split['chars'] / 1e6:.1f} | "
+                   f"{split['tokens'] / 1e6:.2f} |")
+    out += ["", "Largest sources after de-duplication (all in `bench/results/"
+            "corpus_debian_en.json`, with version, sha256 and licence):", "",
+            "| package | licence | documents | characters (M) |", "|---|---|---|---|"]
+    top = sorted(manifest["sources"].items(), key=lambda kv: -kv[1]["chars_kept"])[:15]
+    for name, src in top:
+        out.append(f"| {name} | {src['licence']} | {src['documents_kept']:,} | "
+                   f"{src['chars_kept'] / 1e6:.1f} |")
+    transport = results_dir / "gpu_corpus.json"
+    if transport.is_file():
+        out += ["", "Brought to the GPU machine (`poetx data pack`, `bench/transport.py`):", "",
+                "| format | train tokens (M) | MiB in all | bytes / token | unpack s (cores) "
+                "| train tokens in 49 MiB |", "|---|---|---|---|---|---|"]
+        for row in json.loads(transport.read_text()):
+            out.append(f"| {row['format']} | {row['train_tokens'] / 1e6:.1f} | "
+                       f"{row['total_mib']:.1f} | {row['bytes_per_token']:.2f} | "
+                       f"{row['unpack_s']:.1f} ({row['cores']}) | "
+                       f"{row['train_tokens_in_call'] / 1e6:.0f} M |")
+    return out + [""]
+
+
 def render_doc(rows: list[dict[str, Any]], plots: list[Path]) -> str:
     """The text of ``docs/results.md`` for ``rows`` (pending sections say so)."""
     specs = study()
@@ -510,13 +557,14 @@ def render_doc(rows: list[dict[str, Any]], plots: list[Path]) -> str:
         "```bash",
         "poetx data install debian-en && poetx data pack debian-en --out .cache/gpu-corpus",
         "# on the GPU machine, each call (runs already done are skipped):",
-        "poetx data unpack .cache/gpu-corpus",
+        "python -m poetx.cli.main data unpack .cache/gpu-corpus",
         "python bench/quality.py run --gpus 0,1 --data .cache/gpu-corpus --budget-s 540",
-        "# back here:",
+        "# back here, with the GPU's bench/results/quality.json:",
         "python bench/quality.py report",
         "```",
         "",
     ]
+    out += corpus_section(ROOT / "bench" / "results")
     by_preset = {}
     for row in rows:
         by_preset.setdefault((row["group"], row["preset"]), []).append(row)
