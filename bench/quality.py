@@ -16,7 +16,7 @@ Subcommands:
     ``plan``    the queue, its commands and the GPU time it needs, estimated from the measured
                 tokens/s in ``bench/results/train60m.json`` and ``step.json``.
 
-Preparing here (network): ``poetx data install debian-en`` (about 30 minutes on 2 cores) and
+Preparing here (network): ``poetx data install debian-en`` (about 20 minutes on 2 cores) and
 ``poetx data pack debian-en --out .cache/gpu-corpus`` (30 M training tokens + the validation
 set, xz-compressed token ids, about 40 MiB). Do not unpack there: the carried folder must stay
 small.

@@ -291,6 +291,30 @@ def test_pack_and_unpack_round_trip(built: tuple[Path, tuple], tmp_path: Path, f
         unpack(tmp_path / "gpu")
 
 
+def test_text_pack_keeps_unicode_line_separators(built: tuple[Path, tuple],
+                                                 tmp_path: Path) -> None:
+    from poetx.data.dataset import tokenize_documents
+
+    root, _ = built
+    corpus = tmp_path / "corpus"
+    (corpus / "tokens").mkdir(parents=True)
+    (corpus / "text").mkdir()
+    tokenizer = debian_en.corpus_dir(root) / "tokenizer.json"
+    (corpus / "tokenizer.json").write_bytes(tokenizer.read_bytes())
+    # line breaks that str.splitlines() splits on, left raw inside JSON strings
+    docs = ["one a\u2028b\x1cc\x85d", "two\u2029e"]
+    for split in ("train", "val"):
+        tokenize_documents(docs, load_tokenizer(tokenizer)).astype("<u2").tofile(
+            corpus / "tokens" / f"{split}.u16.bin")
+        (corpus / "text" / f"{split}.jsonl").write_text(
+            "".join(json.dumps({"id": str(i), "text": d}, ensure_ascii=False) + "\n"
+                    for i, d in enumerate(docs)), encoding="utf-8")
+    pack(corpus, tmp_path / "gpu", train_tokens=10_000, fmt="text")
+    unpack(tmp_path / "gpu")
+    assert (tmp_path / "gpu" / "val.u16.bin").read_bytes() == \
+        (corpus / "tokens" / "val.u16.bin").read_bytes()
+
+
 def test_whole_document_prefix() -> None:
     ids = np.array([5, 6, 0, 7, 0, 8, 9, 9, 0])
     assert whole_document_prefix(ids, 6, 0) == 5

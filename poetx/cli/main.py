@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
         "install", help="download, verify and prepare a corpus",
         description="shakespeare: the bundled corpus (2.6 M tokens). debian-en: English "
         "documentation, books and dictionaries from pinned Debian packages (apt-get), cleaned, "
-        "de-duplicated, split and tokenized (about 15 minutes on 2 cores).")
+        "de-duplicated, split and tokenized (about 20 minutes on 2 cores; 2.4 GB of packages).")
     q.add_argument("name", nargs="?", default="shakespeare", choices=CORPORA,
                    help="corpus (default shakespeare)")
     q.add_argument("--cache-dir", metavar="DIR", help="data cache (default $POETX_DATA_DIR)")

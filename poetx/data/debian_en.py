@@ -369,7 +369,7 @@ def install_corpus(cache_dir: Path | None = None) -> Path:
         print(f"{NAME} already installed: {target}")
     else:
         print(f"installing {NAME}: {len(SOURCES)} Debian packages, cleaned, de-duplicated, "
-              "split and tokenized (about 15 minutes on 2 cores)")
+              "split and tokenized (about 20 minutes on 2 cores; 2.4 GB of packages)")
         ensure_installed(cache_dir)
     manifest = json.loads((target / MANIFEST).read_text())
     for split in ("train", "val"):

@@ -129,7 +129,8 @@ def unpack(folder: Path) -> dict:
             from poetx.data.dataset import tokenize_documents  # needs tokenizers and torch
 
             tok = tok or load_tokenizer(folder / TOKENIZER_FILE)
-            texts = [json.loads(line)["text"] for line in raw.decode().splitlines() if line]
+            # split on "\n" only: json.dumps leaves U+2028 and other line breaks in strings
+            texts = [json.loads(line)["text"] for line in raw.decode().split("\n") if line]
             ids = tokenize_documents(texts, tok).astype("<u2")
         digest = _sha256_bytes(ids.tobytes())
         if digest != entry["sha256"]:
