@@ -163,10 +163,14 @@ def reference(dp_corpus, tmp_path_factory):
 @pytest.fixture(scope="module")
 def ddp_run(dp_corpus, tmp_path_factory):
     """Two processes, each 2 micro-batches of 1 (global batch 4, as the reference): DDP and
-    accumulation with no_sync together. Returns the run dir and each rank's final state."""
+    accumulation with no_sync together, rotation blocks built per decoder block
+    (``batch_rotations="on"``; the reference builds them layer by layer: the skew gradients
+    must reach DDP the same). Returns the run dir and each rank's final state."""
     root = tmp_path_factory.mktemp("ddp")
     out = root / "run"
-    _spawn(_settings(dp_corpus, out, batch_size=1, grad_accum=2), str(root / "state"))
+    settings = _settings(dp_corpus, out, batch_size=1, grad_accum=2)
+    settings["poet"] = {**settings["poet"], "batch_rotations": "on"}
+    _spawn(settings, str(root / "state"))
     return out, [torch.load(root / f"state.{r}") for r in range(2)]
 
 
