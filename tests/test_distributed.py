@@ -162,8 +162,9 @@ def reference(dp_corpus, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ddp_run(dp_corpus, tmp_path_factory):
-    """Two processes, each 2 micro-batches of 1 (global batch 4, as the reference): DDP and
-    accumulation with no_sync together. Returns the run dir and each rank's final state."""
+    """Two processes, each 2 micro-batches of 1 (global batch 4, as the reference): ddp and
+    accumulation together (gradients accumulate locally, one all-reduce after the last
+    micro-batch). Returns the run dir and each rank's final state."""
     root = tmp_path_factory.mktemp("ddp")
     out = root / "run"
     _spawn(_settings(dp_corpus, out, batch_size=1, grad_accum=2), str(root / "state"))

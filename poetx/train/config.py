@@ -122,10 +122,12 @@ class TrainConfig:
         seq_len / batch_size: each micro-batch holds ``batch_size`` sequences of ``seq_len``
             tokens, per process.
         grad_accum: micro-batches per optimizer step and process (gradients accumulate; under
-            DDP they are all-reduced once, on the last). The global batch is
+            ddp they are all-reduced once, after the last). The global batch is
             ``batch_size x grad_accum x processes`` sequences.
-        parallel: ``auto`` (none in one process, ``ddp`` under ``torchrun`` with several),
-            ``none``, ``ddp``; ``fsdp`` is not implemented yet.
+        parallel: ``auto`` (none in one process; under ``torchrun`` with several: ``ddp`` when
+            the planner's estimate of one replica fits the GPU, else ``fsdp``), ``none``,
+            ``ddp`` (replicas, one gradient all-reduce per step, CUDA-graph step), ``fsdp``
+            (FSDP2: parameters sharded, see ``poetx.train.fsdp``).
         dtype: ``"auto"`` = bf16 on CUDA, float32 on CPU.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
     Optimization:
@@ -178,8 +180,9 @@ class TrainConfig:
         1, "micro-batches per step (global batch = batch x grad-accum x processes)",
         check=at_least(1), group="data parallel (under torchrun --nproc-per-node N)")
     parallel: str = setting(
-        "auto", "auto (ddp with several processes, none with one), none, ddp; fsdp is not "
-        "implemented yet", choices=PARALLEL,
+        "auto", "auto (none with one process; with several: ddp when one replica fits the "
+        "GPU by the planner's estimate, else fsdp), none, ddp (replicas), fsdp (FSDP2 shards)",
+        choices=PARALLEL,
         group="data parallel (under torchrun --nproc-per-node N)")
     dtype: str = setting("auto", "auto = bf16 on CUDA, float32 on CPU", choices=DTYPES,
                          group="run")

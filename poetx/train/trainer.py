@@ -5,8 +5,9 @@ every micro-batch, gradient norm and clipping, the NaN/inf decision and the opti
 with no host synchronization (no ``.item()``, no branch on a device value). A step with a
 non-finite loss or gradient norm is skipped on the device: the fused AdamW reads
 ``optimizer.found_inf`` and neither moves a parameter nor counts the step. That makes the step
-something CUDA graphs, ``torch.compile`` or DDP can wrap from outside (``self.step_fn``; on
-one CUDA device it is replayed as a CUDA graph, ``cfg.cuda_graphs``).
+something CUDA graphs or ``torch.compile`` can wrap from outside (``self.step_fn``; on CUDA
+it is replayed as a CUDA graph, ``cfg.cuda_graphs``, also under ``ddp``, where the one gradient
+all-reduce of the step is part of the graph; not under ``fsdp``).
 
 Between steps, in :meth:`Trainer.fit`: the learning-rate schedule (written in place into device
 tensors), the merge schedule, evaluation, checkpoints, and reading the step metrics, which
@@ -46,7 +47,7 @@ from poetx.train.errors import NonFiniteError, TrainError, TrainInterrupted
 from poetx.train.evaluate import evaluate
 from poetx.train.loss import batch_tokens, compute_loss
 from poetx.train.metrics import MetricsLogger, Progress, peak_memory_gib
-from poetx.train.parallel import DistContext, check_ranks_agree, no_sync, parallelize
+from poetx.train.parallel import DistContext, GradientAllReduce, check_ranks_agree, parallelize
 from poetx.train.run_dir import CHECKPOINT_DIR
 from poetx.train.schedule import build_scheduler, load_scheduler_state, scheduler_state
 
@@ -128,7 +129,8 @@ class Trainer:
         model: the causal LM (already wrapped by ``poetx.wrap`` for a poetx run) on ``device``.
         data: a ``DataBundle`` whose ``train`` batches hold the *global* batch
             (``batch_size x grad_accum x world`` rows); each rank takes its contiguous share.
-        ctx: this process's place in the data-parallel world; scheme: ``none`` or ``ddp``.
+        ctx: this process's place in the data-parallel world; scheme: ``none``, ``ddp``
+            (replicas, one gradient all-reduce per step) or ``fsdp`` (FSDP2 shards).
     """
 
     def __init__(self, cfg: TrainConfig, model: nn.Module, data, device: torch.device,
@@ -144,12 +146,14 @@ class Trainer:
                              f"is {self.global_batch}")
         self.tokens_per_step = self.global_batch * cfg.seq_len
         # The loss lives in the wrapped module's forward, so DDP sees the whole computation.
+        self.scheme = scheme
         self.loss_module = CausalLMWithLoss(model)
-        self.train_module = parallelize(self.loss_module, scheme, device)
+        self.train_module = parallelize(self.loss_module, scheme, self.ctx)
         # Fused AdamW: one kernel per device and dtype, a device-side skip (found_inf), an lr
         # tensor; it runs on CPU too, so the CPU suite tests the same update as the GPU runs.
-        # One CUDA graph per step where it applies (a DDP step's hooks are not captured).
-        self.graphs = cfg.cuda_graphs and device.type == "cuda" and not self.ctx.distributed
+        # One CUDA graph per step where it applies: one process, or replicas (the gradient
+        # all-reduce is recorded in the graph); FSDP2's hooks are not captured.
+        self.graphs = cfg.cuda_graphs and device.type == "cuda" and scheme != "fsdp"
         self.optimizer = make_optimizer(model, lr=cfg.lr, poet_lr=cfg.poet_lr,
                                         weight_decay=cfg.weight_decay, fused=True,
                                         capturable=self.graphs)
@@ -158,6 +162,7 @@ class Trainer:
         self.merge = (MergeSchedule(model, self.optimizer, cfg.poet, cfg.clip_warmup_steps,
                                     cfg.clip_warmup_start) if cfg.optimizer == "poetx" else None)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.grad_sync = GradientAllReduce(self.params, self.ctx) if scheme == "ddp" else None
         self._group_index = {g.get("name"): i for i, g in enumerate(self.optimizer.param_groups)}
         # Learning rates as device tensors, updated in place by the scheduler (a captured step
         # keeps reading the same memory).
@@ -204,12 +209,14 @@ class Trainer:
         micro = batch.shape[0]
         total: Tensor | None = None
         for k in range(micro):
-            with no_sync(self.train_module, last=k == micro - 1):
-                loss = compute_loss(self.train_module, batch[k])
-                (loss / micro if micro > 1 else loss).backward()
+            loss = compute_loss(self.train_module, batch[k])
+            (loss / micro if micro > 1 else loss).backward()
             total = loss.detach() if total is None else total + loss.detach()
         loss = total / micro if micro > 1 else total
-        if self.ctx.distributed:
+        # Gradients accumulate locally over the micro-batches and cross once, here.
+        if self.grad_sync is not None:
+            loss = self.grad_sync(loss)
+        elif self.ctx.distributed:  # fsdp: gradients were reduce-scattered in the backward
             loss = self.ctx.all_reduce_sum(loss.clone()) / self.ctx.world
         grad_norm = self.clip()
         # Same on every rank: the loss is all-reduced and the gradients are. A NaN loss with
