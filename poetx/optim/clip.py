@@ -38,6 +38,9 @@ class DeviceGradClip:
         if not self.params:
             raise ValueError("DeviceGradClip: no trainable parameter")
         device = self.params[0].device
+        # FSDP2 shards (DTensors, every one split along dim 0): the norm is the root of the
+        # all-reduced sum of each rank's local squared norms (one collective).
+        self.sharded = any(hasattr(p, "to_local") for p in self.params)
         self.max_norm = torch.tensor(float(max_norm), dtype=torch.float32, device=device)
         self.grad_scale = torch.ones((), dtype=torch.float32, device=device)
         self.found_inf = torch.zeros((), dtype=torch.float32, device=device)
@@ -51,7 +54,15 @@ class DeviceGradClip:
     @torch.no_grad()
     def __call__(self) -> Tensor:
         grads = [p.grad for p in self.params if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads, foreach=True).float()
+        if self.sharded:
+            import torch.distributed as dist
+
+            local = [g.to_local() for g in grads]
+            squares = torch.nn.utils.get_total_norm(local, foreach=True).float().square()
+            dist.all_reduce(squares, op=dist.ReduceOp.SUM)
+            norm = squares.sqrt()
+        else:
+            norm = torch.nn.utils.get_total_norm(grads, foreach=True).float()
         self.found_inf.copy_(torch.logical_not(torch.isfinite(norm)).float())
         factor = torch.clamp((norm + _EPS) / self.max_norm, min=1.0)
         self.grad_scale.copy_(torch.where(self.max_norm > 0, factor, 1.0))

@@ -209,7 +209,8 @@ class GradientAllReduce:
 
 @torch.no_grad()
 def frozen_fingerprint(model: nn.Module, rows: int = 2) -> str:
-    """A hash of the first ``rows`` rows of each POET layer's ``W0`` and its permutations.
+    """A hash of the first ``rows`` rows of each POET layer's ``W0`` (unless sharded) and its
+    permutations.
 
     Cheap (a few KiB per layer leave the device) and sensitive to any difference a merge could
     make: wrong permutations or a diverged ``W0`` change the bytes.
@@ -217,7 +218,10 @@ def frozen_fingerprint(model: nn.Module, rows: int = 2) -> str:
     digest = hashlib.sha256()
     for name, layer in poet_layers(model):
         digest.update(name.encode())
-        for t in (layer.w0[:rows], layer.perm_in, layer.perm_out, layer.merge_count):
+        # A sharded W0 (fsdp) is one copy split over the ranks, not replicas: only the
+        # permutations and counters, which every rank holds whole, must agree.
+        w0 = [] if hasattr(layer.w0, "to_local") else [layer.w0[:rows]]
+        for t in (*w0, layer.perm_in, layer.perm_out, layer.merge_count):
             digest.update(t.detach().reshape(-1).cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 

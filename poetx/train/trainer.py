@@ -18,6 +18,7 @@ non-finite step seen there still stops the run naming that step (or is logged as
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
@@ -30,7 +31,7 @@ from torch import Tensor, nn
 
 from poetx import MergeSchedule, make_optimizer
 from poetx.model.causal_lm import CausalLMWithLoss
-from poetx.model.wrap import rotation_norm_max
+from poetx.model.wrap import merge_all_, rotation_norm_max
 from poetx.optim.clip import DeviceGradClip
 from poetx.optim.optimizer import DECAY_GROUP, POET_GROUP
 from poetx.train.capture import CapturedStep
@@ -45,6 +46,7 @@ from poetx.train.checkpoint import (
 from poetx.train.config import TrainConfig
 from poetx.train.errors import NonFiniteError, TrainError, TrainInterrupted
 from poetx.train.evaluate import evaluate
+from poetx.train.fsdp import full_model_state, full_optimizer_state, merge_sharded_
 from poetx.train.loss import batch_tokens, compute_loss
 from poetx.train.metrics import MetricsLogger, Progress, peak_memory_gib
 from poetx.train.parallel import DistContext, GradientAllReduce, check_ranks_agree, parallelize
@@ -159,8 +161,11 @@ class Trainer:
                                         capturable=self.graphs)
         self.scheduler = build_scheduler(self.optimizer, cfg.warmup_steps, cfg.steps,
                                          cfg.min_lr_ratio)
+        # Sharded layers merge one at a time, gathered (poetx.train.fsdp).
+        merge_fn = merge_sharded_ if scheme == "fsdp" else merge_all_
         self.merge = (MergeSchedule(model, self.optimizer, cfg.poet, cfg.clip_warmup_steps,
-                                    cfg.clip_warmup_start) if cfg.optimizer == "poetx" else None)
+                                    cfg.clip_warmup_start, merge=merge_fn)
+                      if cfg.optimizer == "poetx" else None)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.grad_sync = GradientAllReduce(self.params, self.ctx) if scheme == "ddp" else None
         self._group_index = {g.get("name"): i for i, g in enumerate(self.optimizer.param_groups)}
@@ -224,8 +229,18 @@ class Trainer:
         nonfinite = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
         self.clip.found_inf.copy_(nonfinite)
         self.phase = "update"
-        self.optimizer.step()
+        with self._optimizer_context():
+            self.optimizer.step()
         return {"loss": loss, "grad_norm": grad_norm, "nonfinite": nonfinite}
+
+    def _optimizer_context(self) -> contextlib.AbstractContextManager:
+        # Sharded (DTensor) parameters meet plain 0-d tensors in the fused step (lr,
+        # grad_scale, found_inf, step counts): they are the same on every rank, i.e. replicated.
+        if self.scheme == "fsdp":
+            from torch.distributed.tensor.experimental import implicit_replication
+
+            return implicit_replication()
+        return contextlib.nullcontext()
 
     def load_batch(self, step: int) -> Tensor:
         """Copy this rank's rows of global batch ``step`` (0-based) into ``self.batch``."""
@@ -405,7 +420,7 @@ class _Fit:
 
     # between steps --------------------------------------------------------------------------
     def run_eval(self, at: int) -> dict[str, float]:
-        result = evaluate(self.t.model, self.t.data.val, self.t.device, self.cfg.eval_batches,
+        result = evaluate(self.t.loss_module, self.t.data.val, self.t.device, self.cfg.eval_batches,
                           ctx=self.t.ctx, micro_batch=self.cfg.batch_size)
         self.logger.log({"type": "eval", "step": at, **result, "tokens": self.t.tokens})
         if self.main:
@@ -415,13 +430,19 @@ class _Fit:
         return result
 
     def save(self, at: int) -> Path | None:
-        """Rank 0 writes the checkpoint of step ``at``; every rank waits for it."""
+        """Rank 0 writes the checkpoint of step ``at``; every rank waits for it. A sharded
+        (fsdp) run first gathers the whole state, every rank taking part."""
         path = None
+        model_state = optimizer_state = None
+        if self.t.scheme == "fsdp":
+            model_state = full_model_state(self.t.model)
+            optimizer_state = full_optimizer_state(self.t.optimizer)
         if self.main:
             self.saving = True
             path = save_checkpoint(self.ckpt_root, at, self.t.model, self.t.optimizer,
                                    self.t.checkpoint_state(self.dtype_name),
-                                   keep_last=self.cfg.keep_last)
+                                   keep_last=self.cfg.keep_last, model_state=model_state,
+                                   optimizer_state=optimizer_state)
             self.saving = False
             self.logger.event(at, "checkpoint", str(path))
             self.progress.write(f"step {at}: saved {path}")
