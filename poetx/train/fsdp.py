@@ -146,8 +146,10 @@ def full_model_state(module: nn.Module) -> dict[str, Tensor]:
 def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """``optimizer.state_dict()`` with every sharded state tensor gathered (a collective)."""
     sd = optimizer.state_dict()
-    # New dicts: state_dict() hands out the optimizer's own per-parameter dicts.
+    # New dicts (state_dict() hands out the optimizer's own per-parameter dicts), gathered in
+    # sorted order: the collectives must come in the same order on every rank, and the
+    # state's own order depends on how it was loaded.
     sd["state"] = {index: {key: value.full_tensor().cpu() if isinstance(value, DTensor)
-                           else value for key, value in per_param.items()}
-                   for index, per_param in sd["state"].items()}
+                           else value for key, value in sorted(sd["state"][index].items())}
+                   for index in sorted(sd["state"])}
     return sd
