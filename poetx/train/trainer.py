@@ -151,6 +151,9 @@ class Trainer:
         self.scheme = scheme
         self.loss_module = CausalLMWithLoss(model)
         self.train_module = parallelize(self.loss_module, scheme, self.ctx)
+        if scheme == "fsdp" and device.type == "cuda":
+            # Each rank built the whole model before sharding it: count the peak from here.
+            torch.cuda.reset_peak_memory_stats(device)
         # Fused AdamW: one kernel per device and dtype, a device-side skip (found_inf), an lr
         # tensor; it runs on CPU too, so the CPU suite tests the same update as the GPU runs.
         # One CUDA graph per step where it applies: one process, or replicas (the gradient
