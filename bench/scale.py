@@ -31,6 +31,7 @@ checkpoint is not measured).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import signal
@@ -75,6 +76,15 @@ class Runner:
         self.toml.write_text("eval_at_start = false\nmetrics_every = 5\n")
         self.gpus = torch.cuda.device_count() if args.device == "cuda" else 0
         self.count = 0
+        self.active: set[subprocess.Popen] = set()
+        # Runs live in their own sessions: on SIGTERM (a time limit) stop them with us.
+        signal.signal(signal.SIGTERM, self._stop_all)
+
+    def _stop_all(self, signum: int, frame: Any) -> None:
+        for proc in list(self.active):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        raise SystemExit(f"stopped by signal {signum}")
 
     def command(self, spec: dict[str, Any], out: Path) -> list[str]:
         a = self.args
@@ -104,6 +114,7 @@ class Runner:
         # Own session: the run (torchrun and its workers) is stopped as one group.
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, text=True,
                                 start_new_session=True)
+        self.active.add(proc)
         return proc, out, cmd, log, time.perf_counter(), gpu
 
     def _measured(self, spec: dict[str, Any], out: Path) -> bool:
@@ -141,6 +152,7 @@ class Runner:
                 rc = "timeout"
             else:
                 time.sleep(0.5)
+        self.active.discard(proc)
         log.close()
         shown = " ".join(shlex.quote(c) for c in cmd)
         if gpu is not None:
