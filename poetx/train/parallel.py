@@ -201,9 +201,14 @@ class GradientAllReduce:
                          + [loss.detach().reshape(1).to(self.reduce_dtype)])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         flat.div_(self.ctx.world)
-        pieces = flat[:-1].split(self.numels)
-        torch._foreach_copy_(grads, [piece.view_as(g) for piece, g in zip(pieces, grads,
-                                                                         strict=True)])
+        pieces = [piece.view_as(g) for piece, g in zip(flat[:-1].split(self.numels), grads,
+                                                       strict=True)]
+        same = [i for i, g in enumerate(grads) if g.dtype == self.reduce_dtype]
+        if same:
+            torch._foreach_copy_([grads[i] for i in same], [pieces[i] for i in same])
+        for i, g in enumerate(grads):
+            if g.dtype != self.reduce_dtype:  # bf16 gradients: rounded once, here
+                g.copy_(pieces[i])
         return flat[-1].to(loss.dtype)
 
 
