@@ -328,3 +328,33 @@ def test_fsdp_int8_w0_matches_one_process(dp_corpus, tmp_path):
     losses, ref = _losses(two), _losses(one)
     assert len(losses) == 8
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref), rtol=2e-5, atol=0)
+
+
+def test_parallel_auto_takes_fsdp_only_when_a_replica_does_not_fit():
+    from poetx.train.parallel import DistContext, resolve_parallel
+
+    one, two = DistContext(), DistContext(rank=0, world=2)
+    assert resolve_parallel("auto", one, fits_replicated=False) == "none"
+    assert resolve_parallel("auto", two, fits_replicated=True) == "ddp"
+    assert resolve_parallel("auto", two, fits_replicated=None) == "ddp"  # unknown (CPU)
+    assert resolve_parallel("auto", two, fits_replicated=False) == "fsdp"
+    assert resolve_parallel("fsdp", two, fits_replicated=True) == "fsdp"
+    with pytest.raises(ValueError, match="unsynchronized"):
+        resolve_parallel("none", two)
+
+
+def test_fits_replicated_follows_the_planner(monkeypatch):
+    from types import SimpleNamespace
+
+    import poetx.plan.fit as fit
+    from poetx.plan.memory import plan
+
+    cfg = SimpleNamespace(preset="llama-8b", seq_len=1024, batch_size=1, vocab_size=None,
+                          dtype="auto", optimizer="poetx", grad_checkpointing=False,
+                          poet=poetx.POETConfig())
+    assert fit.fits_replicated(cfg, "cpu") is None
+    need = plan("llama-8b", 1024, 1, fit.setting_of(cfg)).required_bytes()
+    monkeypatch.setattr(fit, "device_budget", lambda device: need)
+    assert fit.fits_replicated(cfg, "cuda") is True
+    monkeypatch.setattr(fit, "device_budget", lambda device: need - 1)
+    assert fit.fits_replicated(cfg, "cuda") is False
