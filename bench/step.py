@@ -36,7 +36,9 @@ from bench.model import METHODS, build
 
 DEFAULT_CASES = "llama-130m:16x512,llama-8b:1x1024,llama-8b:2x2048"
 DEFAULT_METHODS = "adamw,adamw-compile,poetx-eager,poetx,authors"
-STEP_METHODS = ("adamw", "adamw-compile", "poetx-eager", "poetx", "authors")
+# poetx-perlayer: poetx captured with each layer building its own rotation blocks
+# (batch_rotations="off", the code before the batched build), for a before/after row.
+STEP_METHODS = ("adamw", "adamw-compile", "poetx-eager", "poetx", "poetx-perlayer", "authors")
 
 
 def parse_cases(text: str) -> dict[str, list[tuple[int, int]]]:
@@ -77,7 +79,14 @@ def build_method(preset: str, method: str, block_size: int, authors_path: str):
             model.model = torch.compile(model.model)
         return model, opt
     model, opt = build(preset, METHODS["fast"], block_size, "cuda")
-    if method == "poetx":
+    if method == "poetx-perlayer":
+        from dataclasses import replace
+
+        from poetx.model.wrap import poet_layers
+
+        for _, layer in poet_layers(model):
+            layer.config = replace(layer.config, batch_rotations="off")
+    if method in ("poetx", "poetx-perlayer"):
         import poetx
 
         opt = poetx.make_optimizer(model, lr=1e-4, poet_lr=1e-4, capturable=True)
@@ -89,7 +98,7 @@ def make_step(model, opt, method: str, batch: torch.Tensor, warmup: int):
     from poetx.train.capture import CapturedStep, train_step
 
     step = train_step(model, opt, causal_lm_loss)
-    if method == "poetx":
+    if method in ("poetx", "poetx-perlayer"):
         return CapturedStep(step, batch, warmup=max(1, warmup - 1))
     return step
 

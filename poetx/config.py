@@ -25,6 +25,7 @@ INITS = ("normalized", "keep")
 W0_FORMATS = ("auto", "int8", "fp8")
 W0_RESIDUALS = ("host", "device", "off")
 ADAM_RESTARTS = ("rewarm", "reset")
+BATCH_ROTATIONS = ("auto", "on", "off")
 MAX_NEUMANN_TERMS = 16
 
 
@@ -74,6 +75,12 @@ class POETConfig:
             its mean (so the first updates after a merge ramp up over about ``1/(1-beta1)``
             steps instead of moving every entry by ``lr`` at once); ``"reset"`` clears it as
             the authors do. Both in place.
+        batch_rotations: build the rotation blocks of all layers of a decoder block (each
+            element of a ``ModuleList``) in one batched call at the start of its forward, and
+            their skew gradients in one call in backward, instead of layer by layer (same
+            values; fewer, fuller kernel launches). ``"auto"``: on for CUDA layers in "fast"
+            mode. ``"on"`` also batches "mem" mode, which then keeps each layer's blocks for
+            backward (``b^2`` values per block in the layer's dtype) instead of rebuilding them.
     """
 
     block_size: int = setting(256, "rotation block size b", check=at_least(2, 8192),
@@ -107,6 +114,9 @@ class POETConfig:
     adam_restart: str = setting("rewarm", "rotation optimizer state at a merge: rewarm (zero "
                                 "the first moment, average the second) or reset",
                                 choices=ADAM_RESTARTS, group="POET-X")
+    batch_rotations: str = setting("auto", "build the rotation blocks of a decoder block's "
+                                   "layers in one batched call (auto: on CUDA in fast mode)",
+                                   choices=BATCH_ROTATIONS, group="POET-X")
 
     def __post_init__(self) -> None:
         # TOML and JSON give lists; a lone pattern may come as a string.

@@ -267,9 +267,11 @@ def test_eager_vs_captured_harness_is_exact_without_capture():
 
 
 @pytest.mark.gpu
-@pytest.mark.xfail(reason="measured on H200 after the exact-orthogonal merge and Adam re-warm "
-                   "landed: synchronized loss difference 1.76e-4 (bound 1e-4) and parameters "
-                   "6.4e-3 (bound 4e-3) at some step; passed before. Cause not found yet",
+@pytest.mark.xfail(reason="measured on H200 (bench/results/capture_diff.json, step.md): each path "
+                   "reproduces itself bitwise (eager-eager, captured-captured), no stale state "
+                   "(bitwise-equal losses after merges), but replayed steps round differently "
+                   "from eager ones (not the cuBLAS workspace): loss 1.8e-4 > 1e-4, skew "
+                   "parameters right after a merge 6.4e-3 > 4e-3. Kernel not pinned down yet",
                    strict=False)
 def test_captured_step_matches_eager_over_merges():
     """Captured vs eager step, same state every step (re-synchronized in place after each):
@@ -286,3 +288,15 @@ def test_captured_step_matches_eager_over_merges():
     assert captured[-1] < 0.5 * captured[0] and eager[-1] < 0.5 * eager[0]
     assert max(loss_diff) < 1e-4, loss_diff
     assert max(param_diff) < 4e-3, param_diff  # bf16's relative spacing is 2^-8
+
+
+@pytest.mark.gpu
+def test_captured_and_eager_steps_each_reproduce_themselves_bitwise():
+    """What holds between runs (measured on H200, bench/results/capture_diff.json): two eager
+    runs, and two captured runs, of the harness above give bitwise-equal losses and
+    parameters at every step, merges included; eager vs captured differ by rounding only."""
+    from bench.capture_diff import pair
+
+    for captured in (False, True):
+        result = pair(captured, captured, merge_every=20)
+        assert result["max_loss_diff"] == 0 and result["max_param_diff"] == 0, captured

@@ -164,10 +164,14 @@ def reference(dp_corpus, tmp_path_factory):
 def ddp_run(dp_corpus, tmp_path_factory):
     """Two processes, each 2 micro-batches of 1 (global batch 4, as the reference): ddp and
     accumulation together (gradients accumulate locally, one all-reduce after the last
-    micro-batch). Returns the run dir and each rank's final state."""
+    micro-batch), rotation blocks built per decoder block (``batch_rotations="on"``; the
+    reference builds them layer by layer: the skew gradients must reach the all-reduce the
+    same). Returns the run dir and each rank's final state."""
     root = tmp_path_factory.mktemp("ddp")
     out = root / "run"
-    _spawn(_settings(dp_corpus, out, batch_size=1, grad_accum=2), str(root / "state"))
+    settings = _settings(dp_corpus, out, batch_size=1, grad_accum=2)
+    settings["poet"] = {**settings["poet"], "batch_rotations": "on"}
+    _spawn(settings, str(root / "state"))
     return out, [torch.load(root / f"state.{r}") for r in range(2)]
 
 
@@ -273,11 +277,15 @@ def test_torchrun_runs_poetx_train(dp_corpus, tmp_path):
 @pytest.fixture(scope="module")
 def fsdp_run(dp_corpus, tmp_path_factory):
     """Two processes sharding the model with FSDP2, global batch 4 as the reference (1 x 2
-    micro-batches each). Returns the run dir and each rank's final (gathered) state."""
+    micro-batches each), batched rotation builds. Returns the run dir and each rank's final
+    state."""
     root = tmp_path_factory.mktemp("fsdp")
     out = root / "run"
-    _spawn(_settings(dp_corpus, out, batch_size=1, grad_accum=2, parallel="fsdp"),
-           str(root / "state"))
+    settings = _settings(dp_corpus, out, batch_size=1, grad_accum=2, parallel="fsdp")
+    # As on CUDA: the rotation blocks of a decoder block built in one call, inside the one
+    # FSDP2 group that holds the block's POET layers.
+    settings["poet"] = {**settings["poet"], "batch_rotations": "on"}
+    _spawn(settings, str(root / "state"))
     return out, [torch.load(root / f"state.{r}") for r in range(2)]
 
 

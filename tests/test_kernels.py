@@ -191,6 +191,50 @@ def test_cayley_interpreted(interp, b, nb, valid, terms):
     assert gt.dtype == theta.dtype and rel_err(gt, gref) < 1e-6
 
 
+@pytest.mark.interpret
+@pytest.mark.parametrize("b,nb,valid,terms", [(16, 3, None, 3), (32, 2, 21, 3), (5, 2, 4, 3),
+                                              (16, 2, 9, 2)])
+def test_cayley_interpreted_bf16_products(interp, monkeypatch, b, nb, valid, terms):
+    """``POETX_CAYLEY_PRECISION=bf16``: operands of the products rounded to bf16 (relative
+    2^-9 each, so 2^-8 per product), the first-order terms exact where the kernels add them
+    in float32. The product terms are at most about ``||Q||`` (0.5 here) to 1x the result,
+    so the relative error is below 2^-8 = 3.9e-3, in both directions."""
+    _, cn = interp
+    monkeypatch.setenv("POETX_CAYLEY_PRECISION", "bf16")
+    npar = b * (b - 1) // 2
+    theta = torch.randn(nb, npar)
+    theta *= 0.5 / (2 * npar) ** 0.5  # ||Q||_F = 0.5 per block (the default max_q_norm is 1)
+    ref = rotation_delta_reference(theta.double(), b, terms, valid)
+    d = cn.cayley_neumann_delta(theta, b, terms, valid, torch.float32)
+    if terms != 3:  # bf16 is not used where 2Q itself would be a product
+        assert rel_err(d, ref) < 1e-6
+        return
+    assert 1e-7 < rel_err(d, ref) < 3.9e-3  # bf16 products: not float32-exact, in the bound
+    g = torch.randn(nb, b, b)
+    gref = rotation_delta_backward_reference(theta.double(), g.double(), b, terms, valid)
+    err = rel_err(cn.cayley_neumann_delta_backward(theta, g, b, terms, valid), gref)
+    assert err < 3.9e-3
+
+
+@pytest.mark.interpret
+def test_cayley_interpreted_on_slices(interp):
+    """Rows of a larger theta in, a slice of a larger result out (what the batched build of
+    ``poetx.ops.rotation_group`` passes, chunk by chunk): only the slice is written."""
+    _, cn = interp
+    b = 16
+    theta = 0.2 * torch.randn(7, b * (b - 1) // 2)
+    out = nan_like((7, b, b), torch.float32, "cpu")
+    cn.cayley_neumann_delta(theta[2:5], b, 3, 9, torch.float32, out=out[2:5])
+    assert rel_err(out[2:5], rotation_delta_reference(theta[2:5].double(), b, 3, 9)) < 1e-6
+    assert out[:2].isnan().all() and out[5:].isnan().all()
+    g = torch.randn(7, b, b)
+    gout = nan_like(theta.shape, torch.float32, "cpu")
+    cn.cayley_neumann_delta_backward(theta[2:5], g[2:5], b, 3, 9, out=gout[2:5])
+    gref = rotation_delta_backward_reference(theta[2:5].double(), g[2:5].double(), b, 3, 9)
+    assert rel_err(gout[2:5], gref) < 1e-6
+    assert gout[:2].isnan().all() and gout[5:].isnan().all()
+
+
 # --------------------------------------------------------------------------------------------
 # GPU (compiled kernels, real sizes)
 

@@ -32,9 +32,13 @@ general backward (``terms = 3``) uses the same closed form in four launches; oth
 run the PyTorch reference (float32) inside :func:`cayley_neumann_delta_backward`.
 
 Products use tensor cores in tf32 (``"tf32x3"``, about float32 accuracy, when ``delta`` is
-float32); ``POETX_CAYLEY_PRECISION`` in ``{tf32, tf32x3, ieee}`` overrides. tf32 is ample for a
-bf16/fp16 ``delta``: the ``2Q`` term is exact and the products are ``O(|Q|^2)``; the backward
-defaults to tf32 (relative error ~5e-4 on ``dtheta``).
+float32); ``POETX_CAYLEY_PRECISION`` in ``{tf32, tf32x3, ieee, bf16}`` overrides. tf32 is ample
+for a bf16/fp16 ``delta``: the ``2Q`` term is exact and the products are ``O(|Q|^2)``; the
+backward defaults to tf32 (relative error ~5e-4 on ``dtheta``). ``bf16`` rounds the product
+operands to bf16 (twice tf32's tensor-core rate) while the terms outside products (``2Q``
+forward, ``2(G - G^T)`` backward) stay float32, so its extra error is ~2^-9 relative on the
+product terms alone (``O(|Q|)`` of the result); it applies to ``terms = 3`` only (the other
+forward paths form ``2Q`` inside a product, and run tf32 instead).
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ from poetx.ortho.cayley import (  # noqa: F401  (references the kernels are test
     rotation_delta_reference,
 )
 
-_PRECISIONS = ("tf32", "tf32x3", "ieee")
+_PRECISIONS = ("tf32", "tf32x3", "ieee", "bf16")
 
 
 def _interpreting() -> bool:
@@ -66,7 +70,24 @@ def _precision(default: str) -> str:
     p = os.environ.get("POETX_CAYLEY_PRECISION", default)
     if p not in _PRECISIONS:
         raise ValueError(f"POETX_CAYLEY_PRECISION must be one of {_PRECISIONS}, got {p!r}")
+    if p == "bf16" and _interpreting():
+        # Triton 3.6's interpreter returns garbage for bf16 dots; products of bf16-rounded
+        # operands accumulated in float32 are what the tensor cores compute.
+        return "bf16-emulated"
     return p
+
+
+@triton.jit
+def _mma(a, b, acc, PREC: tl.constexpr):
+    """``acc + a @ b`` on tensor cores: fp32 operands as ``PREC`` (tf32 flavours, ieee), or
+    rounded to bf16 (``"bf16"``, twice tf32's rate)."""
+    if PREC == "bf16":
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+    elif PREC == "bf16-emulated":  # the same numbers where bf16 dots are unavailable
+        return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32), acc,
+                      input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=PREC)
 
 
 @triton.jit
@@ -129,7 +150,7 @@ def _cn_matmul_kernel(
         if B_SCRATCH:
             bt += tl.load(b_ptr + base + ks[:, None] * b + cols[None, :],
                           mask=(ks[:, None] < b) & (cols[None, :] < b), other=0.0)
-        acc = tl.dot(a, bt, acc, input_precision=PREC)
+        acc = _mma(a, bt, acc, PREC)
     acc += tl.where(rows[:, None] == cols[None, :], e_i, 0.0)
     if E_HAS_Q:
         acc += e_q * _q_tile(theta_ptr, row_off, rows, cols, b, vl)
@@ -159,8 +180,8 @@ def _cn_bwd_uv_kernel(
         gt = tl.load(g_ptr + base + ks[:, None] * b + rows[None, :],
                      mask=(ks[:, None] < b) & (rows[None, :] < b), other=0.0)
         q = _q_tile(theta_ptr, row_off, ks, cols, b, vl)
-        acc1 = tl.dot(g, q, acc1, input_precision=PREC)
-        acc2 = tl.dot(tl.trans(gt), q, acc2, input_precision=PREC)
+        acc1 = _mma(g, q, acc1, PREC)
+        acc2 = _mma(tl.trans(gt), q, acc2, PREC)
     mask = (rows[:, None] < b) & (cols[None, :] < b)
     off = base + rows[:, None] * b + cols[None, :]
     tl.store(u_ptr + off, acc1 + acc2, mask=mask)
@@ -191,8 +212,8 @@ def _cn_bwd_w_kernel(
         ut = tl.load(u_ptr + base + ks[:, None] * b + rows[None, :], mask=m_kr, other=0.0)
         q = _q_tile(theta_ptr, row_off, ks, cols, b, vl)
         s = tl.load(s_ptr + base + ks[:, None] * b + cols[None, :], mask=m_kc, other=0.0)
-        acc = tl.dot(2.0 * v + tl.trans(vt), q, acc, input_precision=PREC)
-        acc = tl.dot(tl.trans(ut) - u, s, acc, input_precision=PREC)
+        acc = _mma(2.0 * v + tl.trans(vt), q, acc, PREC)
+        acc = _mma(tl.trans(ut) - u, s, acc, PREC)
     mask = (rows[:, None] < b) & (cols[None, :] < b)
     off = base + rows[:, None] * b + cols[None, :]
     g = tl.load(g_ptr + off, mask=mask, other=0.0)
@@ -266,9 +287,9 @@ def _cn_fwd_mm_kernel(
     acc2 = tl.full((BM, BN), 0.0, tl.float32)
     for kk in range(0, b, BK):
         a = a_desc.load([kb + i0, kk])
-        acc1 = tl.dot(a, b1_desc.load([kb + j0, kk]).T, acc1, input_precision=PREC)
+        acc1 = _mma(a, b1_desc.load([kb + j0, kk]).T, acc1, PREC)
         if TWO:
-            acc2 = tl.dot(a, b2_desc.load([kb + j0, kk]).T, acc2, input_precision=PREC)
+            acc2 = _mma(a, b2_desc.load([kb + j0, kk]).T, acc2, PREC)
     res = c1 * acc1
     if TWO:
         res += c2 * acc2
@@ -294,9 +315,9 @@ def _cn_bwd_suv_kernel(
     acc_v = tl.full((BM, BN), 0.0, tl.float32)
     for kk in range(0, b, BK):
         bt = pt_desc.load([kb + j0, kk]).T  # = -2 Q[kk, J]
-        acc_s = tl.dot(p_desc.load([kb + i0, kk]), bt, acc_s, input_precision=PREC)
-        acc_u = tl.dot(sy_desc.load([kb + i0, kk]), bt, acc_u, input_precision=PREC)
-        acc_v = tl.dot(k_desc.load([kb + i0, kk]), bt, acc_v, input_precision=PREC)
+        acc_s = _mma(p_desc.load([kb + i0, kk]), bt, acc_s, PREC)
+        acc_u = _mma(sy_desc.load([kb + i0, kk]), bt, acc_u, PREC)
+        acc_v = _mma(k_desc.load([kb + i0, kk]), bt, acc_v, PREC)
     s_desc.store([kb + i0, j0], -0.25 * acc_s)
     u_desc.store([kb + i0, j0], -0.5 * acc_u)
     v_desc.store([kb + i0, j0], -0.5 * acc_v)
@@ -311,8 +332,8 @@ def _w_tile(u_desc, ut_desc, v_desc, vt_desc, pt_desc, st_desc, kb, r0, c0, b,
         # A operands combine a tile and a transposed tile; Q, S tiles are read K-major
         a1 = -(v_desc.load([kb + r0, kk]) + 0.5 * vt_desc.load([kb + kk, r0]).T)
         a2 = ut_desc.load([kb + kk, r0]).T - u_desc.load([kb + r0, kk])
-        acc = tl.dot(a1, pt_desc.load([kb + c0, kk]).T, acc, input_precision=PREC)
-        acc = tl.dot(a2, st_desc.load([kb + c0, kk]).T, acc, input_precision=PREC)
+        acc = _mma(a1, pt_desc.load([kb + c0, kk]).T, acc, PREC)
+        acc = _mma(a2, st_desc.load([kb + c0, kk]).T, acc, PREC)
     return acc
 
 
@@ -472,7 +493,8 @@ def cayley_neumann_delta(
     nb, npar = _check_theta(theta, block)
     if torch.float64 in (theta.dtype, out_dtype):
         wide = theta.to(torch.float64)
-        return rotation_delta_reference(wide, block, terms, valid_last).to(out_dtype)
+        result = rotation_delta_reference(wide, block, terms, valid_last).to(out_dtype)
+        return result if out is None else out.copy_(result)
     if terms < 1:
         raise ValueError(f"terms must be at least 1, got {terms}")
     theta = theta.contiguous().float()
@@ -484,6 +506,8 @@ def cayley_neumann_delta(
         return out
     vl = _real_in_last(block, valid_last)
     prec = _precision("tf32x3" if out_dtype == torch.float32 else "tf32")
+    if prec.startswith("bf16") and terms != 3:
+        prec = "tf32"  # these paths form the first-order term 2Q inside a product
     cfg = _tiles(block, nb)
     c = neumann_coefficients(terms)  # c[p] for p = 0 .. terms+1
     mm = dict(prec=prec, cfg=cfg)
@@ -525,9 +549,10 @@ def cayley_neumann_delta_backward(
         raise ValueError(f"grad_delta must be {(nb, block, block)}, got {tuple(grad_delta.shape)}")
     if torch.float64 in (theta.dtype, grad_delta.dtype) or terms != 3:
         wide = torch.float64 if torch.float64 in (theta.dtype, grad_delta.dtype) else torch.float32
-        return rotation_delta_backward_reference(
+        result = rotation_delta_backward_reference(
             theta.to(wide), grad_delta.to(wide), block, terms, valid_last
         ).to(theta.dtype)
+        return result if out is None else out.copy_(result)
     out_dtype = theta.dtype
     theta = theta.contiguous().float()
     g = grad_delta.contiguous().float()

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from poetx.config import POETConfig
 from poetx.kernels.quant_ref import STORAGE_DTYPES, dequantize, num_groups, quantize
 from poetx.ops.backend import rotation_delta
-from poetx.ops.rotated_gemm import dense_w0, poet_linear
+from poetx.ops.rotated_gemm import dense_w0, op_dtype, poet_linear, poet_linear_prebuilt
 from poetx.ortho.cayley import num_skew_params, rotation_delta_reference
 from poetx.ortho.init import normalized_gaussian
 from poetx.ortho.layout import (
@@ -54,6 +54,10 @@ class POETLinear(nn.Module):
             the same padded to ``(num_blocks * b,)`` with ``-1`` for phantom positions (what the
             op takes); inv_in / inv_out ``(dim,)`` int32: the position of each coordinate.
         merge_count: merges done so far. bias: ``(out,)`` trainable, or ``None``.
+        rotation_group: the batched build this layer belongs to
+            (``poetx.layers.rotation_groups.RotationGroup``) or ``None``; its ``blocks_for``
+            gives ``(d_in, grad_in, d_out, grad_out)`` blocks and gradient handles, or ``None``
+            (the layer builds its own).
     """
 
     def __init__(
@@ -74,6 +78,7 @@ class POETLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.layer_name = name
+        self.rotation_group = None
         self.layout_in = BlockLayout.for_dim(in_features, self.config.block_size)
         self.layout_out = BlockLayout.for_dim(out_features, self.config.block_size)
         dtype = dtype or torch.get_default_dtype()
@@ -255,11 +260,20 @@ class POETLinear(nn.Module):
             )
         if not x.is_floating_point():
             raise TypeError(f"{self._label()}: input must be floating point, got {x.dtype}")
-        y = poet_linear(
-            x, self.w0, self.w0_scale, self.config.quant_group_size, self.theta_in,
-            self.theta_out, self.index_in, self.index_out, self.layout_in.block,
-            self.layout_out.block, self.config.neumann_terms, self.config.mode == "fast",
-        )
+        group = self.rotation_group
+        pre = group.blocks_for(self) if group is not None else None
+        if pre is not None and pre[0].dtype == op_dtype(x):
+            d_in, grad_in, d_out, grad_out = pre
+            y = poet_linear_prebuilt(
+                x, self.w0, self.w0_scale, self.config.quant_group_size, d_in, d_out, grad_in,
+                grad_out, self.index_in, self.index_out, self.config.mode == "fast",
+            )
+        else:
+            y = poet_linear(
+                x, self.w0, self.w0_scale, self.config.quant_group_size, self.theta_in,
+                self.theta_out, self.index_in, self.index_out, self.layout_in.block,
+                self.layout_out.block, self.config.neumann_terms, self.config.mode == "fast",
+            )
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y

@@ -16,6 +16,7 @@ from torch import nn
 
 from poetx.config import POETConfig
 from poetx.layers.poet_linear import POETLinear
+from poetx.layers.rotation_groups import group_rotations
 from poetx.model.wrap import _set_submodule, eligible_linears
 
 
@@ -72,6 +73,7 @@ def build_poet_model(
     tie = getattr(model, "tie_weights", None)
     if callable(tie):
         tie()
+    group_rotations(model)
     return model
 
 

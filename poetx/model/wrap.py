@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from poetx.config import POETConfig
 from poetx.layers.poet_linear import POETLinear
+from poetx.layers.rotation_groups import group_rotations, ungroup_rotations
 
 NEVER_WRAPPED = ("lm_head",)
 
@@ -106,7 +107,9 @@ def wrap(model: nn.Module, config: POETConfig | None = None) -> nn.Module:
     Hugging Face ``Conv1D`` projections (GPT-2) are wrapped too and come back as ``Conv1D`` on
     ``unwrap``. ``lm_head``, layers tied to embeddings and names matching ``config.exclude``
     stay dense.
-    Each layer's permutations are seeded from ``config.seed`` and its module name.
+    Each layer's permutations are seeded from ``config.seed`` and its module name. Every
+    ``ModuleList`` element holding POET layers (a decoder block) gets the batched rotation
+    build (``poetx.layers.rotation_groups``; used as ``config.batch_rotations`` says).
     """
     config = config or POETConfig()
     targets = list(eligible_linears(model, config))
@@ -119,6 +122,7 @@ def wrap(model: nn.Module, config: POETConfig | None = None) -> nn.Module:
         layer = POETLinear.from_linear(_conv1d_as_linear(conv), config, name=name)
         setattr(layer, FROM_CONV1D, True)
         _set_submodule(model, name, layer)
+    group_rotations(model)
     return model
 
 
@@ -133,6 +137,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     ``Conv1D`` where ``wrap`` found one)."""
     for name, layer in list(poet_layers(model)):
         _set_submodule(model, name, dense_layer(layer))
+    ungroup_rotations(model)
     return model
 
 

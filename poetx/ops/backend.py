@@ -39,28 +39,37 @@ def gram(
     return block_gram_reference(a, b, a_index, b_index, nb, block)
 
 
+def _into(result: Tensor, out: Tensor | None) -> Tensor:
+    return result if out is None else out.copy_(result)
+
+
 def rotation_delta(
-    theta: Tensor, block: int, terms: int | None, valid_last: int | None, out_dtype: torch.dtype
+    theta: Tensor, block: int, terms: int | None, valid_last: int | None, out_dtype: torch.dtype,
+    out: Tensor | None = None,
 ) -> Tensor:
-    """``(nb, b(b-1)/2) -> (nb, b, b)`` blocks ``R_k - I`` in ``out_dtype``.
+    """``(nb, b(b-1)/2) -> (nb, b, b)`` blocks ``R_k - I`` in ``out_dtype`` (written into the
+    contiguous ``out`` when given).
 
     Built in float32 at least (float64 when either side is float64)."""
     if terms is not None and use_triton(theta):
         from poetx.kernels.cayley_neumann import cayley_neumann_delta
 
-        return cayley_neumann_delta(theta, block, terms, valid_last, out_dtype)
+        return cayley_neumann_delta(theta, block, terms, valid_last, out_dtype, out=out)
     wide = torch.float64 if torch.float64 in (theta.dtype, out_dtype) else torch.float32
-    return rotation_delta_reference(theta.to(wide), block, terms, valid_last).to(out_dtype)
+    return _into(rotation_delta_reference(theta.to(wide), block, terms, valid_last).to(out_dtype),
+                 out)
 
 
 def rotation_delta_backward(
-    theta: Tensor, grad_delta: Tensor, block: int, terms: int | None, valid_last: int | None
+    theta: Tensor, grad_delta: Tensor, block: int, terms: int | None, valid_last: int | None,
+    out: Tensor | None = None,
 ) -> Tensor:
-    """Gradient of ``sum(grad_delta * rotation_delta(theta))`` w.r.t. ``theta`` (theta's dtype)."""
+    """Gradient of ``sum(grad_delta * rotation_delta(theta))`` w.r.t. ``theta`` (theta's dtype;
+    written into the contiguous ``out`` when given)."""
     if terms is not None and use_triton(theta):
         from poetx.kernels.cayley_neumann import cayley_neumann_delta_backward
 
-        return cayley_neumann_delta_backward(theta, grad_delta, block, terms, valid_last)
-    return rotation_delta_backward_reference(theta, grad_delta, block, terms, valid_last).to(
-        theta.dtype
-    )
+        return cayley_neumann_delta_backward(theta, grad_delta, block, terms, valid_last,
+                                             out=out)
+    return _into(rotation_delta_backward_reference(theta, grad_delta, block, terms,
+                                                   valid_last).to(theta.dtype), out)

@@ -59,6 +59,29 @@ def _forward_rotated_input(x, w0, w0_scale, quant_group, d_in, index_in):
     return u @ dense_w0(w0, w0_scale, quant_group, x.dtype).t()
 
 
+def _forward_blocks(x, w0, w0_scale, quant_group, d_in, d_out, index_in, index_out):
+    """``(y, v)`` from ready blocks ``d_in`` / ``d_out`` (``R - I``, x's dtype)."""
+    m, n = w0.shape
+    v = _forward_rotated_input(x, w0, w0_scale, quant_group, d_in, index_in)
+    return backend.rotate(v, d_out, None, index_out, m), v
+
+
+def _backward_blocks(grad_y, x, v, d_in, d_out, w0, w0_scale, quant_group, index_in, index_out):
+    """``(dx (T, n), grad_d_in, grad_d_out)`` (block gradients float32, float64 for float64
+    inputs); an empty ``v`` is recomputed from ``x``."""
+    m, n = w0.shape
+    grad_y = grad_y.contiguous()
+    weight = dense_w0(w0, w0_scale, quant_group, x.dtype)
+    if v.numel() == 0:
+        v = backend.rotate(x, d_in, index_in, None, n) @ weight.t()
+    grad_v = backend.rotate(grad_y, d_out, index_out, None, m, transpose=True)
+    grad_d_out = backend.gram(grad_y, v, index_out, None, d_out.shape[0], d_out.shape[1])
+    grad_u = grad_v @ weight
+    grad_d_in = backend.gram(grad_u, x, None, index_in, d_in.shape[0], d_in.shape[1])
+    grad_x = backend.rotate(grad_u, d_in, None, index_in, n, transpose=True)
+    return grad_x, grad_d_in, grad_d_out
+
+
 @torch.library.custom_op("poetx::poet_linear", mutates_args=())
 def poet_linear_op(
     x: Tensor,
@@ -78,8 +101,7 @@ def poet_linear_op(
     are returned for backward when ``save_intermediate``, else empty."""
     m, n = w0.shape
     d_in, d_out = _deltas(x, theta_in, theta_out, n, m, block_in, block_out, terms)
-    v = _forward_rotated_input(x, w0, w0_scale, quant_group, d_in, index_in)
-    y = backend.rotate(v, d_out, None, index_out, m)
+    y, v = _forward_blocks(x, w0, w0_scale, quant_group, d_in, d_out, index_in, index_out)
     if not save_intermediate:
         return y, x.new_empty(0), x.new_empty(0), x.new_empty(0)
     return y, v, d_in, d_out
@@ -117,18 +139,11 @@ def poet_linear_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients ``(dx (T, n), dtheta_in, dtheta_out)``; empty ``v``/blocks are recomputed."""
     m, n = w0.shape
-    grad_y = grad_y.contiguous()
     if d_in.numel() == 0:
         d_in, d_out = _deltas(x, theta_in, theta_out, n, m, block_in, block_out, terms)
-    weight = dense_w0(w0, w0_scale, quant_group, x.dtype)
-    if v.numel() == 0:
-        v = backend.rotate(x, d_in, index_in, None, n) @ weight.t()
+    grad_x, grad_d_in, grad_d_out = _backward_blocks(grad_y, x, v, d_in, d_out, w0, w0_scale,
+                                                     quant_group, index_in, index_out)
     nb_in, nb_out = theta_in.shape[0], theta_out.shape[0]
-    grad_v = backend.rotate(grad_y, d_out, index_out, None, m, transpose=True)
-    grad_d_out = backend.gram(grad_y, v, index_out, None, nb_out, block_out)
-    grad_u = grad_v @ weight
-    grad_d_in = backend.gram(grad_u, x, None, index_in, nb_in, block_in)
-    grad_x = backend.rotate(grad_u, d_in, None, index_in, n, transpose=True)
     t = _terms(terms)
     grad_theta_in = backend.rotation_delta_backward(
         theta_in, grad_d_in, block_in, t, _valid_last(n, nb_in, block_in)
@@ -157,20 +172,140 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
+def _zero_grad_y(grad_y, x, w0):
+    return x.new_zeros(x.shape[0], w0.shape[0]) if grad_y is None else grad_y
+
+
 def _backward(ctx, grad_y, *_unused_grads):
-    saved = ctx.saved_tensors
-    x = saved[0]
-    if grad_y is None:
-        grad_y = x.new_zeros(x.shape[0], saved[4].shape[0])
-    x, v, d_in, d_out, w0, w0_scale, *rest = saved
+    x, v, d_in, d_out, w0, w0_scale, *rest = ctx.saved_tensors
     grad_x, grad_theta_in, grad_theta_out = poet_linear_backward_op(
-        grad_y, x, v, d_in, d_out, w0, w0_scale, ctx.quant_group, *rest, *ctx.geometry
+        _zero_grad_y(grad_y, x, w0), x, v, d_in, d_out, w0, w0_scale, ctx.quant_group, *rest,
+        *ctx.geometry
     )
     return (grad_x, None, None, None, grad_theta_in, grad_theta_out, None, None, None, None, None,
             None)
 
 
 poet_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# Prebuilt blocks -------------------------------------------------------------------------------
+# The same map with ``R - I`` / ``P - I`` built outside (``poetx.ops.rotation_group`` builds the
+# blocks of many layers in one launch). Its backward stops at the blocks: it returns their
+# float32 gradients through ``grad_in`` / ``grad_out``, float32 tensors of the blocks' shape
+# whose values are never read (zero-stride handles): autograd would round a gradient to the
+# dtype of the input it belongs to, and the blocks are bf16 in a bf16 model.
+
+
+@torch.library.custom_op("poetx::poet_linear_blocks", mutates_args=())
+def poet_linear_blocks_op(
+    x: Tensor,
+    w0: Tensor,
+    w0_scale: Tensor | None,
+    quant_group: int,
+    d_in: Tensor,
+    d_out: Tensor,
+    grad_in: Tensor,
+    grad_out: Tensor,
+    index_in: Tensor,
+    index_out: Tensor,
+    save_intermediate: bool,
+) -> tuple[Tensor, Tensor]:
+    """``x (T, n) -> (y (T, m), v)`` with blocks ``d_in`` ``(nb_in, b, b)``, ``d_out``
+    ``(nb_out, b, b)`` in x's dtype; ``v`` is empty unless ``save_intermediate``."""
+    y, v = _forward_blocks(x, w0, w0_scale, quant_group, d_in, d_out, index_in, index_out)
+    return y, (v if save_intermediate else x.new_empty(0))
+
+
+@poet_linear_blocks_op.register_fake
+def _(x, w0, w0_scale, quant_group, d_in, d_out, grad_in, grad_out, index_in, index_out,
+      save_intermediate):
+    y = x.new_empty(x.shape[0], w0.shape[0])
+    return y, (x.new_empty(x.shape[0], w0.shape[0]) if save_intermediate else x.new_empty(0))
+
+
+@torch.library.custom_op("poetx::poet_linear_blocks_backward", mutates_args=())
+def poet_linear_blocks_backward_op(
+    grad_y: Tensor,
+    x: Tensor,
+    v: Tensor,
+    d_in: Tensor,
+    d_out: Tensor,
+    w0: Tensor,
+    w0_scale: Tensor | None,
+    quant_group: int,
+    index_in: Tensor,
+    index_out: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx (T, n), grad_d_in, grad_d_out)``, block gradients float32 (float64 for float64)."""
+    return _backward_blocks(grad_y, x, v, d_in, d_out, w0, w0_scale, quant_group, index_in,
+                            index_out)
+
+
+@poet_linear_blocks_backward_op.register_fake
+def _(grad_y, x, v, d_in, d_out, w0, w0_scale, quant_group, index_in, index_out):
+    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return (torch.empty_like(x), d_in.new_empty(d_in.shape, dtype=wide),
+            d_out.new_empty(d_out.shape, dtype=wide))
+
+
+def _setup_blocks_context(ctx, inputs, output):
+    (x, w0, w0_scale, quant_group, d_in, d_out, _gin, _gout, index_in, index_out, _save) = inputs
+    ctx.save_for_backward(x, output[1], d_in, d_out, w0, w0_scale, index_in, index_out)
+    ctx.quant_group = quant_group
+    ctx.set_materialize_grads(False)
+
+
+def _backward_prebuilt(ctx, grad_y, _grad_v):
+    x, v, d_in, d_out, w0, w0_scale, index_in, index_out = ctx.saved_tensors
+    grad_x, grad_d_in, grad_d_out = poet_linear_blocks_backward_op(
+        _zero_grad_y(grad_y, x, w0), x, v, d_in, d_out, w0, w0_scale, ctx.quant_group, index_in,
+        index_out)
+    return grad_x, None, None, None, None, None, grad_d_in, grad_d_out, None, None, None
+
+
+poet_linear_blocks_op.register_autograd(_backward_prebuilt, setup_context=_setup_blocks_context)
+
+
+def _flat_input(x: Tensor) -> Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.is_contiguous() else x2.contiguous()
+
+
+def op_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the op computes ``x`` in: autocast's when it is on, else ``x``'s."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def poet_linear_prebuilt(
+    x: Tensor,
+    w0: Tensor,
+    w0_scale: Tensor | None,
+    quant_group: int,
+    d_in: Tensor,
+    d_out: Tensor,
+    grad_in: Tensor,
+    grad_out: Tensor,
+    index_in: Tensor,
+    index_out: Tensor,
+    save_intermediate: bool,
+) -> Tensor:
+    """:func:`poet_linear` with the blocks ``d_in`` / ``d_out`` (``R - I``, in
+    ``op_dtype(x)``) given; their gradients flow to the float32 handles ``grad_in`` /
+    ``grad_out`` (same shapes). ``x`` ``(..., n)`` -> ``(..., m)``."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            return poet_linear_prebuilt(x.to(torch.get_autocast_dtype(device_type)), w0,
+                                        w0_scale, quant_group, d_in, d_out, grad_in, grad_out,
+                                        index_in, index_out, save_intermediate)
+    lead = x.shape[:-1]
+    y = poet_linear_blocks_op(_flat_input(x), w0, w0_scale, quant_group, d_in, d_out, grad_in,
+                              grad_out, index_in, index_out, save_intermediate)[0]
+    return y.reshape(*lead, w0.shape[0])
 
 
 def poet_linear(
@@ -207,11 +342,8 @@ def poet_linear(
                                quant_group, theta_in, theta_out, index_in, index_out, block_in,
                                block_out, terms, save_intermediate)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    if not x2.is_contiguous():
-        x2 = x2.contiguous()
     y = poet_linear_op(
-        x2, w0, w0_scale, quant_group, theta_in, theta_out, index_in, index_out, block_in,
-        block_out, EXACT_CAYLEY if terms is None else terms, save_intermediate,
+        _flat_input(x), w0, w0_scale, quant_group, theta_in, theta_out, index_in, index_out,
+        block_in, block_out, EXACT_CAYLEY if terms is None else terms, save_intermediate,
     )[0]
     return y.reshape(*lead, w0.shape[0])
