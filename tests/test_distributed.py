@@ -366,3 +366,16 @@ def test_fits_replicated_follows_the_planner(monkeypatch):
     assert fit.fits_replicated(cfg, "cuda") is True
     monkeypatch.setattr(fit, "device_budget", lambda device: need - 1)
     assert fit.fits_replicated(cfg, "cuda") is False
+
+
+def test_grad_accum_equals_the_whole_batch_in_one_step(reference, dp_corpus, tmp_path):
+    # One process: 2 micro-batches of 2 per step against the reference's 4 rows at once.
+    from poetx.train.config import TrainConfig
+    from poetx.train.loop import train
+
+    out = tmp_path / "accum"
+    train(TrainConfig(**_settings(dp_corpus, out, batch_size=2, grad_accum=2)))
+    torch.testing.assert_close(torch.tensor(_losses(out)), torch.tensor(_losses(reference)),
+                               rtol=2e-5, atol=0)
+    torch.testing.assert_close(torch.tensor(_evals(out)), torch.tensor(_evals(reference)),
+                               rtol=2e-5, atol=0)
