@@ -147,6 +147,7 @@ def build_data(
     """
     source = resolve_source(data, cache_dir)
     if isinstance(source, TokenSource):
+        tokenizer_path = tokenizer_path or source.tokenizer_path
         tok = load_tokenizer(tokenizer_path) if tokenizer_path is not None else None
         train_ids, val_ids = source.tokens("train"), source.tokens("val")
         vocab = _token_vocab(train_ids, val_ids, tok, vocab_size, source)

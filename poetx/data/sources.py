@@ -8,12 +8,14 @@ Specs accepted by :func:`resolve_source`:
 * ``FOLDER``: every ``*.txt`` and ``*.jsonl`` below it, in sorted path order. Files named
   ``val``/``valid``/``validation`` (any suffix), or inside a folder of such a name, form the
   validation split. A folder with no text files may instead hold token files ``train.*`` and
-  ``val.*`` (the nanoGPT layout, see below).
+  ``val.*`` (the nanoGPT layout, see below), and a ``tokenizer.json`` that made them.
 * ``PATH.npy``: a 1-D array of unsigned token ids, memory-mapped.
 * ``PATH.u16.bin`` / ``PATH.u32.bin``: raw little-endian ``uint16``/``uint32`` token ids,
   memory-mapped. A ``.bin`` without that suffix needs a sidecar ``PATH.bin.json`` holding
   ``{"dtype": "uint16"}`` or ``{"dtype": "uint32"}``; the width is never guessed, since a wrong
   guess silently yields garbage ids.
+* ``debian-en`` (a name in ``NAMED_CORPORA``, when no such path exists): that corpus's token
+  files and tokenizer, installed on first use (:mod:`poetx.data.debian_en`).
 * ``hf:NAME[:CONFIG][:SPLIT]``: a Hugging Face dataset's ``"text"`` column, streamed with
   ``datasets`` (an optional dependency) up to ``HF_MAX_CHARS`` characters.
 
@@ -199,10 +201,15 @@ class HFSource(TextSource):
 
 @dataclass
 class TokenSource:
-    """Pre-tokenized ids, memory-mapped; ``val_path`` None means the end is held out."""
+    """Pre-tokenized ids, memory-mapped; ``val_path`` None means the end is held out.
+
+    ``tokenizer_path``: the tokenizer that made the ids (a ``tokenizer.json`` beside the token
+    files, or the one of a named corpus), used when the run gives none.
+    """
 
     train_path: Path
     val_path: Path | None = None
+    tokenizer_path: Path | None = None
 
     @property
     def key(self) -> str:
@@ -245,6 +252,9 @@ def resolve_source(data: str | None, cache_dir: Path | None = None) -> Source:
     if data.startswith("hf:"):
         return _parse_hf(data)
     path = Path(data).expanduser()
+    if not path.exists() and data in NAMED_CORPORA:
+        train, val, tokenizer = NAMED_CORPORA[data](cache_dir)
+        return TokenSource(train, val, tokenizer)
     if not path.exists():
         raise FileNotFoundError(f"data not found: {path}")
     if path.is_dir():
@@ -257,6 +267,18 @@ def resolve_source(data: str | None, cache_dir: Path | None = None) -> Source:
         f"{path}: unknown data file kind {path.suffix!r}; expected .txt, .jsonl, .npy, "
         ".u16.bin/.u32.bin (or .bin with a .bin.json sidecar), or a folder of them"
     )
+
+
+def _debian_en(cache_dir: Path | None) -> tuple[Path, Path, Path]:
+    from poetx.data import debian_en
+
+    debian_en.ensure_installed(cache_dir)
+    return debian_en.token_paths(cache_dir)
+
+
+# Corpora named by ``--data NAME``: each gives (train ids, val ids, tokenizer), installing the
+# corpus on first use.
+NAMED_CORPORA = {"debian-en": _debian_en}
 
 
 def load_token_file(path: Path, bin_dtype: np.dtype | None = None) -> np.ndarray:
@@ -359,7 +381,9 @@ def _folder_source(folder: Path) -> Source:
         return TextFileSource(origin=folder, train_files=train, val_files=val)
     token_files = sorted(p for p in folder.glob("train*") if p.suffix in (".npy", ".bin"))
     if token_files:
-        return TokenSource(token_files[0], _sibling_val(token_files[0]))
+        tokenizer = folder / "tokenizer.json"
+        return TokenSource(token_files[0], _sibling_val(token_files[0]),
+                           tokenizer if tokenizer.is_file() else None)
     raise ValueError(f"{folder}: no .txt/.jsonl files below it and no train.npy/train.*.bin in it")
 
 

@@ -1,0 +1,688 @@
+"""Training quality: POET-X against AdamW at equal tokens, and the ablations users ask about.
+
+Every run is one ``poetx train`` process on one GPU, all on the same data (the ``debian-en``
+corpus, packed for the GPU machine by ``poetx data pack``), the same data order (seed 0, batch
+64 x 256) and the same validation set, for ``STEPS`` steps = 26.2 M tokens, fewer than the
+packed training tokens, so no token is seen twice. Cosine schedule with a linear warm-up of
+``WARMUP`` steps for both methods.
+
+Subcommands:
+    ``run``     run the queue (``--gpus 0,1``: one run per GPU at a time), most important runs
+                first; finished runs (a row with status ``done`` in the results) are skipped, a
+                run with a checkpoint is resumed, and no run is started that the ``--budget-s``
+                left would not finish (a run still going near the end is interrupted, which
+                saves a checkpoint for the next call);
+    ``report``  plots (PNG) and ``docs/results.md`` from the results JSON;
+    ``plan``    the queue, its commands and the GPU time it needs, estimated from the measured
+                tokens/s in ``bench/results/train60m.json`` and ``step.json``.
+
+Preparing here (network): ``poetx data install debian-en`` (about 20 minutes on 2 cores) and
+``poetx data pack debian-en --out .cache/gpu-corpus`` (30 M training tokens + the validation
+set, xz-compressed token ids, about 40 MiB). Do not unpack there: the carried folder must stay
+small.
+
+GPU machine (no network, at most 64 MiB of files a call), from the repository root with
+``carry: [".stage/quality", ".cache/gpu-corpus"]``, each call (finished runs are skipped, run
+folders under ``runs/`` stay on a warm machine between calls)::
+
+    cd .stage/quality && export PYTHONPATH=$PWD PYTHONUNBUFFERED=1; \
+    python -m poetx.cli.main data unpack ../../.cache/gpu-corpus && \
+    python bench/quality.py run --gpus 0,1 --data ../../.cache/gpu-corpus \
+        --runs-dir ../../runs/quality --budget-s 540; cp bench/results/quality.json $OUT/
+
+Then here: copy ``quality.json`` back to ``bench/results/`` (and into the staged copy before
+the next call, so that its finished runs are skipped), and ``python bench/quality.py report``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "quality.json"
+PLOTS = ROOT / "bench" / "results"
+DOC = ROOT / "docs" / "results.md"
+STEPS = 1600
+BATCH = 64
+SEQ_LEN = 256
+WARMUP = 160
+EVAL_EVERY = 100
+SAVE_EVERY = 400
+TOKENS = STEPS * BATCH * SEQ_LEN
+SPIKE_WINDOW = 50
+SPIKE_FACTOR = 1.5
+# Seconds a run spends outside its steps (start, CUDA graph capture, evaluations, checkpoints),
+# measured on the H200 runs of bench/results/train60m.json (process time minus step time).
+OVERHEAD_S = 60.0
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run of the study; ``poet`` holds POET-X flags (``--block-size`` ...)."""
+
+    name: str
+    group: str  # "sweep" or "ablation"
+    preset: str
+    optimizer: str
+    lr: float
+    poet_lr: float | None = None
+    poet: tuple[tuple[str, str], ...] = ()
+    steps: int = STEPS
+
+    @property
+    def warmup_steps(self) -> int:
+        """10 % of the steps (``WARMUP`` for the study's ``STEPS``)."""
+        return self.steps // 10
+
+    def command(self, data: Path, runs_dir: Path, resume: bool = False) -> list[str]:
+        cmd = [
+            sys.executable, "-m", "poetx.cli.main", "train",
+            "--preset", self.preset, "--optimizer", self.optimizer,
+            "--data", str(data), "--tokenizer", str(data / "tokenizer.json"),
+            "--steps", str(self.steps), "--batch-size", str(BATCH), "--seq-len", str(SEQ_LEN),
+            "--lr", f"{self.lr:g}", "--warmup-steps", str(self.warmup_steps),
+            "--eval-every", str(EVAL_EVERY), "--save-every", str(SAVE_EVERY),
+            "--seed", "0", "--no-progress", "--no-tensorboard",
+            "--out", str(runs_dir / self.name),
+        ]  # fmt: skip
+        if self.poet_lr is not None:
+            cmd += ["--poet-lr", f"{self.poet_lr:g}"]
+        for flag, value in self.poet:
+            cmd += [flag, value]
+        if resume:
+            cmd.append("--resume")
+        return cmd
+
+
+# Learning rates: each method's preset value times 0.5 / 1 / 2. For poetx the ordinary
+# parameters' lr and the rotations' poet_lr move together, poet_lr following the preset's
+# rotation convention (the authors' poet_lr x 0.5, x 256/b above b = 256).
+PRESET_LRS = {  # (adamw lr, poetx lr, poetx poet_lr), from poetx.train.config.PRESET_DEFAULTS
+    "llama-60m": (1e-3, 1e-2, 1e-3),
+    "llama-130m": (1e-3, 5e-3, 1e-3),
+}
+LR_SCALES = (0.5, 1.0, 2.0)
+
+
+def _tag(x: float) -> str:
+    return f"{x:g}"
+
+
+def study() -> list[RunSpec]:
+    """All runs, in queue order: the 60M sweep of both methods, the 130M sweep, ablations."""
+    runs: list[RunSpec] = []
+    for preset in ("llama-60m", "llama-130m"):
+        adamw_lr, poet_lr_base, rot_lr = PRESET_LRS[preset]
+        size = preset.split("-")[1]
+        for scale in (1.0, 0.5, 2.0):  # the centre first: it is also the ablations' reference
+            runs.append(RunSpec(f"{size}-poetx-lr{_tag(poet_lr_base * scale)}", "sweep", preset,
+                                "poetx", poet_lr_base * scale, rot_lr * scale))
+            runs.append(RunSpec(f"{size}-adamw-lr{_tag(adamw_lr * scale)}", "sweep", preset,
+                                "adamw", adamw_lr * scale))
+    adamw_lr, lr, rot_lr = PRESET_LRS["llama-60m"]
+    ablations = [
+        ("b128", (("--block-size", "128"),), rot_lr),
+        ("b512", (("--block-size", "512"),), rot_lr * 256 / 512),
+        ("T50", (("--merge-every", "50"),), rot_lr),
+        ("T1000", (("--merge-every", "1000"),), rot_lr),
+        ("exact", (("--neumann-terms", "exact"),), rot_lr),
+        ("int8", (("--w0-format", "int8"),), rot_lr),
+        ("fp8", (("--w0-format", "fp8"),), rot_lr),
+    ]
+    for tag, flags, poet_lr in ablations:
+        runs.append(RunSpec(f"60m-poetx-{tag}", "ablation", "llama-60m", "poetx", lr, poet_lr,
+                            flags))
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a run
+
+
+def count_loss_spikes(losses: list[float], window: int = SPIKE_WINDOW,
+                      factor: float = SPIKE_FACTOR) -> int:
+    """Steps whose loss exceeds ``factor`` x the median of the ``window`` steps before it.
+
+    Only steps with a full window before them count; a non-finite loss counts as a spike.
+    """
+    spikes = 0
+    for i in range(window, len(losses)):
+        loss = losses[i]
+        if not math.isfinite(loss) or loss > factor * statistics.median(losses[i - window : i]):
+            spikes += 1
+    return spikes
+
+
+def read_records(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:  # a half-written last line of a killed run
+            continue
+    return records
+
+
+def summarize(records: list[dict[str, Any]], steps: int) -> dict[str, Any]:
+    """Numbers of one run from its ``metrics.jsonl`` records.
+
+    Returns ``tokens_seen``, ``final_val_ppl`` (evaluation at the last step), ``best_val_ppl``,
+    ``loss_spikes``, ``tokens_per_s`` (median over the steps after the first 30: CUDA graph
+    capture and warm-up excluded), ``peak_gib``, ``wall_s`` (summed over resumed pieces),
+    ``curve`` (``[step, tokens, wall_s, val_ppl]`` per evaluation) and ``done``.
+    """
+    train: dict[int, dict[str, Any]] = {}
+    evals: dict[int, dict[str, Any]] = {}
+    offset = 0.0
+    last_elapsed = 0.0
+    wall_at_step: dict[int, float] = {}
+    for record in records:
+        kind = record.get("type")
+        if kind == "train":
+            elapsed = float(record.get("elapsed_s", 0.0))
+            if elapsed < last_elapsed:  # a resumed process restarts its clock
+                offset += last_elapsed
+            last_elapsed = elapsed
+            train[record["step"]] = record
+            wall_at_step[record["step"]] = offset + elapsed
+        elif kind == "eval":
+            evals[record["step"]] = record
+    ordered = [train[s] for s in sorted(train)]
+    losses = [float(r["loss"]) for r in ordered]
+    speeds = [float(r["tokens_per_s"]) for r in ordered[30:] if r.get("tokens_per_s")]
+    curve = []
+    for step in sorted(evals):
+        wall = wall_at_step.get(step, 0.0 if step == 0 else None)
+        curve.append([step, evals[step].get("tokens", step * BATCH * SEQ_LEN), wall,
+                      float(evals[step]["val_ppl"])])
+    last_step = max(train) if train else 0
+    ppls = [c[3] for c in curve if math.isfinite(c[3])]
+    return {
+        "steps_done": last_step,
+        "tokens_seen": int(ordered[-1]["tokens"]) if ordered else 0,
+        "final_val_ppl": float(evals[steps]["val_ppl"]) if steps in evals else None,
+        "best_val_ppl": min(ppls) if ppls else None,
+        "loss_spikes": count_loss_spikes(losses),
+        "tokens_per_s": statistics.median(speeds) if speeds else None,
+        "peak_gib": max((float(r.get("peak_mem_gib", 0.0)) for r in ordered), default=None),
+        "wall_s": max(wall_at_step.values(), default=0.0),
+        "curve": curve,
+        "done": steps in evals and last_step >= steps,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Results file
+
+
+def load_results(path: Path) -> dict[str, dict[str, Any]]:
+    if not path.is_file():
+        return {}
+    return {row["name"]: row for row in json.loads(path.read_text())}
+
+
+def save_results(path: Path, rows: dict[str, dict[str, Any]]) -> None:
+    order = {spec.name: i for i, spec in enumerate(study())}
+    ordered = sorted(rows.values(), key=lambda r: (order.get(r["name"], len(order)), r["name"]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(ordered, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def shown_command(command: list[str], gpu: str) -> str:
+    """``command`` as a person would type it: ``python``, paths relative to the repository."""
+    def show(arg: str) -> str:
+        if arg == sys.executable:
+            return "python"
+        path = Path(arg)
+        if path.is_absolute() and path.is_relative_to(ROOT):
+            return str(path.relative_to(ROOT))
+        return arg
+
+    prefix = f"CUDA_VISIBLE_DEVICES={gpu} " if gpu != "cpu" else ""
+    return prefix + " ".join(shlex.quote(show(a)) for a in command)
+
+
+def make_row(spec: RunSpec, summary: dict[str, Any], command: list[str], device: str,
+             gpu: str, status: str) -> dict[str, Any]:
+    return {
+        "name": spec.name, "group": spec.group, "preset": spec.preset,
+        "optimizer": spec.optimizer, "lr": spec.lr, "poet_lr": spec.poet_lr,
+        "poet_flags": " ".join(f"{k} {v}" for k, v in spec.poet),
+        "steps": spec.steps, "batch": BATCH, "seq_len": SEQ_LEN,
+        "warmup_steps": spec.warmup_steps,
+        **{k: v for k, v in summary.items() if k != "done"},
+        "status": status,
+        "command": shown_command(command, gpu),
+        "device": device,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Estimates
+
+
+def measured_tokens_per_s(results_dir: Path = ROOT / "bench" / "results"
+                          ) -> dict[tuple[str, str], float]:
+    """Tokens/s of (preset, optimizer) on one H200 from the committed benchmark JSON."""
+    speeds: dict[tuple[str, str], float] = {}
+    train60 = results_dir / "train60m.json"
+    if train60.is_file():
+        for row in json.loads(train60.read_text()):
+            speeds[("llama-60m", row["optimizer"])] = row["tokens_per_s_median_steps_31_150"]
+    step = results_dir / "step.json"
+    if step.is_file():
+        for row in json.loads(step.read_text()):
+            if row.get("model") == "llama-130m" and row.get("method") in ("poetx", "adamw"):
+                speeds[("llama-130m", row["method"])] = row["tokens_per_s"]
+    return speeds
+
+
+def estimate_seconds(spec: RunSpec, speeds: dict[tuple[str, str], float]) -> float:
+    """Predicted wall time of one run: its tokens at the measured speed plus ``OVERHEAD_S``.
+
+    Ablations that change the step's cost are scaled by rough factors (exact Cayley: a batched
+    solve per block instead of three products; int8/fp8 W0: dequantization in each GEMM).
+    """
+    speed = speeds.get((spec.preset, spec.optimizer))
+    if speed is None:
+        speed = 1.5e5
+    factor = {"exact": 1.3, "int8": 1.2, "fp8": 1.2}.get(spec.name.rsplit("-", 1)[-1], 1.0)
+    return spec.steps * BATCH * SEQ_LEN / speed * factor + OVERHEAD_S
+
+
+# ---------------------------------------------------------------------------------------------
+# The queue
+
+
+@dataclass
+class _Running:
+    spec: RunSpec
+    gpu: str
+    proc: subprocess.Popen
+    command: list[str]
+    started: float
+    log: Any = field(repr=False)
+    interrupted: bool = False
+
+
+def _device_name(gpu: str) -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "-i", gpu, "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        name = out.stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        name = ""
+    return f"{name or 'unknown GPU'} (GPU {gpu})" if gpu != "cpu" else "cpu"
+
+
+def run_queue(specs: list[RunSpec], gpus: list[str], data: Path, runs_dir: Path,
+              results: Path, budget_s: float | None, extra: list[str] | None = None,
+              speeds: dict[tuple[str, str], float] | None = None, poll_s: float = 2.0) -> None:
+    """Run ``specs`` in order, one at a time per entry of ``gpus`` (``"cpu"`` runs on the CPU).
+
+    Finished runs (status ``done`` in ``results``) are skipped; a run directory with a
+    checkpoint is resumed. With ``budget_s``, a run is started only when its estimate fits in
+    the time left, and runs still going ``60 s`` before the end get SIGINT (poetx saves a
+    checkpoint and stops).
+    """
+    speeds = measured_tokens_per_s() if speeds is None else speeds
+    start = time.monotonic()
+    rows = load_results(results)
+    pending = [s for s in specs if rows.get(s.name, {}).get("status") != "done"]
+    skipped = len(specs) - len(pending)
+    if skipped:
+        print(f"quality: {skipped} finished runs skipped", flush=True)
+    free = list(gpus)
+    running: list[_Running] = []
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    while pending or running:
+        left = None if budget_s is None else budget_s - (time.monotonic() - start)
+        while free and pending:
+            spec = next((s for s in pending
+                         if left is None or estimate_seconds(s, speeds) <= left - 30), None)
+            if spec is None:
+                break
+            pending.remove(spec)
+            gpu = free.pop(0)
+            run_dir = runs_dir / spec.name
+            resume = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
+            command = spec.command(data, runs_dir, resume=resume) + list(extra or [])
+            env = dict(os.environ)
+            if gpu != "cpu":
+                env["CUDA_VISIBLE_DEVICES"] = gpu
+            run_dir.mkdir(parents=True, exist_ok=True)
+            log = (run_dir / "log.txt").open("a")
+            print(f"quality: start {spec.name} on {gpu}{' (resume)' if resume else ''}", flush=True)
+            proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    cwd=ROOT)
+            running.append(_Running(spec, gpu, proc, command, time.monotonic(), log))
+        if not running:
+            if pending:
+                print(f"quality: {len(pending)} runs left for a later call (budget)", flush=True)
+            break
+        time.sleep(poll_s)
+        for job in list(running):
+            if (left is not None and left < 60 and not job.interrupted
+                    and job.proc.poll() is None):
+                job.proc.send_signal(signal.SIGINT)
+                job.interrupted = True
+            code = job.proc.poll()
+            if code is None:
+                continue
+            running.remove(job)
+            job.log.close()
+            free.append(job.gpu)
+            summary = summarize(read_records(runs_dir / job.spec.name), job.spec.steps)
+            status = "done" if summary["done"] and code == 0 else (
+                "partial" if code in (0, 130) else f"failed (exit {code})")
+            rows = load_results(results)
+            rows[job.spec.name] = make_row(job.spec, summary, job.command, _device_name(job.gpu),
+                                           job.gpu, status)
+            save_results(results, rows)
+            took = time.monotonic() - job.started
+            print(f"quality: {job.spec.name} {status} in {took:.0f} s, best val ppl "
+                  f"{summary['best_val_ppl']}, {summary['loss_spikes']} spikes", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if abs(value) >= 0.01 else f"{value:.1e}"
+    return str(value)
+
+
+def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
+    lines = ["| " + " | ".join(title for _, title in columns) + " |",
+             "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row.get(key)) for key, _ in columns) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    """``quality_ppl_tokens.png`` and ``quality_ppl_wallclock.png`` of the sweep runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    sweep = [r for r in rows if r["group"] == "sweep" and r.get("curve")]
+    order = list(PRESET_LRS)
+    presets = sorted({r["preset"] for r in sweep},
+                     key=lambda p: (order.index(p) if p in order else len(order), p))
+    if not presets:
+        return written
+    for x_index, x_label, name in ((1, "training tokens (M)", "quality_ppl_tokens.png"),
+                                   (2, "wall-clock time (s)", "quality_ppl_wallclock.png")):
+        fig, axes = plt.subplots(1, len(presets), figsize=(6 * len(presets), 4.5), squeeze=False)
+        for ax, preset in zip(axes[0], presets, strict=True):
+            for row in sorted((r for r in sweep if r["preset"] == preset),
+                              key=lambda r: (r["optimizer"], r["lr"])):
+                points = [c for c in row["curve"] if c[x_index] is not None and c[0] > 0]
+                xs = [c[x_index] / (1e6 if x_index == 1 else 1) for c in points]
+                ys = [c[3] for c in points]
+                style = "-" if row["optimizer"] == "poetx" else "--"
+                color = "tab:blue" if row["optimizer"] == "poetx" else "tab:orange"
+                centre = PRESET_LRS.get(preset, (row["lr"], row["lr"], None))
+                scale = row["lr"] / centre[1 if row["optimizer"] == "poetx" else 0]
+                alpha = {0.5: 0.45, 1.0: 1.0, 2.0: 0.7}.get(round(scale, 2), 0.6)
+                label = f"{row['optimizer']} lr {row['lr']:g}" + (
+                    f" / poet_lr {row['poet_lr']:g}" if row.get("poet_lr") else "")
+                ax.plot(xs, ys, style, color=color, alpha=alpha, label=label)
+            ax.set_yscale("log")
+            ax.set_xlabel(x_label)
+            ax.set_ylabel("validation perplexity")
+            ax.set_title(preset)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / name
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+_COLUMNS = [("name", "run"), ("optimizer", "optimizer"), ("lr", "lr"), ("poet_lr", "poet_lr"),
+            ("poet_flags", "POET flags"), ("tokens_seen", "tokens"),
+            ("final_val_ppl", "final val ppl"), ("best_val_ppl", "best val ppl"),
+            ("loss_spikes", "loss spikes"), ("tokens_per_s", "tokens/s"),
+            ("peak_gib", "peak GiB"), ("status", "status")]
+
+
+def corpus_section(results_dir: Path) -> list[str]:
+    """Lines about the corpus from ``corpus_debian_en.json`` (the build's manifest) and the
+    transport measurements ``gpu_corpus.json``, when they exist."""
+    manifest_path = results_dir / "corpus_debian_en.json"
+    if not manifest_path.is_file():
+        return []
+    manifest = json.loads(manifest_path.read_text())
+    splits = manifest["splits"]
+    dedup = manifest["dedup"]
+    out = ["## The corpus (`debian-en`, measured)", "",
+           f"Built by `poetx data install debian-en` in {manifest['build_seconds'] / 60:.0f} "
+           f"minutes on a shared 2-core machine, after the download of the "
+           f"{len(manifest['sources'])} packages (2.4 GB); "
+           f"{dedup['documents']:,} documents extracted, {dedup['exact']:,} exact and "
+           f"{dedup['near']:,} near duplicates removed; tokenizer: byte-level BPE, vocabulary "
+           f"{manifest['vocab_size']:,}.", "",
+           "| split | documents | characters (M) | tokens (M) |", "|---|---|---|---|"]
+    for name, split in splits.items():
+        out.append(f"| {name} | {split['documents']:,} | {split['chars'] / 1e6:.1f} | "
+                   f"{split['tokens'] / 1e6:.2f} |")
+    total = sum(src["chars_kept"] for src in manifest["sources"].values())
+    dictionaries = sum(src["chars_kept"] for name, src in manifest["sources"].items()
+                       if name.startswith("dict-"))
+    out += ["", "Most of the text is software documentation, much of it API reference (Haskell, "
+            "Java, C/C++, PETSc, Rust...) beside manuals, user guides and handbooks; the "
+            f"dictionaries (GCIDE, WordNet, FOLDOC, Jargon File) are {dictionaries / total:.0%} "
+            "of the characters. Perplexities on it are not comparable with C4 numbers."]
+    out += ["", "Largest sources after de-duplication (all in `bench/results/"
+            "corpus_debian_en.json`, with version, sha256 and licence):", "",
+            "| package | licence | documents | characters (M) |", "|---|---|---|---|"]
+    top = sorted(manifest["sources"].items(), key=lambda kv: -kv[1]["chars_kept"])[:15]
+    for name, src in top:
+        out.append(f"| {name} | {src['licence']} | {src['documents_kept']:,} | "
+                   f"{src['chars_kept'] / 1e6:.1f} |")
+    transport = results_dir / "gpu_corpus.json"
+    if transport.is_file():
+        out += ["", "Brought to the GPU machine (`poetx data pack`, `bench/transport.py`):", "",
+                "| format | train tokens (M) | MiB in all | bytes / token | unpack s (cores) "
+                "| train tokens in 49 MiB |", "|---|---|---|---|---|---|"]
+        for row in json.loads(transport.read_text()):
+            out.append(f"| {row['format']} | {row['train_tokens'] / 1e6:.1f} | "
+                       f"{row['total_mib']:.1f} | {row['bytes_per_token']:.2f} | "
+                       f"{row['unpack_s']:.1f} ({row['cores']}) | "
+                       f"{row['train_tokens_in_call'] / 1e6:.0f} M |")
+    return out + [""]
+
+
+def render_doc(rows: list[dict[str, Any]], plots: list[Path]) -> str:
+    """The text of ``docs/results.md`` for ``rows`` (pending sections say so)."""
+    specs = study()
+    speeds = measured_tokens_per_s()
+    estimate = sum(estimate_seconds(s, speeds) for s in specs)
+    done = [r for r in rows if r.get("status") == "done"]
+    devices = sorted({r["device"] for r in done})
+    out = [
+        "# Results: POET-X against AdamW at equal tokens",
+        "",
+        "Generated by `python bench/quality.py report` from `bench/results/quality.json`; do "
+        "not edit by hand.",
+        "",
+        f"**Status: {len(done)} of {len(specs)} runs done.**" + (
+            " The numbers are pending a GPU session: nothing below is measured yet."
+            if not done else f" Device: {', '.join(devices)}."),
+        "",
+        "## Setup",
+        "",
+        "- Data: the `debian-en` corpus (`poetx data install debian-en`: English documentation, "
+        "books and dictionaries from pinned Debian 12 packages, de-duplicated, split by "
+        "document), packed for the GPU machine with `poetx data pack` (`.cache/gpu-corpus/`).",
+        f"- Every run: {STEPS} steps of {BATCH} x {SEQ_LEN} tokens = {TOKENS / 1e6:.1f} M "
+        "training tokens, fewer than the packed training stream, so no token is seen twice; "
+        "same seed, data order and validation batches for all; cosine schedule to 1 % with a "
+        f"linear warm-up of {WARMUP} steps; evaluation every {EVAL_EVERY} steps.",
+        "- Learning rates: each method's preset value x 0.5 / 1 / 2. AdamW: 60M and 130M "
+        "5e-4 / 1e-3 / 2e-3. POET-X (lr of embeddings, norms, head / poet_lr of rotations, "
+        "moved together, poet_lr in the preset's rotation convention): 60M 5e-3/5e-4, "
+        "1e-2/1e-3, 2e-2/2e-3; 130M 2.5e-3/5e-4, 5e-3/1e-3, 1e-2/2e-3.",
+        "- Ablations on 60M at the centre of the POET-X grid (lr 1e-2, poet_lr 1e-3; b = 512 "
+        "with poet_lr 5e-4 by the convention): block 128 / 256 / 512, merge interval 50 / 200 "
+        "/ 1000, Neumann terms 3 vs exact, W0 bf16 / int8 / fp8.",
+        f"- Loss spikes: steps whose training loss exceeds {SPIKE_FACTOR} x the median of the "
+        f"{SPIKE_WINDOW} steps before it.",
+        f"- GPU time of the whole study, estimated from the measured tokens/s on one H200 "
+        f"(`bench/results/train60m.json`, `step.json`) plus {OVERHEAD_S:.0f} s a run: "
+        f"{estimate / 60:.0f} GPU-minutes ({estimate / 120:.0f} minutes on 2 GPUs).",
+        "",
+        "Commands (GPU machine; see `bench/quality.py` for the full procedure):",
+        "",
+        "```bash",
+        "poetx data install debian-en && poetx data pack debian-en --out .cache/gpu-corpus",
+        "# on the GPU machine, each call (runs already done are skipped):",
+        "python -m poetx.cli.main data unpack .cache/gpu-corpus",
+        "python bench/quality.py run --gpus 0,1 --data .cache/gpu-corpus --budget-s 540",
+        "# back here, with the GPU's bench/results/quality.json:",
+        "python bench/quality.py report",
+        "```",
+        "",
+    ]
+    out += corpus_section(ROOT / "bench" / "results")
+    by_preset = {}
+    for row in rows:
+        by_preset.setdefault((row["group"], row["preset"]), []).append(row)
+    others = sorted({p for g, p in by_preset if g == "sweep"} - set(PRESET_LRS))
+    for preset in [*PRESET_LRS, *others]:
+        out += [f"## {preset}: learning-rate sweep", ""]
+        sweep = by_preset.get(("sweep", preset), [])
+        if sweep:
+            out += [_table(sweep, _COLUMNS), ""]
+            best = {}
+            for opt in ("poetx", "adamw"):
+                vals = [r["best_val_ppl"] for r in sweep
+                        if r["optimizer"] == opt and r.get("best_val_ppl") is not None]
+                best[opt] = min(vals) if vals else None
+            if best["poetx"] and best["adamw"]:
+                out += [f"Best validation perplexity: poetx {best['poetx']:.2f}, AdamW "
+                        f"{best['adamw']:.2f}; ratio {best['poetx'] / best['adamw']:.3f} "
+                        "(target <= 1.03).", ""]
+        else:
+            out += ["Pending: no run of this sweep has been made yet.", ""]
+    out += ["## llama-60m: ablations (POET-X)", ""]
+    ablation = by_preset.get(("ablation", "llama-60m"), [])
+    centre = [r for r in by_preset.get(("sweep", "llama-60m"), [])
+              if r["optimizer"] == "poetx" and r["lr"] == PRESET_LRS["llama-60m"][1]]
+    if ablation:
+        out += ["The first row is the reference (block 256, T = 200, 3 Neumann terms, bf16 W0).",
+                "", _table(centre + ablation, _COLUMNS), ""]
+    else:
+        out += ["Pending: no ablation run has been made yet.", ""]
+    out += ["## Plots", ""]
+    if plots:
+        for path in plots:
+            rel = os.path.relpath(path, DOC.parent)
+            out += [f"![{path.stem}]({rel})", ""]
+    else:
+        out += ["Pending: validation perplexity against tokens and against wall-clock time "
+                "(`bench/results/quality_ppl_tokens.png`, `quality_ppl_wallclock.png`) are "
+                "drawn once runs exist.", ""]
+    out += ["## Where POET-X loses", "",
+            "To be written from the tables above once they hold measured numbers.", ""]
+    return "\n".join(out)
+
+
+def report(results: Path, doc: Path, plot_dir: Path) -> None:
+    rows = list(load_results(results).values())
+    order = {spec.name: i for i, spec in enumerate(study())}
+    rows.sort(key=lambda r: order.get(r["name"], len(order)))
+    plots = plot(rows, plot_dir) if rows else []
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(render_doc(rows, plots))
+    print(f"wrote {doc}" + "".join(f", {p}" for p in plots))
+
+
+def print_plan(specs: list[RunSpec], data: Path, runs_dir: Path, gpus: int) -> None:
+    speeds = measured_tokens_per_s()
+    total = 0.0
+    for spec in specs:
+        seconds = estimate_seconds(spec, speeds)
+        total += seconds
+        print(f"{seconds / 60:5.1f} min  {spec.name:20s} "
+              + shown_command(spec.command(data, runs_dir), "cpu"))
+    print(f"total {total / 60:.0f} GPU-minutes, {total / 60 / gpus:.0f} minutes on {gpus} GPUs "
+          f"({len(specs)} runs of {TOKENS / 1e6:.1f} M tokens)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("run", "plan"):
+        p = sub.add_parser(name)
+        p.add_argument("--gpus", default="0", help="comma-separated GPU ids, or 'cpu'")
+        p.add_argument("--data", default=str(ROOT / ".cache" / "gpu-corpus"),
+                       help="folder of train/val token files and tokenizer.json")
+        p.add_argument("--runs-dir", default=str(ROOT / "runs" / "quality"))
+        p.add_argument("--only", default=None, help="comma-separated run names (default all)")
+        p.add_argument("--results", default=str(RESULTS))
+        p.add_argument("--budget-s", type=float, default=None,
+                       help="start no run that would not end within this many seconds")
+        p.add_argument("--steps", type=int, default=STEPS, help="steps per run (tests)")
+        p.add_argument("--preset", default=None, help="replace every run's preset (tests)")
+        p.add_argument("extra", nargs="*", help="extra `poetx train` flags, after --")
+    p = sub.add_parser("report")
+    p.add_argument("--results", default=str(RESULTS))
+    p.add_argument("--doc", default=str(DOC))
+    p.add_argument("--plots", default=str(PLOTS))
+    args = parser.parse_args(argv)
+    if args.command == "report":
+        report(Path(args.results), Path(args.doc), Path(args.plots))
+        return 0
+    specs = study()
+    if args.only:
+        names = args.only.split(",")
+        unknown = sorted(set(names) - {s.name for s in specs})
+        if unknown:
+            parser.error(f"unknown runs: {', '.join(unknown)}")
+        specs = [s for s in specs if s.name in names]
+    if args.steps != STEPS or args.preset:
+        specs = [dataclasses.replace(s, steps=args.steps, preset=args.preset or s.preset)
+                 for s in specs]
+    gpus = args.gpus.split(",")
+    if args.command == "plan":
+        print_plan(specs, Path(args.data), Path(args.runs_dir), len(gpus))
+        return 0
+    data = Path(args.data)
+    if not (data / "tokenizer.json").is_file():
+        parser.error(f"{data} holds no tokenizer.json: run `poetx data unpack {data}` first")
+    run_queue(specs, gpus, data, Path(args.runs_dir), Path(args.results), args.budget_s,
+              args.extra)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Debian binary packages (``.deb``) as a source of files: fetch one by name, read its files.
+
+A ``.deb`` is an ``ar`` archive whose ``data.tar.{xz,gz,bz2}`` member holds the installed tree;
+it is read here without ``dpkg``, so the files of a downloaded package can be read on any
+machine. Fetching goes through ``apt-get download NAME=VERSION`` (the ordinary client, with the
+machine's configured Debian sources) and checks the file's sha256 against a pinned value.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import hashlib
+import io
+import lzma
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+_AR_MAGIC = b"!<arch>\n"
+_AR_HEADER = 60
+
+
+class PackageUnavailableError(RuntimeError):
+    """A pinned package could not be fetched, or what was fetched does not match its pin."""
+
+
+@dataclass(frozen=True)
+class DebPin:
+    """One Debian binary package at an exact version and content hash."""
+
+    name: str
+    version: str
+    sha256: str
+
+    @property
+    def file_name(self) -> str:
+        """The name ``apt-get download`` gives the file (``:`` of an epoch as ``%3a``)."""
+        return f"{self.name}_{self.version.replace(':', '%3a')}_all.deb"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch_deb(pin: DebPin, downloads: Path) -> Path:
+    """Return ``downloads/<file>`` with the pinned sha256, running ``apt-get download`` if needed.
+
+    A verified file already there is used without network, so copying the ``.deb`` files into
+    ``downloads`` installs offline.
+
+    Raises:
+        PackageUnavailableError: apt-get is missing or failed (no Debian sources, registry
+            unreachable, version no longer served), or the download's sha256 is not the pin.
+    """
+    target = downloads / pin.file_name
+    if target.is_file() and sha256_file(target) == pin.sha256:
+        return target
+    downloads.mkdir(parents=True, exist_ok=True)
+    apt = shutil.which("apt-get")
+    if apt is None:
+        raise PackageUnavailableError(
+            f"{pin.name}={pin.version}: apt-get is not installed, so Debian packages cannot be "
+            f"fetched here; copy {pin.file_name} (sha256 {pin.sha256}) into {downloads}"
+        )
+    with tempfile.TemporaryDirectory(dir=downloads, prefix=".apt-") as tmp:
+        os.chmod(tmp, 0o777)  # apt drops to the _apt user to write the file when it can
+        cmd = [apt, "download", "-q", f"{pin.name}={pin.version}"]
+        try:
+            proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=900)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise PackageUnavailableError(f"{pin.name}={pin.version}: {exc}") from exc
+        found = list(Path(tmp).glob("*.deb"))
+        if proc.returncode != 0 or len(found) != 1:
+            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-4:])
+            raise PackageUnavailableError(
+                f"apt-get could not download {pin.name}={pin.version} (exit {proc.returncode}):"
+                f"\n{tail}\nRun `apt-get update` once; if the version is no longer served, the "
+                f"pin in poetx/data/prose.py must be updated (new version and sha256)."
+            )
+        digest = sha256_file(found[0])
+        if digest != pin.sha256:
+            raise PackageUnavailableError(
+                f"{pin.name}={pin.version}: the download's sha256 {digest} is not the pinned "
+                f"{pin.sha256}"
+            )
+        os.replace(found[0], target)
+    return target
+
+
+def _ar_members(data: bytes, path: Path) -> Iterator[tuple[str, bytes]]:
+    if not data.startswith(_AR_MAGIC):
+        raise ValueError(f"{path}: not a Debian package (no ar header)")
+    pos = len(_AR_MAGIC)
+    while pos + _AR_HEADER <= len(data):
+        header = data[pos : pos + _AR_HEADER]
+        name = header[:16].decode("ascii", "replace").strip().rstrip("/")
+        try:
+            size = int(header[48:58].decode("ascii").strip())
+        except ValueError:
+            raise ValueError(f"{path}: corrupt ar header at byte {pos}") from None
+        start = pos + _AR_HEADER
+        if start + size > len(data):
+            raise ValueError(f"{path}: truncated ar member {name!r}")
+        yield name, data[start : start + size]
+        pos = start + size + (size & 1)  # members are 2-byte aligned
+
+
+def _decompress(name: str, payload: bytes, path: Path) -> bytes:
+    if name.endswith(".xz"):
+        return lzma.decompress(payload)
+    if name.endswith(".gz"):
+        return gzip.decompress(payload)
+    if name.endswith(".bz2"):
+        return bz2.decompress(payload)
+    if name.endswith(".tar"):
+        return payload
+    raise ValueError(f"{path}: unsupported compression of {name} (xz, gz, bz2 are read)")
+
+
+def deb_files(path: Path) -> Iterator[tuple[str, bytes]]:
+    """``(path, content)`` of every regular file the package installs, in archive order.
+
+    Paths are absolute-style (``/usr/share/doc/...``). Symbolic links and folders are skipped.
+
+    Raises:
+        ValueError: not a ``.deb``, a corrupt archive, or no ``data.tar.*`` member.
+    """
+    path = Path(path)
+    for name, payload in _ar_members(path.read_bytes(), path):
+        if not name.startswith("data.tar"):
+            continue
+        try:
+            tar_bytes = _decompress(name, payload, path)
+            with tarfile.open(fileobj=io.BytesIO(tar_bytes), mode="r:") as archive:
+                for member in archive:
+                    if not member.isfile():
+                        continue
+                    source = archive.extractfile(member)
+                    assert source is not None  # a regular file always has a payload
+                    yield "/" + member.name.lstrip("./"), source.read()
+        except (tarfile.TarError, lzma.LZMAError, OSError, EOFError) as exc:
+            raise ValueError(f"{path}: corrupt {name}: {exc}") from exc
+        return
+    raise ValueError(f"{path}: no data.tar member")
