@@ -162,10 +162,11 @@ def reference(dp_corpus, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ddp_run(dp_corpus, tmp_path_factory):
-    """Two processes, each 2 micro-batches of 1 (global batch 4, as the reference): DDP and
-    accumulation with no_sync together, rotation blocks built per decoder block
-    (``batch_rotations="on"``; the reference builds them layer by layer: the skew gradients
-    must reach DDP the same). Returns the run dir and each rank's final state."""
+    """Two processes, each 2 micro-batches of 1 (global batch 4, as the reference): ddp and
+    accumulation together (gradients accumulate locally, one all-reduce after the last
+    micro-batch), rotation blocks built per decoder block (``batch_rotations="on"``; the
+    reference builds them layer by layer: the skew gradients must reach the all-reduce the
+    same). Returns the run dir and each rank's final state."""
     root = tmp_path_factory.mktemp("ddp")
     out = root / "run"
     settings = _settings(dp_corpus, out, batch_size=1, grad_accum=2)
@@ -270,3 +271,111 @@ def test_torchrun_runs_poetx_train(dp_corpus, tmp_path):
     assert "global batch 4 = batch 1 x grad accum 2 x 2 processes" in done.stdout
     assert done.stdout.count("poetx train:") == 1  # rank 0 alone prints
     assert len(_losses(out)) == 3
+
+
+# FSDP2 (fully_shard) on CPU with gloo ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fsdp_run(dp_corpus, tmp_path_factory):
+    """Two processes sharding the model with FSDP2, global batch 4 as the reference (1 x 2
+    micro-batches each), batched rotation builds. Returns the run dir and each rank's final
+    state."""
+    root = tmp_path_factory.mktemp("fsdp")
+    out = root / "run"
+    settings = _settings(dp_corpus, out, batch_size=1, grad_accum=2, parallel="fsdp")
+    # As on CUDA: the rotation blocks of a decoder block built in one call, inside the one
+    # FSDP2 group that holds the block's POET layers.
+    settings["poet"] = {**settings["poet"], "batch_rotations": "on"}
+    _spawn(settings, str(root / "state"))
+    return out, [torch.load(root / f"state.{r}") for r in range(2)]
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
+def test_fsdp_train_matches_one_process(reference, fsdp_run):
+    out, states = fsdp_run
+    losses, ref = _losses(out), _losses(reference)
+    assert len(losses) == STEPS_DP
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref), rtol=2e-5, atol=0)
+    torch.testing.assert_close(torch.tensor(_evals(out)), torch.tensor(_evals(reference)),
+                               rtol=2e-5, atol=0)
+    config = json.loads((out / "config.json").read_text())
+    assert config["derived"]["parallel"] == "fsdp"
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
+def test_fsdp_checkpoints_resume_on_another_world_and_scheme(reference, fsdp_run, tmp_path):
+    # The gathered checkpoint of step 10 of the sharded run, continued by one process; and the
+    # one-process checkpoint continued by two sharded processes.
+    fsdp_then_one = tmp_path / "fsdp-then-one"
+    shutil.copytree(fsdp_run[0], fsdp_then_one)
+    shutil.rmtree(fsdp_then_one / "checkpoints" / "step_00000020")
+    _run({"out": str(fsdp_then_one), "batch_size": 4, "grad_accum": 1}, resume=True)
+    one_then_fsdp = tmp_path / "one-then-fsdp"
+    shutil.copytree(reference, one_then_fsdp)
+    shutil.rmtree(one_then_fsdp / "checkpoints" / "step_00000020")
+    _spawn({"out": str(one_then_fsdp), "batch_size": 2, "parallel": "fsdp"},
+           str(tmp_path / "b"), resume=True)
+    ref = torch.tensor(_losses(reference))
+    for run in (fsdp_then_one, one_then_fsdp):
+        losses = _losses(run)
+        assert len(losses) == STEPS_DP
+        torch.testing.assert_close(torch.tensor(losses), ref, rtol=2e-5, atol=0)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
+def test_fsdp_int8_w0_matches_one_process(dp_corpus, tmp_path):
+    # int8 W0 + float32 scales + float32 skew parameters in one sharded group (mixed dtypes
+    # in the all-gather), merges every 4 steps, the same run in one process.
+    poet = {"merge_every": 4, "w0_format": "int8"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    from poetx.train.config import TrainConfig
+    from poetx.train.loop import train
+
+    train(TrainConfig(**_settings(dp_corpus, one, batch_size=4, steps=8, poet=poet)))
+    _spawn(_settings(dp_corpus, two, batch_size=2, steps=8, poet=poet, parallel="fsdp"),
+           str(tmp_path / "state"))
+    losses, ref = _losses(two), _losses(one)
+    assert len(losses) == 8
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref), rtol=2e-5, atol=0)
+
+
+def test_parallel_auto_takes_fsdp_only_when_a_replica_does_not_fit():
+    from poetx.train.parallel import DistContext, resolve_parallel
+
+    one, two = DistContext(), DistContext(rank=0, world=2)
+    assert resolve_parallel("auto", one, fits_replicated=False) == "none"
+    assert resolve_parallel("auto", two, fits_replicated=True) == "ddp"
+    assert resolve_parallel("auto", two, fits_replicated=None) == "ddp"  # unknown (CPU)
+    assert resolve_parallel("auto", two, fits_replicated=False) == "fsdp"
+    assert resolve_parallel("fsdp", two, fits_replicated=True) == "fsdp"
+    with pytest.raises(ValueError, match="unsynchronized"):
+        resolve_parallel("none", two)
+
+
+def test_fits_replicated_follows_the_planner(monkeypatch):
+    from types import SimpleNamespace
+
+    import poetx.plan.fit as fit
+    from poetx.plan.memory import plan
+
+    cfg = SimpleNamespace(preset="llama-8b", seq_len=1024, batch_size=1, vocab_size=None,
+                          dtype="auto", optimizer="poetx", grad_checkpointing=False,
+                          poet=poetx.POETConfig())
+    assert fit.fits_replicated(cfg, "cpu") is None
+    need = plan("llama-8b", 1024, 1, fit.setting_of(cfg)).required_bytes()
+    monkeypatch.setattr(fit, "device_budget", lambda device: need)
+    assert fit.fits_replicated(cfg, "cuda") is True
+    monkeypatch.setattr(fit, "device_budget", lambda device: need - 1)
+    assert fit.fits_replicated(cfg, "cuda") is False
+
+
+def test_grad_accum_equals_the_whole_batch_in_one_step(reference, dp_corpus, tmp_path):
+    # One process: 2 micro-batches of 2 per step against the reference's 4 rows at once.
+    from poetx.train.config import TrainConfig
+    from poetx.train.loop import train
+
+    out = tmp_path / "accum"
+    train(TrainConfig(**_settings(dp_corpus, out, batch_size=2, grad_accum=2)))
+    torch.testing.assert_close(torch.tensor(_losses(out)), torch.tensor(_losses(reference)),
+                               rtol=2e-5, atol=0)
+    torch.testing.assert_close(torch.tensor(_evals(out)), torch.tensor(_evals(reference)),
+                               rtol=2e-5, atol=0)

@@ -154,8 +154,17 @@ def rotation_norm_max(model: nn.Module) -> Tensor:
     params = rotation_parameters(model)
     if not params:
         return torch.zeros(())
-    per_param = [torch.linalg.vector_norm(p.detach(), dim=1).amax() for p in params]
-    return torch.stack([v.to(per_param[0].dtype) for v in per_param]).amax() * 2**0.5
+    # A sharded parameter (FSDP2 DTensor) contributes its local rows; one max all-reduce
+    # then gives every rank the same value (the merge guard decides on it).
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+    per_param = [torch.linalg.vector_norm(p.detach(), dim=1).amax() if p.numel()
+                 else p.new_zeros(()) for p in local]
+    result = torch.stack([v.to(per_param[0].dtype) for v in per_param]).amax() * 2**0.5
+    if len(local) and any(p is not q for p, q in zip(params, local, strict=True)):
+        import torch.distributed as dist
+
+        dist.all_reduce(result, op=dist.ReduceOp.MAX)
+    return result
 
 
 def merge_all_(model: nn.Module) -> int:

@@ -38,6 +38,9 @@ class DeviceGradClip:
         if not self.params:
             raise ValueError("DeviceGradClip: no trainable parameter")
         device = self.params[0].device
+        # FSDP2 shards (DTensors, every one split along dim 0): the norm is the root of the
+        # all-reduced sum of each rank's local squared norms (one collective).
+        self.sharded = any(hasattr(p, "to_local") for p in self.params)
         self.max_norm = torch.tensor(float(max_norm), dtype=torch.float32, device=device)
         self.grad_scale = torch.ones((), dtype=torch.float32, device=device)
         self.found_inf = torch.zeros((), dtype=torch.float32, device=device)
@@ -54,8 +57,17 @@ class DeviceGradClip:
         applied and freed (``StepInBackward.sq_norm``), counted in the returned norm and the
         skip, not in the clipping factor (those were clipped per tensor)."""
         grads = [p.grad for p in self.params if p.grad is not None]
-        norm = (torch.nn.utils.get_total_norm(grads, foreach=True).float() if grads else
-                self.max_norm.new_zeros(()))
+        if not grads:  # every gradient was applied in backward (StepInBackward)
+            norm = self.max_norm.new_zeros(())
+        elif self.sharded:
+            import torch.distributed as dist
+
+            local = [g.to_local() for g in grads]
+            squares = torch.nn.utils.get_total_norm(local, foreach=True).float().square()
+            dist.all_reduce(squares, op=dist.ReduceOp.SUM)
+            norm = squares.sqrt()
+        else:
+            norm = torch.nn.utils.get_total_norm(grads, foreach=True).float()
         total = norm if extra_sq is None else torch.sqrt(norm.square() + extra_sq)
         self.found_inf.copy_(torch.logical_not(torch.isfinite(total)).float())
         factor = torch.clamp((norm + _EPS) / self.max_norm, min=1.0)

@@ -4,6 +4,7 @@ rotation parameters and the gradient-clipping warm-up that follows a merge."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -43,12 +44,14 @@ class MergeSchedule:
         config: POETConfig,
         clip_warmup_steps: int = 0,
         clip_warmup_start: float = 0.1,
+        merge: Callable[[nn.Module], int] = merge_all_,
     ) -> None:
         if clip_warmup_steps < 0:
             raise ValueError(f"clip_warmup_steps: must be >= 0, got {clip_warmup_steps}")
         if not 0 < clip_warmup_start <= 1:
             raise ValueError(f"clip_warmup_start: must be in (0, 1], got {clip_warmup_start}")
         self.model = model
+        self.merge = merge  # merge_all_, or a sharded model's merge (poetx.train.fsdp)
         self.optimizer = optimizer
         self.config = config
         self.clip_warmup_steps = clip_warmup_steps
@@ -79,7 +82,7 @@ class MergeSchedule:
 
     @torch.no_grad()
     def merge_now(self) -> None:
-        merge_all_(self.model)
+        self.merge(self.model)
         restart = rewarm_state_ if self.config.adam_restart == "rewarm" else reset_state_
         restart(self.optimizer, rotation_parameters(self.model))
         self.merges += 1

@@ -22,7 +22,9 @@ def _state_of(optimizer: torch.optim.Optimizer, p: nn.Parameter) -> dict:
 
 
 def _plain(t: torch.Tensor) -> bool:
-    return type(t) in (torch.Tensor, nn.Parameter)
+    """Not a quantized state (torchao's 8-bit states carry codes, scales and a code table);
+    DTensor shards of FSDP2 are plain here."""
+    return not (hasattr(t, "codes") and hasattr(t, "qmap"))
 
 
 def _fill_quantized_(t: torch.Tensor, value: torch.Tensor | float) -> None:

@@ -110,6 +110,24 @@ def fitting_settings(preset: str, seq_len: int, batch_size: int, budget: int,
     return sorted(plans, key=lambda p: -p.peak_bytes)
 
 
+def fits_replicated(cfg: Any, device: Any) -> bool | None:
+    """Whether one full replica of the run of ``cfg`` (weights, optimizer state, activations
+    of one micro-batch) fits on ``device``: what ``--parallel auto`` asks to choose ``ddp``
+    (yes) or ``fsdp`` (no). ``None`` where nothing can be said (CPU, a preset the planner
+    does not know)."""
+    gpu_mem = getattr(cfg, "gpu_mem", None)  # --gpu-mem overrides the device's memory
+    budget = device_budget(device) if gpu_mem is None else int(gpu_mem * GIB)
+    if budget is None:
+        return None
+    dtype_bytes = 4 if getattr(cfg, "dtype", "auto") == "float32" else 2
+    try:
+        mine = plan(cfg.preset, cfg.seq_len, cfg.batch_size, setting_of(cfg), cfg.vocab_size,
+                    dtype_bytes)
+    except (KeyError, ValueError):
+        return None
+    return mine.required_bytes() <= budget
+
+
 def check_fits(cfg: Any, device: Any, budget_bytes: int | None = None) -> MemoryPlan | None:
     """Raise ``ValueError`` when the run of ``cfg`` (a ``TrainConfig``) cannot fit on ``device``.
 

@@ -47,12 +47,10 @@ OPTIMIZERS = ("poetx", "adamw")
 # poetx.optim.dense_update.DENSE_OPTIMIZERS (named here: this module does not import torch)
 DENSE_OPTIMIZERS = ("adamw", "adamw-kahan", "adamw-fp32-master", "adamw8bit")
 ROTATION_STATES = ("fp32", "8bit")
-# Presets whose poetx runs default to 8-bit embedding/lm_head states stepped in backward.
-# Measured on an H200 (bench/results/memory_options.json, Llama-8B 1 x 1024, mem mode with
-# checkpointing): -2.8 GiB (bf16 W0) at 0.95x..1.0x tokens/s, and the bf16 updates are kept in
-# expectation (stochastic rounding; norms Kahan-compensated). Smaller presets keep torch's
-# fused AdamW: it is the only step a CUDA graph captures, which is what makes them fast.
-LEAN_PRESETS = frozenset({"llama-7b", "llama-8b", "llama-13b"})
+# The memory options are off by default: torch's fused AdamW is the only step a CUDA graph
+# captures (what makes small models fast), and the options are not yet tested under DDP or
+# FSDP2. Measured on an H200 (bench/results/memory_options.json, Llama-8B 1 x 1024): -4.6 GiB at
+# 0.97x-1.00x tokens/s; the fit check of `poetx train` names them when a run needs them.
 PARALLEL = ("auto", "none", "ddp", "fsdp")
 # Keys of config.json computed for the reader (world size, global batch); ignored on load.
 DERIVED_KEY = "derived"
@@ -131,10 +129,12 @@ class TrainConfig:
         seq_len / batch_size: each micro-batch holds ``batch_size`` sequences of ``seq_len``
             tokens, per process.
         grad_accum: micro-batches per optimizer step and process (gradients accumulate; under
-            DDP they are all-reduced once, on the last). The global batch is
+            ddp they are all-reduced once, after the last). The global batch is
             ``batch_size x grad_accum x processes`` sequences.
-        parallel: ``auto`` (none in one process, ``ddp`` under ``torchrun`` with several),
-            ``none``, ``ddp``; ``fsdp`` is not implemented yet.
+        parallel: ``auto`` (none in one process; under ``torchrun`` with several: ``ddp`` when
+            the planner's estimate of one replica fits the GPU, else ``fsdp``), ``none``,
+            ``ddp`` (replicas, one gradient all-reduce per step, CUDA-graph step), ``fsdp``
+            (FSDP2: parameters sharded, see ``poetx.train.fsdp``).
         dtype: ``"auto"`` = bf16 on CUDA, float32 on CPU.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
     Optimization:
@@ -153,14 +153,12 @@ class TrainConfig:
             ``adamw`` (bf16 states; the only one a CUDA graph can capture), ``adamw-kahan``
             (+ a bf16 compensation buffer, small updates kept), ``adamw-fp32-master``
             (+ a float32 master copy), ``adamw8bit`` (torchao 8-bit states and stochastic
-            rounding for embedding and lm_head, Kahan for norms). Default ``adamw8bit`` for
-            poetx runs of the 7B-13B presets (``LEAN_PRESETS``), else ``adamw``.
+            rounding for embedding and lm_head, Kahan for norms).
         rotation_states: ``fp32`` Adam states of the rotations, or ``8bit`` (torchao; needs
             ``dense_optimizer = "adamw8bit"``).
         step_in_backward: step embedding and lm_head inside backward, as soon as each gradient
             is written, then free it (``poetx.optim.in_backward``); they are clipped each on
-            its own at ``max_grad_norm``. Needs ``grad_accum = 1`` and one process. Default
-            on where ``dense_optimizer`` defaults to ``adamw8bit`` and ``grad_accum`` is 1.
+            its own at ``max_grad_norm``. Needs ``grad_accum = 1`` and one process.
         fit_check: refuse, before allocating, a CUDA run that the planner predicts will not
             fit (the error names a setting that fits); gpu_mem: the memory (GiB) to plan
             against instead of the device's (also on a CPU run, e.g. to check a plan).
@@ -203,8 +201,9 @@ class TrainConfig:
         1, "micro-batches per step (global batch = batch x grad-accum x processes)",
         check=at_least(1), group="data parallel (under torchrun --nproc-per-node N)")
     parallel: str = setting(
-        "auto", "auto (ddp with several processes, none with one), none, ddp; fsdp is not "
-        "implemented yet", choices=PARALLEL,
+        "auto", "auto (none with one process; with several: ddp when one replica fits the "
+        "GPU by the planner's estimate, else fsdp), none, ddp (replicas), fsdp (FSDP2 shards)",
+        choices=PARALLEL,
         group="data parallel (under torchrun --nproc-per-node N)")
     dtype: str = setting("auto", "auto = bf16 on CUDA, float32 on CPU", choices=DTYPES,
                          group="run")
@@ -245,18 +244,17 @@ class TrainConfig:
         "(CUDA, one process; off: every step eager)", group="optimization")
     grad_checkpointing: bool = setting(False, "activation checkpointing of the decoder blocks",
                                        group="memory")
-    dense_optimizer: str | None = setting(
-        None, "update of embedding, lm_head and norms: adamw (bf16 states), adamw-kahan, "
-        "adamw-fp32-master, adamw8bit (torchao 8-bit states for embedding and lm_head) "
-        "(default: adamw8bit for poetx on 7B-13B presets, else adamw)",
+    dense_optimizer: str = setting(
+        "adamw", "update of embedding, lm_head and norms: adamw (bf16 states), adamw-kahan, "
+        "adamw-fp32-master, adamw8bit (torchao 8-bit states for embedding and lm_head)",
         choices=DENSE_OPTIMIZERS, group="memory")
     rotation_states: str = setting(
         "fp32", "Adam states of the rotations: fp32, or 8bit (with --dense-optimizer adamw8bit)",
         choices=ROTATION_STATES, group="memory")
-    step_in_backward: bool | None = setting(
-        None, "step embedding and lm_head inside backward (each clipped on its own), so "
-        "their gradients never coexist with the others (default: on for poetx on 7B-13B "
-        "presets with grad accum 1)", group="memory")
+    step_in_backward: bool = setting(
+        False, "step embedding and lm_head inside backward (each clipped on its own), so "
+        "their gradients never coexist with the others (one process, grad accum 1)",
+        group="memory")
     fit_check: bool = setting(
         True, "refuse a run that the memory planner predicts will not fit on the device",
         group="memory")
@@ -304,9 +302,6 @@ class TrainConfig:
             "save_every": d.save_every,
             "out": f"runs/{self.preset}-{self.optimizer}",
         }
-        lean = poetx_run and self.preset in LEAN_PRESETS
-        fill["dense_optimizer"] = "adamw8bit" if lean else "adamw"
-        fill["step_in_backward"] = lean and self.grad_accum == 1
         for name, value in fill.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)

@@ -19,6 +19,7 @@ import torch
 
 from poetx.atomic import write_json_atomic
 from poetx.model.llama import count_parameters
+from poetx.plan.fit import fits_replicated
 from poetx.train.config import TrainConfig
 from poetx.train.device import resolve_device, resolve_dtype
 from poetx.train.errors import NonFiniteError, TrainError, TrainInterrupted
@@ -135,8 +136,11 @@ def _train(cfg: TrainConfig, resume_from: Path | None, ctx: DistContext,
     device = resolve_device(device_name)
     dtype = resolve_dtype(cfg.dtype, device)
     dtype_name = str(dtype).removeprefix("torch.")
-    scheme = resolve_parallel(cfg.parallel, ctx)
-    if cfg.fit_check:
+    # auto: replicas (ddp) when one replica fits the device by the planner's estimate, else
+    # FSDP2 shards (fsdp).
+    fits = fits_replicated(cfg, device) if ctx.distributed and cfg.parallel == "auto" else None
+    scheme = resolve_parallel(cfg.parallel, ctx, fits)
+    if cfg.fit_check and scheme != "fsdp":  # the planner predicts one replica, not a shard
         _check_fits(cfg, device)
     with ctx.main_first():  # rank 0 cleans up the directory; the others then find it clean
         run_dir = _check_run_dir(cfg, resuming)

@@ -32,7 +32,8 @@ def loss_sum(model: nn.Module, batches: list[Tensor], device: torch.device,
     The sum stays on the device (one read at the end, and ranks can all-reduce it); each
     batch runs in pieces of at most ``micro_batch`` rows.
     """
-    scored = CausalLMWithLoss(model)
+    # An FSDP2-sharded CausalLMWithLoss must be called itself (its hooks gather the root).
+    scored = model if isinstance(model, CausalLMWithLoss) else CausalLMWithLoss(model)
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
     for batch in batches:

@@ -1,15 +1,21 @@
-"""Data parallelism for ``poetx train`` under ``torchrun``: one process group, one wrap.
+"""Data parallelism for ``poetx train`` under ``torchrun``: one process group, one scheme.
 
 ``torchrun --nproc-per-node N -m poetx.cli.main train ...`` sets ``WORLD_SIZE``, ``RANK`` and
 ``LOCAL_RANK``; :func:`init_distributed` reads them (a plain ``python -m`` run is world 1 and
-touches nothing of ``torch.distributed``). :func:`parallelize` is the one place where the
-training module is wrapped; the Trainer applies it and knows nothing else about DDP.
+touches nothing of ``torch.distributed``). The Trainer asks :func:`parallelize` for its module
+and, for ``ddp``, calls a :class:`GradientAllReduce` after the backward; it knows nothing else.
 
-What DDP synchronizes here: only the trainable parameters' gradients (skew parameters, norms,
-embeddings, ``lm_head``). The frozen ``W0`` (``requires_grad=False``) and every buffer
-(permutations, merge counters) are excluded from DDP's start-up broadcast and its per-forward
-buffer broadcast: every rank builds them from the same seeds and merges on the same step with
-the same seeded permutations, and :func:`check_ranks_agree` verifies that after each merge.
+``ddp`` (replicated data parallelism) is ours, not torch's ``DistributedDataParallel``: after
+the last micro-batch's backward, every trainable gradient and the loss are averaged in ONE
+all-reduce of one flat buffer. POET-X's trainable state (skew parameters, norms, embeddings,
+``lm_head``) is small, so overlapping buckets with the backward gains little, while a step
+without autograd hooks can be recorded whole, all-reduce included, as one CUDA graph (NCCL
+collectives are capturable after one eager call; DDP's reducer is not), which is what makes
+the step fast. The frozen ``W0`` and every buffer (permutations, merge counters) never cross:
+every rank builds them from the same seeds and merges on the same step with the same seeded
+permutations, and :func:`check_ranks_agree` verifies that after each merge.
+
+``fsdp`` shards parameters with FSDP2 (:mod:`poetx.train.fsdp`).
 """
 
 from __future__ import annotations
@@ -124,56 +130,92 @@ def shutdown_distributed(ctx: DistContext) -> None:
         dist.destroy_process_group()
 
 
-def resolve_parallel(parallel: str, ctx: DistContext) -> str:
+def resolve_parallel(parallel: str, ctx: DistContext, fits_replicated: bool | None = None) -> str:
     """The data-parallel scheme for ``--parallel`` in this world.
 
-    ``auto``: ``none`` in one process, else ``ddp`` (the model is replicated; FSDP2 sharding
-    is not implemented yet, so ``auto`` never picks it). ``ddp`` in one process is ``none``.
+    One process: always ``none``. ``auto`` with several: ``ddp`` (replicas, fastest) unless
+    ``fits_replicated`` is False (the planner's estimate of one replica's training memory
+    exceeds the device), then ``fsdp``; ``None`` (not known, e.g. on CPU) means ``ddp``.
     """
-    if parallel == "fsdp":
-        raise ValueError("parallel: fsdp (FSDP2 sharding) is not implemented yet; use ddp")
     if not ctx.distributed:
         return "none"
-    return "ddp"
+    if parallel in ("ddp", "fsdp"):
+        return parallel
+    if parallel == "none":
+        raise ValueError("parallel: none with several processes would train unsynchronized "
+                         "replicas; use ddp or fsdp")
+    return "fsdp" if fits_replicated is False else "ddp"
 
 
-def rank_local_state_names(module: nn.Module) -> list[str]:
-    """Names DDP must leave alone: parameters that never train (``W0``, its quantization
-    scales) and every buffer (permutations, merge counters, rotary tables)."""
-    frozen = [name for name, p in module.named_parameters() if not p.requires_grad]
-    return frozen + [name for name, _ in module.named_buffers()]
+def parallelize(module: nn.Module, scheme: str, ctx: DistContext) -> nn.Module:
+    """The training module for ``scheme``: ``module`` itself (``none``, ``ddp``: replicas whose
+    gradients :class:`GradientAllReduce` averages) or its FSDP2-sharded self (``fsdp``).
 
-
-def parallelize(module: nn.Module, scheme: str, device: torch.device) -> nn.Module:
-    """The training module for ``scheme``: ``module`` itself (``none``) or a DDP wrapper.
-
-    ``module`` computes the loss in its forward (``CausalLMWithLoss``), so DDP's reducer sees
-    every trainable parameter's gradient. Frozen parameters and all buffers are excluded from
-    DDP (no start-up broadcast, no per-forward buffer broadcast, the effect of
-    ``broadcast_buffers=False`` without its deprecation): nothing of ``W0`` ever crosses.
+    ``ddp`` starts every replica from rank 0's trainable parameters (they are built from the
+    same seeds already; the broadcast makes that a guarantee, as DDP's start-up broadcast).
     """
     if scheme == "none":
         return module
-    if scheme != "ddp":
-        raise ValueError(f"parallelize: unknown scheme {scheme!r}")
-    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-        module, rank_local_state_names(module)
-    )
-    device_ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+    if scheme == "ddp":
+        if ctx.distributed:
+            with torch.no_grad():
+                for p in module.parameters():
+                    if p.requires_grad:
+                        dist.broadcast(p.data, src=0)
+        return module
+    if scheme == "fsdp":
+        from poetx.train.fsdp import shard_model
+
+        return shard_model(module)
+    raise ValueError(f"parallelize: unknown scheme {scheme!r}")
 
 
-def no_sync(module: nn.Module, last: bool) -> contextlib.AbstractContextManager:
-    """DDP's ``no_sync`` on every micro-batch but the ``last`` (gradients accumulate locally
-    and are all-reduced once); a plain context elsewhere."""
-    if last or not isinstance(module, nn.parallel.DistributedDataParallel):
-        return contextlib.nullcontext()
-    return module.no_sync()
+class GradientAllReduce:
+    """Average the gradients of ``params`` and a loss over the ranks: one all-reduce.
+
+    Call after the backward of the step's last micro-batch; returns the mean loss (0-d). No
+    host synchronization and fixed shapes, so it can be recorded in a CUDA graph with the
+    rest of the step. The flat buffer is float32 (float64 when a parameter is float64):
+    bf16 gradients are summed in float32 and rounded once, as a float32 ``reduce_dtype``.
+    A parameter without a gradient on this step contributes zeros (every rank sends the same
+    layout). World 1: returns ``loss`` and touches nothing.
+    """
+
+    def __init__(self, params: list[nn.Parameter], ctx: DistContext) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        self.ctx = ctx
+        self.reduce_dtype = (torch.float64 if any(p.dtype == torch.float64 for p in self.params)
+                             else torch.float32)
+        self.numels = [p.numel() for p in self.params]
+
+    @torch.no_grad()
+    def __call__(self, loss: Tensor) -> Tensor:
+        if not self.ctx.distributed:
+            return loss
+        grads = []
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        flat = torch.cat([g.reshape(-1).to(self.reduce_dtype) for g in grads]
+                         + [loss.detach().reshape(1).to(self.reduce_dtype)])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat.div_(self.ctx.world)
+        pieces = [piece.view_as(g) for piece, g in zip(flat[:-1].split(self.numels), grads,
+                                                       strict=True)]
+        same = [i for i, g in enumerate(grads) if g.dtype == self.reduce_dtype]
+        if same:
+            torch._foreach_copy_([grads[i] for i in same], [pieces[i] for i in same])
+        for i, g in enumerate(grads):
+            if g.dtype != self.reduce_dtype:  # bf16 gradients: rounded once, here
+                g.copy_(pieces[i])
+        return flat[-1].to(loss.dtype)
 
 
 @torch.no_grad()
 def frozen_fingerprint(model: nn.Module, rows: int = 2) -> str:
-    """A hash of the first ``rows`` rows of each POET layer's ``W0`` and its permutations.
+    """A hash of the first ``rows`` rows of each POET layer's ``W0`` (unless sharded) and its
+    permutations.
 
     Cheap (a few KiB per layer leave the device) and sensitive to any difference a merge could
     make: wrong permutations or a diverged ``W0`` change the bytes.
@@ -181,7 +223,10 @@ def frozen_fingerprint(model: nn.Module, rows: int = 2) -> str:
     digest = hashlib.sha256()
     for name, layer in poet_layers(model):
         digest.update(name.encode())
-        for t in (layer.w0[:rows], layer.perm_in, layer.perm_out, layer.merge_count):
+        # A sharded W0 (fsdp) is one copy split over the ranks, not replicas: only the
+        # permutations and counters, which every rank holds whole, must agree.
+        w0 = [] if hasattr(layer.w0, "to_local") else [layer.w0[:rows]]
+        for t in (*w0, layer.perm_in, layer.perm_out, layer.merge_count):
             digest.update(t.detach().reshape(-1).cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 

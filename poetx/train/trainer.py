@@ -5,8 +5,9 @@ every micro-batch, gradient norm and clipping, the NaN/inf decision and the opti
 with no host synchronization (no ``.item()``, no branch on a device value). A step with a
 non-finite loss or gradient norm is skipped on the device: the fused AdamW reads
 ``optimizer.found_inf`` and neither moves a parameter nor counts the step. That makes the step
-something CUDA graphs, ``torch.compile`` or DDP can wrap from outside (``self.step_fn``; on
-one CUDA device it is replayed as a CUDA graph, ``cfg.cuda_graphs``).
+something CUDA graphs or ``torch.compile`` can wrap from outside (``self.step_fn``; on CUDA
+it is replayed as a CUDA graph, ``cfg.cuda_graphs``, also under ``ddp``, where the one gradient
+all-reduce of the step is part of the graph; not under ``fsdp``).
 
 Between steps, in :meth:`Trainer.fit`: the learning-rate schedule (written in place into device
 tensors), the merge schedule, evaluation, checkpoints, and reading the step metrics, which
@@ -17,6 +18,7 @@ non-finite step seen there still stops the run naming that step (or is logged as
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
@@ -29,7 +31,7 @@ from torch import Tensor, nn
 
 from poetx import MergeSchedule, make_optimizer
 from poetx.model.causal_lm import CausalLMWithLoss
-from poetx.model.wrap import rotation_norm_max
+from poetx.model.wrap import merge_all_, rotation_norm_max
 from poetx.optim.clip import DeviceGradClip
 from poetx.optim.in_backward import StepInBackward, embedding_and_head
 from poetx.optim.optimizer import DECAY_GROUP, POET_GROUP
@@ -45,9 +47,10 @@ from poetx.train.checkpoint import (
 from poetx.train.config import TrainConfig
 from poetx.train.errors import NonFiniteError, TrainError, TrainInterrupted
 from poetx.train.evaluate import evaluate
+from poetx.train.fsdp import full_model_state, full_optimizer_state, merge_sharded_
 from poetx.train.loss import batch_tokens, compute_loss
 from poetx.train.metrics import MetricsLogger, Progress, peak_memory_gib
-from poetx.train.parallel import DistContext, check_ranks_agree, no_sync, parallelize
+from poetx.train.parallel import DistContext, GradientAllReduce, check_ranks_agree, parallelize
 from poetx.train.run_dir import CHECKPOINT_DIR
 from poetx.train.schedule import build_scheduler, load_scheduler_state, scheduler_state
 
@@ -129,7 +132,8 @@ class Trainer:
         model: the causal LM (already wrapped by ``poetx.wrap`` for a poetx run) on ``device``.
         data: a ``DataBundle`` whose ``train`` batches hold the *global* batch
             (``batch_size x grad_accum x world`` rows); each rank takes its contiguous share.
-        ctx: this process's place in the data-parallel world; scheme: ``none`` or ``ddp``.
+        ctx: this process's place in the data-parallel world; scheme: ``none``, ``ddp``
+            (replicas, one gradient all-reduce per step) or ``fsdp`` (FSDP2 shards).
     """
 
     def __init__(self, cfg: TrainConfig, model: nn.Module, data, device: torch.device,
@@ -145,15 +149,20 @@ class Trainer:
                              f"is {self.global_batch}")
         self.tokens_per_step = self.global_batch * cfg.seq_len
         # The loss lives in the wrapped module's forward, so DDP sees the whole computation.
+        self.scheme = scheme
         self.loss_module = CausalLMWithLoss(model)
-        self.train_module = parallelize(self.loss_module, scheme, device)
+        self.train_module = parallelize(self.loss_module, scheme, self.ctx)
+        if scheme == "fsdp" and device.type == "cuda":
+            # Each rank built the whole model before sharding it: count the peak from here.
+            torch.cuda.reset_peak_memory_stats(device)
         # Fused AdamW: one kernel per device and dtype, a device-side skip (found_inf), an lr
         # tensor; it runs on CPU too, so the CPU suite tests the same update as the GPU runs.
-        # One CUDA graph per step where it applies (a DDP step's hooks are not captured).
-        # Only torch's fused AdamW (bf16 dense states, float32 rotation states) is capturable;
-        # the other dense optimizers run eager steps.
+        # One CUDA graph per step where it applies: one process, or replicas (the gradient
+        # all-reduce is recorded in the graph); FSDP2's hooks are not captured. Only torch's
+        # fused AdamW (bf16 dense states, float32 rotation states) is capturable; the other
+        # dense optimizers run eager steps.
         capturable_optimizer = cfg.dense_optimizer == "adamw" and cfg.rotation_states == "fp32"
-        self.graphs = (cfg.cuda_graphs and device.type == "cuda" and not self.ctx.distributed
+        self.graphs = (cfg.cuda_graphs and device.type == "cuda" and scheme != "fsdp"
                        and capturable_optimizer)
         self.optimizer = make_optimizer(model, lr=cfg.lr, poet_lr=cfg.poet_lr,
                                         weight_decay=cfg.weight_decay, fused=True,
@@ -162,9 +171,13 @@ class Trainer:
                                         rotation_8bit=cfg.rotation_states == "8bit")
         self.scheduler = build_scheduler(self.optimizer, cfg.warmup_steps, cfg.steps,
                                          cfg.min_lr_ratio)
+        # Sharded layers merge one at a time, gathered (poetx.train.fsdp).
+        merge_fn = merge_sharded_ if scheme == "fsdp" else merge_all_
         self.merge = (MergeSchedule(model, self.optimizer, cfg.poet, cfg.clip_warmup_steps,
-                                    cfg.clip_warmup_start) if cfg.optimizer == "poetx" else None)
+                                    cfg.clip_warmup_start, merge=merge_fn)
+                      if cfg.optimizer == "poetx" else None)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.grad_sync = GradientAllReduce(self.params, self.ctx) if scheme == "ddp" else None
         self._group_index = {g.get("name"): i for i, g in enumerate(self.optimizer.param_groups)}
         # Learning rates as device tensors, updated in place by the scheduler (a captured step
         # keeps reading the same memory).
@@ -223,14 +236,16 @@ class Trainer:
         micro = batch.shape[0]
         total: Tensor | None = None
         for k in range(micro):
-            with no_sync(self.train_module, last=k == micro - 1):
-                loss = compute_loss(self.train_module, batch[k])
-                if self.in_backward is not None:
-                    self.in_backward.begin(loss)
-                (loss / micro if micro > 1 else loss).backward()
+            loss = compute_loss(self.train_module, batch[k])
+            if self.in_backward is not None:
+                self.in_backward.begin(loss)
+            (loss / micro if micro > 1 else loss).backward()
             total = loss.detach() if total is None else total + loss.detach()
         loss = total / micro if micro > 1 else total
-        if self.ctx.distributed:
+        # Gradients accumulate locally over the micro-batches and cross once, here.
+        if self.grad_sync is not None:
+            loss = self.grad_sync(loss)
+        elif self.ctx.distributed:  # fsdp: gradients were reduce-scattered in the backward
             loss = self.ctx.all_reduce_sum(loss.clone()) / self.ctx.world
         grad_norm = self.clip(self.in_backward.sq_norm if self.in_backward is not None else None)
         # Same on every rank: the loss is all-reduced and the gradients are. A NaN loss with
@@ -238,8 +253,18 @@ class Trainer:
         nonfinite = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
         self.clip.found_inf.copy_(nonfinite)
         self.phase = "update"
-        self.optimizer.step()
+        with self._optimizer_context():
+            self.optimizer.step()
         return {"loss": loss, "grad_norm": grad_norm, "nonfinite": nonfinite}
+
+    def _optimizer_context(self) -> contextlib.AbstractContextManager:
+        # Sharded (DTensor) parameters meet plain 0-d tensors in the fused step (lr,
+        # grad_scale, found_inf, step counts): they are the same on every rank, i.e. replicated.
+        if self.scheme == "fsdp":
+            from torch.distributed.tensor.experimental import implicit_replication
+
+            return implicit_replication()
+        return contextlib.nullcontext()
 
     def load_batch(self, step: int) -> Tensor:
         """Copy this rank's rows of global batch ``step`` (0-based) into ``self.batch``."""
@@ -419,7 +444,7 @@ class _Fit:
 
     # between steps --------------------------------------------------------------------------
     def run_eval(self, at: int) -> dict[str, float]:
-        result = evaluate(self.t.model, self.t.data.val, self.t.device, self.cfg.eval_batches,
+        result = evaluate(self.t.loss_module, self.t.data.val, self.t.device, self.cfg.eval_batches,
                           ctx=self.t.ctx, micro_batch=self.cfg.batch_size)
         self.logger.log({"type": "eval", "step": at, **result, "tokens": self.t.tokens})
         if self.main:
@@ -429,13 +454,19 @@ class _Fit:
         return result
 
     def save(self, at: int) -> Path | None:
-        """Rank 0 writes the checkpoint of step ``at``; every rank waits for it."""
+        """Rank 0 writes the checkpoint of step ``at``; every rank waits for it. A sharded
+        (fsdp) run first gathers the whole state, every rank taking part."""
         path = None
+        model_state = optimizer_state = None
+        if self.t.scheme == "fsdp":
+            model_state = full_model_state(self.t.model)
+            optimizer_state = full_optimizer_state(self.t.optimizer)
         if self.main:
             self.saving = True
             path = save_checkpoint(self.ckpt_root, at, self.t.model, self.t.optimizer,
                                    self.t.checkpoint_state(self.dtype_name),
-                                   keep_last=self.cfg.keep_last)
+                                   keep_last=self.cfg.keep_last, model_state=model_state,
+                                   optimizer_state=optimizer_state)
             self.saving = False
             self.logger.event(at, "checkpoint", str(path))
             self.progress.write(f"step {at}: saved {path}")

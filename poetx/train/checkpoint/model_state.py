@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 from poetx.train.checkpoint.format import (
@@ -14,6 +13,7 @@ from poetx.train.checkpoint.format import (
     open_safetensors,
     short_list,
 )
+from poetx.train.fsdp import copy_full_into
 
 
 def dedup_tensors(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -79,8 +79,7 @@ def load_model_state(path: str | Path, model: nn.Module) -> None:
                     f"{fpath}: tensor {name!r} is {src.dtype}, the model expects {dest.dtype} "
                     f"(another w0_format?)"
                 )
-            with torch.no_grad():
-                dest.copy_(src)
+            copy_full_into(dest, src.to(dest.dtype))  # a sharded (FSDP2) dest takes its rows
 
 
 def checkpoint_vocab_size(checkpoint: Path) -> int:

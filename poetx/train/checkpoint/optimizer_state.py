@@ -7,8 +7,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from poetx.train.checkpoint.format import OPTIMIZER_FILE, CheckpointError, read_tensors
+from poetx.train.fsdp import shard_like
 
 
 def _json_value(value: Any) -> Any:
@@ -19,10 +21,11 @@ def _json_value(value: Any) -> Any:
 
 
 def optimizer_to_tensors(
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer, sd: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """``(tensors under "state.<param index>.<name>", JSON-safe groups and scalar values)``."""
-    sd = optimizer.state_dict()
+    """``(tensors under "state.<param index>.<name>", JSON-safe groups and scalar values)``
+    of ``optimizer.state_dict()`` (or of ``sd``, a state dict of it gathered whole)."""
+    sd = optimizer.state_dict() if sd is None else sd
     tensors: dict[str, Tensor] = {}
     values: dict[str, Any] = {}
     for idx, pstate in sd["state"].items():
@@ -61,6 +64,8 @@ def load_optimizer_state(path: str | Path, optimizer: torch.optim.Optimizer,
                 f"{fpath}: optimizer state {key!r} has shape {tuple(tensor.shape)}, the "
                 f"parameter has {tuple(params[i].shape)}"
             )
+        if isinstance(params[i], DTensor) and tensor.ndim:  # FSDP2: this rank's rows
+            tensor = shard_like(tensor, params[i])
         per_param.setdefault(i, {})[name] = tensor
     for key, value in meta.get("values", {}).items():
         idx, name = key.split(".", 1)

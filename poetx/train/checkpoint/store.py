@@ -52,12 +52,16 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
     keep_last: int | None = None,
+    model_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write the checkpoint of ``step`` under ``root`` atomically; returns its folder.
 
     ``state`` holds the JSON-safe rest (config, data position, schedules). With ``keep_last``,
     older checkpoints beyond the newest ``keep_last`` are deleted, only after this one is in
-    place. On any failure the temporary folder is removed and ``CheckpointError`` raised (a
+    place. ``model_state`` / ``optimizer_state``: the state dicts to write instead of
+    ``model.state_dict()`` / ``optimizer.state_dict()`` (a sharded run's, gathered whole).
+ On any failure the temporary folder is removed and ``CheckpointError`` raised (a
     ``KeyboardInterrupt`` is re-raised after the clean-up).
     """
     root = Path(root)
@@ -68,10 +72,11 @@ def save_checkpoint(
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        model_tensors, aliases = dedup_tensors(model.state_dict())
+        model_tensors, aliases = dedup_tensors(
+            model.state_dict() if model_state is None else model_state)
         _write_tensors(tmp / MODEL_FILE, model_tensors,
                        {"format": FORMAT, "aliases": json.dumps(aliases)})
-        opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
+        opt_tensors, opt_meta = optimizer_to_tensors(optimizer, optimizer_state)
         _write_tensors(tmp / OPTIMIZER_FILE, opt_tensors, {"format": FORMAT})
         rng_tensors, rng_meta = capture_rng()
         _write_tensors(tmp / RNG_FILE, rng_tensors, {"format": FORMAT})
