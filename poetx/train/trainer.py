@@ -164,9 +164,15 @@ class Trainer:
         capturable_optimizer = cfg.dense_optimizer == "adamw" and cfg.rotation_states == "fp32"
         self.graphs = (cfg.cuda_graphs and device.type == "cuda" and scheme != "fsdp"
                        and capturable_optimizer)
+        # Eager CUDA steps use the capturable kernel too: its update rounds differently from
+        # the non-capturable one (lr and bias correction as float32 device values), so with
+        # it --no-cuda-graphs replays the captured run's numbers (measured: bitwise equal over
+        # the first steps, bench/results/capture_diff.md) instead of drifting apart from step 2.
+        capturable = self.graphs or (device.type == "cuda" and scheme != "fsdp"
+                                     and capturable_optimizer)
         self.optimizer = make_optimizer(model, lr=cfg.lr, poet_lr=cfg.poet_lr,
                                         weight_decay=cfg.weight_decay, fused=True,
-                                        capturable=self.graphs,
+                                        capturable=capturable,
                                         dense_optimizer=cfg.dense_optimizer,
                                         rotation_8bit=cfg.rotation_states == "8bit")
         self.scheduler = build_scheduler(self.optimizer, cfg.warmup_steps, cfg.steps,
