@@ -17,6 +17,16 @@ from pathlib import Path
 
 ENV_VAR = "POETX_DATA_DIR"
 DEFAULT_CACHE_DIR = Path("~/.cache/poetx")
+_HASH_CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (downloads, token files, checkpoints)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def resolve_cache_dir(cache_dir: Path | str | None = None) -> Path:

