@@ -312,6 +312,21 @@ def test_check_fits_names_a_setting_that_fits():
     assert check_fits(cfg, "cpu") is None
 
 
+@pytest.mark.parametrize("grad_accum, distributed", [(2, False), (1, True)])
+def test_check_fits_suggests_no_step_in_backward_where_the_trainer_refuses_it(grad_accum,
+                                                                              distributed):
+    cfg = TrainConfig(preset="llama-8b", seq_len=1024, batch_size=1, grad_accum=grad_accum,
+                      out="unused", poet={"block_size": 256, "mode": "fast"})
+    with pytest.raises(ValueError) as info:
+        check_fits(cfg, "cuda:0", budget_bytes=24 * GIB, distributed=distributed)
+    suggested = str(info.value).split("this fits: ")[1].split(" (predicted")[0]
+    assert "--no-step-in-backward" in suggested and "--grad-checkpointing" in suggested
+    fits = plan("llama-8b", 1024, 1, Setting(mode="mem", checkpointing=True,
+                                             dense_optimizer="adamw8bit",
+                                             rotation_states="8bit"))
+    assert fits.required_bytes() <= 24 * GIB
+
+
 def test_check_fits_suggests_a_smaller_batch_or_says_nothing_fits():
     cfg = TrainConfig(preset="llama-3b", seq_len=2048, batch_size=8, out="unused",
                       optimizer="poetx", poet={"mode": "fast"})

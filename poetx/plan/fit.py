@@ -82,10 +82,12 @@ def device_budget(device: Any) -> int | None:
 
 def fitting_settings(preset: str, seq_len: int, batch_size: int, budget: int,
                      current: Setting, vocab_size: int | None = None,
-                     dtype_bytes: int = 2) -> list[MemoryPlan]:
+                     dtype_bytes: int = 2, step_in_backward: bool = True) -> list[MemoryPlan]:
     """Settings whose requirement fits ``budget`` bytes, largest peak first (the largest that
     fits usually trades the least speed): the standard ones at the current block size and
-    dense-parameter optimizer, and the current one with checkpointing."""
+    dense-parameter optimizer, and the current one with checkpointing. ``step_in_backward``:
+    whether the lean settings may step embedding and head inside backward (not with gradient
+    accumulation or several processes, where the Trainer refuses it)."""
     keep = {"dense_optimizer": current.dense_optimizer, "rotation_states":
             current.rotation_states, "step_in_backward": current.step_in_backward,
             "w0_residual": current.w0_residual, "cuda_graphs": current.cuda_graphs}
@@ -95,7 +97,8 @@ def fitting_settings(preset: str, seq_len: int, batch_size: int, budget: int,
     # the memory options, on the current setting and on the leanest one
     bases = (current, replace(current, checkpointing=True, mode="mem"),
              replace(current, checkpointing=True, mode="mem", w0_format="int8"))
-    lean = [replace(s, dense_optimizer="adamw8bit", step_in_backward=True, cuda_graphs=False,
+    lean = [replace(s, dense_optimizer="adamw8bit", step_in_backward=step_in_backward,
+                    cuda_graphs=False,
                     rotation_states=r)
             for s in bases for r in ("fp32", "8bit")] if current.optimizer == "poetx" else []
     candidates += lean
@@ -128,10 +131,13 @@ def fits_replicated(cfg: Any, device: Any) -> bool | None:
     return mine.required_bytes() <= budget
 
 
-def check_fits(cfg: Any, device: Any, budget_bytes: int | None = None) -> MemoryPlan | None:
+def check_fits(cfg: Any, device: Any, budget_bytes: int | None = None,
+               distributed: bool = False) -> MemoryPlan | None:
     """Raise ``ValueError`` when the run of ``cfg`` (a ``TrainConfig``) cannot fit on ``device``.
 
-    ``budget_bytes`` overrides the device's (see :func:`device_budget`). Returns the plan of the
+    ``budget_bytes`` overrides the device's (see :func:`device_budget`); ``distributed``: the
+    run has several processes (then, as with gradient accumulation, no suggestion steps in
+    backward, which the Trainer would refuse). Returns the plan of the
     run, or ``None`` when there is nothing to check (CPU, or a float32 run). The error names the
     predicted need, the budget and a setting that fits (or a smaller batch that does).
     """
@@ -147,8 +153,9 @@ def check_fits(cfg: Any, device: Any, budget_bytes: int | None = None) -> Memory
     what = (f"{cfg.preset}, batch {cfg.batch_size} x seq {cfg.seq_len}, {current.name}: "
             f"predicted peak {mine.peak_gib:.1f} GiB ({mine.required_bytes() / GIB:.1f} GiB with "
             f"CUDA context and allocator margin), but {device} has {budget / GIB:.1f} GiB")
+    in_backward_ok = getattr(cfg, "grad_accum", 1) == 1 and not distributed
     fits = fitting_settings(cfg.preset, cfg.seq_len, cfg.batch_size, budget, current,
-                            cfg.vocab_size, dtype_bytes)
+                            cfg.vocab_size, dtype_bytes, in_backward_ok)
     if fits:
         best = fits[0]
         raise ValueError(f"{what}; this fits: {flags_of(best.setting)} "
@@ -156,7 +163,7 @@ def check_fits(cfg: Any, device: Any, budget_bytes: int | None = None) -> Memory
     batch = cfg.batch_size // 2
     while batch >= 1:
         smaller = fitting_settings(cfg.preset, cfg.seq_len, batch, budget, current,
-                                   cfg.vocab_size, dtype_bytes)
+                                   cfg.vocab_size, dtype_bytes, in_backward_ok)
         if smaller:
             raise ValueError(f"{what}; no setting fits at this batch size; "
                              f"--batch-size {batch} {flags_of(smaller[0].setting)} does "

@@ -111,14 +111,14 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> RunResult:
         shutdown_distributed(ctx)
 
 
-def _check_fits(cfg: TrainConfig, device: torch.device) -> None:
+def _check_fits(cfg: TrainConfig, device: torch.device, distributed: bool) -> None:
     """Refuse, before anything is allocated, a run the planner predicts will not fit."""
     from poetx.plan.fit import check_fits
     from poetx.plan.memory import GIB
 
     budget = None if cfg.gpu_mem is None else int(cfg.gpu_mem * GIB)
     try:
-        check_fits(cfg, device, budget)
+        check_fits(cfg, device, budget, distributed)
     except ValueError as e:
         raise TrainError(f"{e} (--no-fit-check runs it anyway)") from None
 
@@ -141,7 +141,7 @@ def _train(cfg: TrainConfig, resume_from: Path | None, ctx: DistContext,
     fits = fits_replicated(cfg, device) if ctx.distributed and cfg.parallel == "auto" else None
     scheme = resolve_parallel(cfg.parallel, ctx, fits)
     if cfg.fit_check and scheme != "fsdp":  # the planner predicts one replica, not a shard
-        _check_fits(cfg, device)
+        _check_fits(cfg, device, ctx.distributed)
     with ctx.main_first():  # rank 0 cleans up the directory; the others then find it clean
         run_dir = _check_run_dir(cfg, resuming)
     global_batch = cfg.batch_size * cfg.grad_accum * ctx.world
