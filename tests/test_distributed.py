@@ -160,6 +160,25 @@ def reference(dp_corpus, tmp_path_factory):
     return out
 
 
+def _two_process_run(corpus, root, **settings_kw):
+    """Two processes, 2 micro-batches of 1 each, batched rotation builds: the run dir and each
+    rank's final state."""
+    out = root / "run"
+    settings = _settings(corpus, out, batch_size=1, grad_accum=2, **settings_kw)
+    settings["poet"] = {**settings["poet"], "batch_rotations": "on"}
+    _spawn(settings, str(root / "state"))
+    return out, [torch.load(root / f"state.{r}") for r in range(2)]
+
+
+def _assert_losses_and_evals_match(out, reference) -> None:
+    losses, ref = _losses(out), _losses(reference)
+    assert len(losses) == STEPS_DP
+    # measured: at most 1.9e-6 apart (summation order of the all-reduce and accumulation)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref), rtol=2e-5, atol=0)
+    torch.testing.assert_close(torch.tensor(_evals(out)), torch.tensor(_evals(reference)),
+                               rtol=2e-5, atol=0)
+
+
 @pytest.fixture(scope="module")
 def ddp_run(dp_corpus, tmp_path_factory):
     """Two processes, each 2 micro-batches of 1 (global batch 4, as the reference): ddp and
@@ -167,23 +186,13 @@ def ddp_run(dp_corpus, tmp_path_factory):
     micro-batch), rotation blocks built per decoder block (``batch_rotations="on"``; the
     reference builds them layer by layer: the skew gradients must reach the all-reduce the
     same). Returns the run dir and each rank's final state."""
-    root = tmp_path_factory.mktemp("ddp")
-    out = root / "run"
-    settings = _settings(dp_corpus, out, batch_size=1, grad_accum=2)
-    settings["poet"] = {**settings["poet"], "batch_rotations": "on"}
-    _spawn(settings, str(root / "state"))
-    return out, [torch.load(root / f"state.{r}") for r in range(2)]
+    return _two_process_run(dp_corpus, tmp_path_factory.mktemp("ddp"))
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
 def test_ddp_train_matches_one_process_and_ranks_agree(reference, ddp_run):
     out, states = ddp_run
-    losses, ref = _losses(out), _losses(reference)
-    assert len(losses) == STEPS_DP
-    # measured: at most 1.9e-6 apart (summation order of the all-reduce and accumulation)
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref), rtol=2e-5, atol=0)
-    torch.testing.assert_close(torch.tensor(_evals(out)), torch.tensor(_evals(reference)),
-                               rtol=2e-5, atol=0)
+    _assert_losses_and_evals_match(out, reference)
     merges = {k: int(v) for k, v in states[0].items() if k.endswith("merge_count")}
     assert merges and set(merges.values()) == {STEPS_DP // MERGE_DP}
     for key, value in states[0].items():  # W0, permutations and trained parameters alike
@@ -279,24 +288,15 @@ def fsdp_run(dp_corpus, tmp_path_factory):
     """Two processes sharding the model with FSDP2, global batch 4 as the reference (1 x 2
     micro-batches each), batched rotation builds. Returns the run dir and each rank's final
     state."""
-    root = tmp_path_factory.mktemp("fsdp")
-    out = root / "run"
-    settings = _settings(dp_corpus, out, batch_size=1, grad_accum=2, parallel="fsdp")
     # As on CUDA: the rotation blocks of a decoder block built in one call, inside the one
     # FSDP2 group that holds the block's POET layers.
-    settings["poet"] = {**settings["poet"], "batch_rotations": "on"}
-    _spawn(settings, str(root / "state"))
-    return out, [torch.load(root / f"state.{r}") for r in range(2)]
+    return _two_process_run(dp_corpus, tmp_path_factory.mktemp("fsdp"), parallel="fsdp")
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
 def test_fsdp_train_matches_one_process(reference, fsdp_run):
     out, states = fsdp_run
-    losses, ref = _losses(out), _losses(reference)
-    assert len(losses) == STEPS_DP
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref), rtol=2e-5, atol=0)
-    torch.testing.assert_close(torch.tensor(_evals(out)), torch.tensor(_evals(reference)),
-                               rtol=2e-5, atol=0)
+    _assert_losses_and_evals_match(out, reference)
     config = json.loads((out / "config.json").read_text())
     assert config["derived"]["parallel"] == "fsdp"
 
