@@ -30,8 +30,9 @@ import torch
 from torch import Tensor, nn
 
 from poetx import MergeSchedule, make_optimizer
+from poetx.layers.rotation_groups import AccumulatedRotations
 from poetx.model.causal_lm import CausalLMWithLoss
-from poetx.model.wrap import merge_all_, rotation_norm_max
+from poetx.model.wrap import merge_all_, poet_layers, rotation_norm_max
 from poetx.optim.clip import DeviceGradClip
 from poetx.optim.in_backward import StepInBackward, embedding_and_head
 from poetx.optim.optimizer import DECAY_GROUP, POET_GROUP
@@ -183,6 +184,7 @@ class Trainer:
                                     cfg.clip_warmup_start, merge=merge_fn)
                       if cfg.optimizer == "poetx" else None)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.poet_layers = [layer for _, layer in poet_layers(model)]
         self.grad_sync = GradientAllReduce(self.params, self.ctx) if scheme == "ddp" else None
         self._group_index = {g.get("name"): i for i, g in enumerate(self.optimizer.param_groups)}
         # Learning rates as device tensors, updated in place by the scheduler (a captured step
@@ -241,12 +243,16 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         micro = batch.shape[0]
         total: Tensor | None = None
-        for k in range(micro):
-            loss = compute_loss(self.train_module, batch[k])
-            if self.in_backward is not None:
-                self.in_backward.begin(loss)
-            (loss / micro if micro > 1 else loss).backward()
-            total = loss.detach() if total is None else total + loss.detach()
+        # The rotation blocks are built once for all micro-batches and differentiated once, in
+        # the last micro-batch's backward (so before the all-reduce, and inside FSDP2's hooks).
+        with AccumulatedRotations(self.poet_layers, micro) as rotations:
+            for k in range(micro):
+                rotations.micro_batch(k)
+                loss = compute_loss(self.train_module, batch[k])
+                if self.in_backward is not None:
+                    self.in_backward.begin(loss)
+                (loss / micro if micro > 1 else loss).backward()
+                total = loss.detach() if total is None else total + loss.detach()
         loss = total / micro if micro > 1 else total
         # Gradients accumulate locally over the micro-batches and cross once, here.
         if self.grad_sync is not None:
