@@ -44,11 +44,12 @@ from poetx.train.checkpoint import (
     read_state,
     restore_rng,
     save_checkpoint,
+    save_sharded_checkpoint,
 )
 from poetx.train.config import TrainConfig
 from poetx.train.errors import NonFiniteError, TrainError, TrainInterrupted
 from poetx.train.evaluate import evaluate
-from poetx.train.fsdp import full_model_state, full_optimizer_state, merge_sharded_
+from poetx.train.fsdp import merge_sharded_
 from poetx.train.loss import batch_tokens, compute_loss
 from poetx.train.metrics import MetricsLogger, Progress, peak_memory_gib
 from poetx.train.parallel import DistContext, GradientAllReduce, check_ranks_agree, parallelize
@@ -466,23 +467,24 @@ class _Fit:
         return result
 
     def save(self, at: int) -> Path | None:
-        """Rank 0 writes the checkpoint of step ``at``; every rank waits for it. A sharded
-        (fsdp) run first gathers the whole state, every rank taking part."""
+        """Write the checkpoint of step ``at``; every rank waits for it. A sharded (fsdp) run
+        saves sharded, every rank writing its own shards; otherwise rank 0 writes it."""
         path = None
-        model_state = optimizer_state = None
-        if self.t.scheme == "fsdp":
-            model_state = full_model_state(self.t.model)
-            optimizer_state = full_optimizer_state(self.t.optimizer)
+        t = self.t
+        self.saving = True
+        if t.scheme == "fsdp":
+            path = save_sharded_checkpoint(self.ckpt_root, at, t.model, t.optimizer,
+                                           t.checkpoint_state(self.dtype_name), t.ctx,
+                                           keep_last=self.cfg.keep_last)
+        elif self.main:
+            path = save_checkpoint(self.ckpt_root, at, t.model, t.optimizer,
+                                   t.checkpoint_state(self.dtype_name),
+                                   keep_last=self.cfg.keep_last)
+        self.saving = False
         if self.main:
-            self.saving = True
-            path = save_checkpoint(self.ckpt_root, at, self.t.model, self.t.optimizer,
-                                   self.t.checkpoint_state(self.dtype_name),
-                                   keep_last=self.cfg.keep_last, model_state=model_state,
-                                   optimizer_state=optimizer_state)
-            self.saving = False
             self.logger.event(at, "checkpoint", str(path))
             self.progress.write(f"step {at}: saved {path}")
-        self.t.ctx.barrier()
+        t.ctx.barrier()
         self.last_saved, self.last_saved_step = path or self.ckpt_root / checkpoint_name(at), at
         return self.last_saved
 
