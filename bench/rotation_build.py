@@ -8,8 +8,7 @@ sides (chunks of ``CHUNK_BLOCKS`` blocks). Times are per decoder block and scale
 ``extra_mib`` is the peak memory of one call above what its inputs and outputs hold.
 ``--precisions`` sets the product precision (``POETX_CAYLEY_PRECISION``; bf16 stores the dense
 operands in bf16) and gives each precision's relative error against float64 on the first side
-(blocks and skew gradient); ``--tiles`` caps the kernels' tile (``auto``: 128 where it divides
-the block size).
+(blocks and skew gradient); ``--tiles`` caps the kernels' tile (``auto``: the kernels' default).
 
     python -m bench.rotation_build --out bench/results/rotation_build.json
 """

@@ -232,8 +232,8 @@ def _theta_with_norm(nb: int, b: int, q_norm: float, device="cpu") -> torch.Tens
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
 def test_cayley_interpreted_tiles(interp, monkeypatch, b, nb, valid, cap, tile_w, tiles,
                                   precision):
-    """The fast path's larger tiles (the compiled default is 128 where ``128 | b``), padded
-    last blocks included. ``tf32`` runs float32 products here (float32-exact); ``bf16``
+    """The fast path's tile shapes (the compiled default is 64; 128 on request), padded last
+    blocks included. ``tf32`` runs float32 products here (float32-exact); ``bf16``
     stores the operands in bf16 and stays inside the bound of
     ``test_cayley_interpreted_bf16_products``; a bf16 build gets bf16 products by default."""
     _, cn = interp
@@ -349,11 +349,11 @@ CAYLEY_GPU_SHAPES = [(256, 16, None), (512, 28, None), (256, 11, 176), (100, 3, 
 @gpu
 @pytest.mark.parametrize("b,nb,valid", CAYLEY_GPU_SHAPES)
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("tile", [None, 64])
+@pytest.mark.parametrize("tile", [128, None])
 def test_cayley_gpu(monkeypatch, b, nb, valid, out_dtype, tile):
     """Default precisions (bf16 products for a bf16 build and its backward, tf32x3 / tf32 for
     float32) at ``||Q||_F = 1``, the default merge guard; ``tile``: the fast path's tile cap
-    (None: 128 where ``128 | b``)."""
+    (None: the default, 64)."""
     from poetx.kernels import cayley_neumann as cn
 
     monkeypatch.delenv("POETX_CAYLEY_PRECISION", raising=False)
@@ -375,7 +375,7 @@ def test_cayley_gpu(monkeypatch, b, nb, valid, out_dtype, tile):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("b,nb,valid", CAYLEY_GPU_SHAPES)
-@pytest.mark.parametrize("tile", [None, 64])
+@pytest.mark.parametrize("tile", [128, None])
 def test_cayley_gpu_tf32_large_q(monkeypatch, b, nb, valid, tile):
     """tf32 products (``POETX_CAYLEY_PRECISION=tf32``) far past the merge guard
     (``||Q||_F`` 5-10)."""

@@ -25,13 +25,17 @@ Fast path (``b`` a multiple of 16, ``terms = 3``, the default; dense tiles throu
   skew-symmetrization: prep; ``S, U, V`` sharing the ``Q`` tile; then ``W[I,J]`` and
   ``W[J,I]`` for each tile pair ``I <= J`` (one product for ``I = J``) with the skew part
   packed straight into ``dtheta``.
-* Shapes (:func:`_fast_config`): 128-row tiles where ``128 | b`` (64, 32, 16 otherwise); the
-  S/U/V kernel keeps three accumulators and so 128 x 64 tiles, the W pairs two and so at most
-  64 x 64. With bf16 products the dense operands are *stored* in bf16 (half the bytes; the
-  tensor cores read them straight from shared memory): fp32 buffers converted in registers
-  were measured slower than tf32 (the converted B operand goes back through shared memory).
-  The first-order terms stay exact either way: ``2Q`` is rebuilt from ``theta`` in the last
-  forward epilogue, ``2K`` from the fp32 ``G`` in the W epilogue.
+* Shapes (:func:`_fast_config`): 64 x 64 tiles (32, 16 where 64 does not divide ``b``).
+  128-row tiles (``OPTIONS["tile"] = 128``: 128 x 128 forward, 128 x 64 S/U/V with its three
+  accumulators; the W pairs hold two tiles and stay at most 64 x 64 unless ``"tile_w"``
+  says otherwise) were measured 4% slower at Llama-8B's b = 256 on H100 (fewer, longer
+  programs for 132 SMs; 247 registers in the forward epilogue), so they are opt-in.
+  With bf16 products the dense operands are *stored* in bf16 (half the bytes; the tensor
+  cores read them straight from shared memory): 1.5x faster than tf32 on H100, where bf16
+  products of fp32 buffers converted in registers had measured no faster than tf32 (the
+  converted B operand goes back through shared memory). The first-order terms stay exact
+  either way: ``2Q`` is rebuilt from ``theta`` in the last forward epilogue, ``2K`` from the
+  fp32 ``G`` in the W epilogue.
 
 General path (any ``b >= 2``, any ``terms``): ``_cn_matmul_kernel`` builds ``Q`` tiles from
 ``theta`` on the fly (upper part loaded along columns, lower part as the transposed tile, both
@@ -437,7 +441,7 @@ class _Fast(NamedTuple):
     storage: torch.dtype  # of the dense operands: bf16 for bf16 products (half the bytes)
 
 
-# Benchmarks and tests: "tile" caps the fast path's tile (None: 128 compiled, 16 interpreted),
+# Benchmarks and tests: "tile" caps the fast path's tile (None: 64 compiled, 16 interpreted),
 # "tile_w" the W-pair tile (None: as "tile" but at most 64).
 OPTIONS: dict[str, int | None] = {"tile": None, "tile_w": None}
 
@@ -448,11 +452,9 @@ def _largest_divisor_tile(b: int, cap: int) -> int | None:
 
 def _fast_config(b: int, prec: str) -> _Fast | None:
     """Shapes of the fast path, or ``None`` when ``b`` (not a multiple of 16) needs the general
-    path. A ``b x b`` block is cut into the largest tile in 128/64/32/16 dividing ``b``: at
-    64 x 64 over K = 256 in fp32 every program moves ~16 FLOP per byte of L2 traffic and the
-    products ran at ~80 TFLOP/s (H200); 128-row tiles halve the bytes per FLOP, bf16 storage
-    halves them again and doubles the tensor-core rate."""
-    cap = OPTIONS["tile"] or (16 if _interpreting() else 128)
+    path. A ``b x b`` block is cut into the largest tile in 128/64/32/16 that divides ``b``
+    and is at most ``OPTIONS["tile"]`` (64 by default: see the module notes)."""
+    cap = OPTIONS["tile"] or (16 if _interpreting() else 64)
     tile = _largest_divisor_tile(b, cap)
     if tile is None:
         return None
