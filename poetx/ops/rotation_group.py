@@ -114,18 +114,18 @@ class _Link(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, block: int, terms: int | None, valid_last: int | None,
-                wide: torch.dtype, carry: Carry | None, *thetas: Tensor):
+                out_dtype: torch.dtype, carry: Carry | None, *thetas: Tensor):
         ctx.save_for_backward(*thetas)
-        ctx.geometry = (block, terms, valid_last)
+        ctx.geometry = (block, terms, valid_last, out_dtype)
         ctx.carry = carry
         ctx.set_materialize_grads(False)
-        anchor = thetas[0].new_zeros((), dtype=wide)
+        anchor = thetas[0].new_zeros((), dtype=_handle_dtype(thetas[0].dtype, out_dtype))
         return tuple(anchor.expand(t.shape[0], block, block) for t in thetas)
 
     @staticmethod
     def backward(ctx, *grad_handles):
         thetas = ctx.saved_tensors
-        block, terms, valid_last = ctx.geometry
+        geometry = ctx.geometry
         if ctx.carry is not None and not ctx.carry.taken:
             # Gradients of the earlier micro-batches, held by the leaves they flowed into
             # (added once, should several links of the same blocks run their backward).
@@ -134,7 +134,7 @@ class _Link(torch.autograd.Function):
                                                               strict=True))
         if all(g is None for g in grad_handles):
             return (None,) * (5 + len(thetas))
-        return (None,) * 5 + tuple(_theta_grads(thetas, grad_handles, block, terms, valid_last))
+        return (None,) * 5 + tuple(_theta_grads(thetas, grad_handles, *geometry))
 
 
 def _plus(a: Tensor | None, b: Tensor | None) -> Tensor | None:
@@ -144,10 +144,11 @@ def _plus(a: Tensor | None, b: Tensor | None) -> Tensor | None:
 
 
 def _theta_grads(thetas: tuple[Tensor, ...], grads: tuple[Tensor | None, ...], block: int,
-                 terms: int | None, valid_last: int | None) -> list[Tensor | None]:
+                 terms: int | None, valid_last: int | None,
+                 out_dtype: torch.dtype) -> list[Tensor | None]:
     """Each side's skew gradient ``(nb_i, b(b-1)/2)`` from its block gradient ``(nb_i, b, b)``
-    (``None`` in, ``None`` out: a side whose layer did not run gets no gradient, as on the
-    per-layer path)."""
+    of blocks built in ``out_dtype`` (``None`` in, ``None`` out: a side whose layer did not
+    run gets no gradient, as on the per-layer path)."""
     wide = next(g.dtype for g in grads if g is not None)
     sizes = [t.shape[0] for t in thetas]
     chunks = _chunks(sizes)
@@ -156,7 +157,8 @@ def _theta_grads(thetas: tuple[Tensor, ...], grads: tuple[Tensor | None, ...], b
         grad = _cat([g if g is not None else t.new_zeros((t.shape[0], block, block), dtype=wide)
                      for g, t in zip(grads[a:b], thetas[a:b], strict=True)])
         last = valid_last if i == len(chunks) - 1 else None
-        grad_theta = backend.rotation_delta_backward(_cat(thetas[a:b]), grad, block, terms, last)
+        grad_theta = backend.rotation_delta_backward(_cat(thetas[a:b]), grad, block, terms, last,
+                                                     build_dtype=out_dtype)
         del grad
         out += grad_theta.split(sizes[a:b]) if b - a > 1 else [grad_theta]
     return [g if h is not None else None for g, h in zip(out, grads, strict=True)]
@@ -189,8 +191,7 @@ def link_rotation_group(thetas: list[Tensor], block: int, terms: int | None,
     """
     if not thetas:
         return []
-    wide = _handle_dtype(thetas[0].dtype, out_dtype)
-    return list(_Link.apply(block, terms, valid_last, wide, carry, *thetas))
+    return list(_Link.apply(block, terms, valid_last, out_dtype, carry, *thetas))
 
 
 def build_rotation_group(
