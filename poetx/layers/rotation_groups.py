@@ -8,6 +8,10 @@ parameter gradients together once the block's backward is done, so the extra mem
 block's float32 block gradients. Activation checkpointing may wrap the module's call or only
 its ``forward`` (Hugging Face): the recomputation builds the blocks again, as the forward did.
 Not supported: checkpointing inside a group module that runs more than once per forward.
+
+Gradient accumulation (:class:`AccumulatedRotations`, installed by the Trainer for a step of
+several micro-batches) takes precedence over the per-forward builds: the blocks of every
+layer, batched or not, are built once per optimizer step and differentiated once.
 """
 
 from __future__ import annotations
