@@ -18,3 +18,25 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
+
+
+@pytest.fixture
+def built_blocks(monkeypatch) -> dict[str, int]:
+    """How many blocks the Cayley-Neumann build (``forward``) and its backward (``backward``)
+    processed, over every call (batched or per layer)."""
+    from poetx.ops import backend
+
+    counts = {"forward": 0, "backward": 0}
+    real_forward, real_backward = backend.rotation_delta, backend.rotation_delta_backward
+
+    def forward(theta, *args, **kwargs):
+        counts["forward"] += theta.shape[0]
+        return real_forward(theta, *args, **kwargs)
+
+    def backward(theta, *args, **kwargs):
+        counts["backward"] += theta.shape[0]
+        return real_backward(theta, *args, **kwargs)
+
+    monkeypatch.setattr(backend, "rotation_delta", forward)
+    monkeypatch.setattr(backend, "rotation_delta_backward", backward)
+    return counts

@@ -99,14 +99,19 @@ def _train_worker(rank: int, world: int, port: int, settings: dict, resume: bool
 
 
 def _dump_final_state(path: str) -> None:
-    """Make Trainer.fit save the model's final state dict to ``path`` (W0, permutations...)."""
+    """Make Trainer.fit save the model's final state dict to ``path`` (W0, permutations...;
+    sharded tensors gathered whole, every rank taking part)."""
+    from torch.distributed.tensor import DTensor
+
     from poetx.train.trainer import Trainer
 
     real_fit = Trainer.fit
 
     def fit(self, *args, **kwargs):
         result = real_fit(self, *args, **kwargs)
-        torch.save({k: v.detach().clone() for k, v in self.model.state_dict().items()}, path)
+        state = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
+                 for k, v in self.model.state_dict().items()}
+        torch.save(state, path)
         return result
 
     Trainer.fit = fit
@@ -203,18 +208,21 @@ def test_ddp_train_matches_one_process_and_ranks_agree(reference, ddp_run):
     assert (config["batch_size"], config["grad_accum"]) == (1, 2)
 
 
+def _continued(run_dir, root):
+    """A copy of ``run_dir`` without its step-20 checkpoint (it continues from step 10)."""
+    shutil.copytree(run_dir, root)
+    shutil.rmtree(root / "checkpoints" / "step_00000020")
+    return root
+
+
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
 def test_resume_moves_between_world_sizes_with_the_same_data_order(reference, ddp_run,
                                                                    tmp_path):
     # Two processes to step 10, then one process (batch 4 = 1 x 2 x 2) to the end.
-    two_then_one = tmp_path / "two-then-one"
-    shutil.copytree(ddp_run[0], two_then_one)
-    shutil.rmtree(two_then_one / "checkpoints" / "step_00000020")
+    two_then_one = _continued(ddp_run[0], tmp_path / "two-then-one")
     _run({"out": str(two_then_one), "batch_size": 4, "grad_accum": 1}, resume=True)
     # One process to step 10, then two processes (batch 2 each).
-    one_then_two = tmp_path / "one-then-two"
-    shutil.copytree(reference, one_then_two)
-    shutil.rmtree(one_then_two / "checkpoints" / "step_00000020")
+    one_then_two = _continued(reference, tmp_path / "one-then-two")
     _spawn({"out": str(one_then_two), "batch_size": 2}, str(tmp_path / "b"), resume=True)
     ref = torch.tensor(_losses(reference))
     for run in (two_then_one, one_then_two):
@@ -302,16 +310,50 @@ def test_fsdp_train_matches_one_process(reference, fsdp_run):
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
+def test_fsdp_checkpoints_are_sharded_and_load_whole(fsdp_run, tmp_path):
+    """Each rank wrote its own shard (torch.distributed.checkpoint), the manifest lists every
+    file; one process without a process group reads the whole final state exactly, and
+    ``poetx export`` writes a plain Hugging Face folder from it."""
+    from transformers import AutoModelForCausalLM
+
+    from poetx.cli.export import export_run
+    from poetx.train.saved_run import load_run
+
+    out, states = fsdp_run
+    ckpt = out / "checkpoints" / "step_00000020"
+    assert not (ckpt / "model.safetensors").exists()
+    assert not (ckpt / "optimizer.safetensors").exists()
+    shards = sorted(p.name for p in (ckpt / "sharded").iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    assert manifest["layout"] == "sharded"
+    assert {f"sharded/{n}" for n in shards} <= set(manifest["files"])
+    run = load_run(out)
+    loaded = run.model.state_dict()
+    assert loaded.keys() == states[0].keys()
+    for key, value in states[0].items():
+        assert torch.equal(loaded[key], value), key
+    dest = export_run(out, tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(dest).eval()
+    ids = torch.randint(0, run.model.config.vocab_size, (2, 16),
+                        generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids).logits, run.model(input_ids=ids).logits,
+                                   rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
 def test_fsdp_checkpoints_resume_on_another_world_and_scheme(reference, fsdp_run, tmp_path):
-    # The gathered checkpoint of step 10 of the sharded run, continued by one process; and the
-    # one-process checkpoint continued by two sharded processes.
-    fsdp_then_one = tmp_path / "fsdp-then-one"
-    shutil.copytree(fsdp_run[0], fsdp_then_one)
-    shutil.rmtree(fsdp_then_one / "checkpoints" / "step_00000020")
+    # The sharded checkpoint of step 10 continued by two sharded processes (the same run,
+    # picked up), and by one process; the one-process checkpoint continued by two sharded
+    # processes.
+    fsdp_again = _continued(fsdp_run[0], tmp_path / "fsdp-again")
+    _spawn({"out": str(fsdp_again), "batch_size": 1, "grad_accum": 2, "parallel": "fsdp"},
+           str(tmp_path / "a"), resume=True)
+    assert _losses(fsdp_again) == _losses(fsdp_run[0])  # the uninterrupted run's, exactly
+    fsdp_then_one = _continued(fsdp_run[0], tmp_path / "fsdp-then-one")
     _run({"out": str(fsdp_then_one), "batch_size": 4, "grad_accum": 1}, resume=True)
-    one_then_fsdp = tmp_path / "one-then-fsdp"
-    shutil.copytree(reference, one_then_fsdp)
-    shutil.rmtree(one_then_fsdp / "checkpoints" / "step_00000020")
+    one_then_fsdp = _continued(reference, tmp_path / "one-then-fsdp")
     _spawn({"out": str(one_then_fsdp), "batch_size": 2, "parallel": "fsdp"},
            str(tmp_path / "b"), resume=True)
     ref = torch.tensor(_losses(reference))
@@ -319,6 +361,24 @@ def test_fsdp_checkpoints_resume_on_another_world_and_scheme(reference, fsdp_run
         losses = _losses(run)
         assert len(losses) == STEPS_DP
         torch.testing.assert_close(torch.tensor(losses), ref, rtol=2e-5, atol=0)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
+@pytest.mark.parametrize("damage", ["corrupt", "missing"])
+def test_damaged_shard_is_named(fsdp_run, tmp_path, damage):
+    from poetx.train.checkpoint import CheckpointError
+
+    run = _continued(fsdp_run[0], tmp_path / "run")
+    shard = run / "checkpoints" / "step_00000010" / "sharded" / "__1_0.distcp"
+    if damage == "missing":
+        shard.unlink()
+    else:
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"__1_0\.distcp is " + (
+            "missing" if damage == "missing" else "corrupt")):
+        _run({"out": str(run), "batch_size": 4, "grad_accum": 1}, resume=True)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")

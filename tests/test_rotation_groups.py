@@ -3,6 +3,7 @@ per-layer path: same outputs, input gradients and skew-parameter gradients."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import replace
 
@@ -13,7 +14,11 @@ from torch.utils.checkpoint import checkpoint
 
 import poetx
 from poetx import POETConfig, POETLinear
-from poetx.layers.rotation_groups import group_rotations, ungroup_rotations
+from poetx.layers.rotation_groups import (
+    AccumulatedRotations,
+    group_rotations,
+    ungroup_rotations,
+)
 from poetx.model.wrap import merge_all_, poet_layers
 from poetx.ops.rotation_group import build_rotation_group
 from poetx.ortho.cayley import num_skew_params, rotation_delta_reference
@@ -263,3 +268,74 @@ def test_group_build_at_decoder_block_size_on_gpu():
         ref_grad = backend.rotation_delta_backward(t.detach(), g, 256, 3, None,
                                                    build_dtype=torch.bfloat16)
         torch.testing.assert_close(t.grad, ref_grad, rtol=1e-6, atol=1e-9)
+
+
+def _micro_batches(model, xs, scoped: bool, last_runs_first_block_only: bool = False):
+    """Forward and backward of every micro-batch in ``xs`` (gradients accumulate), inside
+    :class:`AccumulatedRotations` when ``scoped``: ``(input gradients, parameter gradients)``."""
+    layers = [layer for _, layer in poet_layers(model)]
+    grads_x = []
+    scope = AccumulatedRotations(layers, len(xs)) if scoped else contextlib.nullcontext()
+    with scope:
+        for k, x in enumerate(xs):
+            if scoped:
+                scope.micro_batch(k)
+            x = x.clone().requires_grad_(True)
+            last = k == len(xs) - 1
+            y = model.blocks[0](x) if last and last_runs_first_block_only else model(x)
+            (y * torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype)).sum().backward()
+            grads_x.append(x.grad)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return grads_x, grads
+
+
+@pytest.mark.parametrize("path", ["per-layer", "batched"])
+@pytest.mark.parametrize("mode", ["fast", "mem"])
+@pytest.mark.parametrize("checkpointed", ["", "call-reentrant", "forward-plain"])
+def test_accumulated_rotations_build_once_per_step(path, mode, checkpointed, built_blocks):
+    """K micro-batches inside ``AccumulatedRotations``: every block is built once and
+    differentiated once for the whole step (against K times, or more with recomputation,
+    when rebuilt per micro-batch), and the input and parameter gradients are those of the
+    rebuild-per-micro-batch path (float64)."""
+    ref, batched = _towers(3, mode, checkpointed)
+    model = ref if path == "per-layer" else batched
+    rebuilt = copy.deepcopy(model)
+    if path == "batched":
+        group_rotations(rebuilt)
+    blocks = sum(layer.layout_in.num_blocks + layer.layout_out.num_blocks
+                 for _, layer in poet_layers(model))
+    micro = 3
+    xs = list(torch.randn(micro, 2, 12, dtype=torch.float64))
+    gx_ref, g_ref = _micro_batches(rebuilt, xs, scoped=False)
+    assert built_blocks["forward"] >= micro * blocks and built_blocks["backward"] == micro * blocks
+    built_blocks.update(forward=0, backward=0)
+    gx, g = _micro_batches(model, xs, scoped=True)
+    assert built_blocks == {"forward": blocks, "backward": blocks}
+    assert all(layer.step_rotations is None for _, layer in poet_layers(model))
+    for a, b in zip(gx, gx_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+    assert g.keys() == g_ref.keys() and any(k.endswith("theta_out") for k in g)
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-12, atol=1e-13, msg=name)
+
+
+@pytest.mark.parametrize("path", ["per-layer", "batched"])
+def test_accumulated_rotations_of_layers_the_last_micro_batch_skips(path, built_blocks):
+    """Layers that ran in earlier micro-batches but not in the last get their gradients when
+    the step's scope closes (a backward of their own), equal to the rebuilding path's."""
+    ref, batched = _towers(3, "fast")
+    model = ref if path == "per-layer" else batched
+    rebuilt = copy.deepcopy(model)
+    if path == "batched":
+        group_rotations(rebuilt)
+    xs = list(torch.randn(2, 2, 12, dtype=torch.float64))
+    _, g_ref = _micro_batches(rebuilt, xs, scoped=False, last_runs_first_block_only=True)
+    built_blocks.update(forward=0, backward=0)
+    _, g = _micro_batches(model, xs, scoped=True, last_runs_first_block_only=True)
+    blocks = sum(layer.layout_in.num_blocks + layer.layout_out.num_blocks
+                 for _, layer in poet_layers(model))
+    assert built_blocks == {"forward": blocks, "backward": blocks}
+    assert g.keys() == g_ref.keys() and "head.theta_in" in g
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-12, atol=1e-13, msg=name)

@@ -208,14 +208,17 @@ def test_cuda_graphs_setting_falls_back_to_eager_off_cuda():
 
 
 @pytest.mark.gpu
-def test_cuda_graph_step_matches_the_eager_step():
+@pytest.mark.parametrize("accum", [1, 2])
+def test_cuda_graph_step_matches_the_eager_step(accum):
     """The replayed step against the eager one, two runs from the same seed: the three eager
     warm-up steps are bitwise equal, the first replay (from a bitwise-equal state) agrees to
     ~1e-6 relative (cuBLAS picks its kernels differently under capture), and the following
-    steps, through a merge at step 6, stay within bf16 noise of each other."""
+    steps, through a merge at step 6, stay within bf16 noise of each other. With
+    accumulation the graph holds the step's one rotation build and its one backward."""
     losses = {}
     for graphs in (False, True):
-        t = _cuda_trainer(cuda_graphs=graphs, poet={"merge_every": 6})
+        t = _cuda_trainer(cuda_graphs=graphs, poet={"merge_every": 6}, batch_size=4 // accum,
+                          grad_accum=accum)
         assert t.graphs == graphs
         run = []
         for step in range(10):
@@ -276,3 +279,19 @@ def test_cuda_graph_step_with_step_in_backward_matches_the_eager_step():
     assert replayed[:3] == eager[:3]
     assert max(abs(r - e) / abs(e) for r, e in zip(replayed, eager, strict=True)) < 1e-2
     torch.testing.assert_close(heads[True], heads[False], rtol=2e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("accum", [1, 2, 4])
+def test_grad_accum_builds_the_rotations_once_per_step(accum, built_blocks):
+    """Whatever the accumulation, one step builds every rotation block once and runs its
+    Cayley-Neumann backward once (the skew parameters change only in the optimizer step)."""
+    t = _trainer(batch_size=4 // accum, grad_accum=accum)
+    blocks = sum(layer.layout_in.num_blocks + layer.layout_out.num_blocks
+                 for layer in t.poet_layers)
+    assert blocks > 0
+    for step in range(2):
+        built_blocks.update(forward=0, backward=0)
+        t.step_fn(t.load_batch(step))
+        assert built_blocks == {"forward": blocks, "backward": blocks}
+        assert all(layer.theta_in.grad is not None for layer in t.poet_layers)
+        t._advance_schedules(step + 1)

@@ -138,16 +138,12 @@ def _layer_names(prefixes: list[str]) -> list[str]:
 def layer_spectra(checkpoint: Path, config) -> dict[str, dict[str, torch.Tensor]]:
     """``{layer: {"trained": sigma, ["init": sigma]}}`` singular values, descending, float64.
 
-    Only the tensors of the chosen layers are read from ``model.safetensors``.
+    Only the tensors of the chosen layers are read (``model.safetensors`` or the shards).
     """
-    from safetensors import safe_open
-
     from poetx.layers.poet_linear import POETLinear
-    from poetx.train.checkpoint import MODEL_FILE, read_tensors
+    from poetx.train.checkpoint import model_tensor_names, read_model_tensors
 
-    fpath = checkpoint / MODEL_FILE
-    with safe_open(str(fpath), framework="pt", device="cpu") as f:
-        keys = list(f.keys())
+    keys = model_tensor_names(checkpoint)
     poet = config.optimizer == "poetx"
     suffix = ".theta_in" if poet else ".weight"
     prefixes = [k[: -len(suffix)] for k in keys if k.endswith(suffix) and "proj" in k]
@@ -155,7 +151,7 @@ def layer_spectra(checkpoint: Path, config) -> dict[str, dict[str, torch.Tensor]
     for name in _layer_names(prefixes):
         if poet:
             wanted = [k for k in keys if k.startswith(name + ".")]
-            tensors = read_tensors(fpath, wanted)
+            tensors = read_model_tensors(checkpoint, wanted)
             state = {k[len(name) + 1:]: v for k, v in tensors.items()}
             w0 = state["w0"]
             out_f, in_f = w0.shape
@@ -169,7 +165,7 @@ def layer_spectra(checkpoint: Path, config) -> dict[str, dict[str, torch.Tensor]
             trained = torch.linalg.svdvals(layer.effective_weight(torch.float64))
             out[name] = {"trained": trained, "init": init}
         else:
-            w = read_tensors(fpath, [name + ".weight"])[name + ".weight"]
+            w = read_model_tensors(checkpoint, [name + ".weight"])[name + ".weight"]
             out[name] = {"trained": torch.linalg.svdvals(w.to(torch.float64))}
     return out
 

@@ -58,6 +58,9 @@ class POETLinear(nn.Module):
             (``poetx.layers.rotation_groups.RotationGroup``) or ``None``; its ``blocks_for``
             gives ``(d_in, grad_in, d_out, grad_out)`` blocks and gradient handles, or ``None``
             (the layer builds its own).
+        step_rotations: while the Trainer accumulates micro-batches, the step's blocks
+            (``poetx.layers.rotation_groups.AccumulatedRotations``), ahead of
+            ``rotation_group``; else ``None``.
     """
 
     def __init__(
@@ -79,6 +82,7 @@ class POETLinear(nn.Module):
         self.out_features = out_features
         self.layer_name = name
         self.rotation_group = None
+        self.step_rotations = None
         self.layout_in = BlockLayout.for_dim(in_features, self.config.block_size)
         self.layout_out = BlockLayout.for_dim(out_features, self.config.block_size)
         dtype = dtype or torch.get_default_dtype()
@@ -260,8 +264,9 @@ class POETLinear(nn.Module):
             )
         if not x.is_floating_point():
             raise TypeError(f"{self._label()}: input must be floating point, got {x.dtype}")
-        group = self.rotation_group
-        pre = group.blocks_for(self) if group is not None else None
+        # Accumulating micro-batches: the step's blocks; else the decoder block's batched build.
+        source = self.step_rotations if self.step_rotations is not None else self.rotation_group
+        pre = source.blocks_for(self) if source is not None else None
         if pre is not None and pre[0].dtype == op_dtype(x):
             d_in, grad_in, d_out, grad_out = pre
             y = poet_linear_prebuilt(

@@ -8,6 +8,10 @@ parameter gradients together once the block's backward is done, so the extra mem
 block's float32 block gradients. Activation checkpointing may wrap the module's call or only
 its ``forward`` (Hugging Face): the recomputation builds the blocks again, as the forward did.
 Not supported: checkpointing inside a group module that runs more than once per forward.
+
+Gradient accumulation (:class:`AccumulatedRotations`, installed by the Trainer for a step of
+several micro-batches) takes precedence over the per-forward builds: the blocks of every
+layer, batched or not, are built once per optimizer step and differentiated once.
 """
 
 from __future__ import annotations
@@ -18,7 +22,12 @@ import torch
 from torch import nn
 
 from poetx.layers.poet_linear import POETLinear
-from poetx.ops.rotation_group import build_rotation_group
+from poetx.ops.rotation_group import (
+    Carry,
+    build_rotation_blocks,
+    build_rotation_group,
+    link_rotation_group,
+)
 
 
 def batched(layer: POETLinear) -> bool:
@@ -36,9 +45,12 @@ def _out_dtype(layer: POETLinear) -> torch.dtype:
     return layer.compute_dtype
 
 
-def build_blocks(layers: list[POETLinear]) -> dict[int, tuple]:
-    """Build the blocks of ``layers`` (both sides), batched by block size, Neumann terms,
-    dtypes and device: ``{id(layer): (d_in, grad_in, d_out, grad_out)}``."""
+_Side = tuple[POETLinear, str, int | None]  # layer, "in" or "out", its padded last block
+
+
+def _calls(layers: list[POETLinear]) -> list[tuple[int, int | None, torch.dtype, list[_Side]]]:
+    """The build calls for ``layers`` (both sides): ``(block, terms, out_dtype, sides)``, the
+    sides batched by block size, Neumann terms, dtypes and device."""
     groups: dict[tuple, tuple[list, list]] = defaultdict(lambda: ([], []))
     for layer in layers:
         terms = layer.config.neumann_terms
@@ -47,18 +59,33 @@ def build_blocks(layers: list[POETLinear]) -> dict[int, tuple]:
             theta = getattr(layer, f"theta_{side}")
             key = (layout.block, terms, theta.dtype, _out_dtype(layer), theta.device)
             groups[key][layout.valid_last is not None].append((layer, side, layout.valid_last))
-    built: dict[tuple[int, str], tuple] = {}
+    calls = []
     for (block, terms, _, out_dtype, _), (full, padded) in groups.items():
         # The kernels mask only the last block they are given: one padded side per call, last.
-        calls = [full + padded[:1]] + [[p] for p in padded[1:]]
-        for members in calls:
-            thetas = [getattr(layer, f"theta_{side}") for layer, side, _ in members]
-            blocks, handles = build_rotation_group(thetas, block, terms, members[-1][2],
-                                                   out_dtype)
-            for (layer, side, _), d, h in zip(members, blocks, handles, strict=True):
-                built[(id(layer), side)] = (d, h)
+        for sides in [full + padded[:1]] + [[p] for p in padded[1:]]:
+            calls.append((block, terms, out_dtype, sides))
+    return calls
+
+
+def _thetas(sides: list[_Side]) -> list[torch.Tensor]:
+    return [getattr(layer, f"theta_{side}") for layer, side, _ in sides]
+
+
+def _per_layer(built: dict[tuple[int, str], tuple], layers: list[POETLinear]) -> dict[int, tuple]:
     return {id(layer): (*built[(id(layer), "in")], *built[(id(layer), "out")])
             for layer in layers}
+
+
+def build_blocks(layers: list[POETLinear]) -> dict[int, tuple]:
+    """Build the blocks of ``layers`` (both sides), batched by block size, Neumann terms,
+    dtypes and device: ``{id(layer): (d_in, grad_in, d_out, grad_out)}``."""
+    built: dict[tuple[int, str], tuple] = {}
+    for block, terms, out_dtype, sides in _calls(layers):
+        blocks, handles = build_rotation_group(_thetas(sides), block, terms, sides[-1][2],
+                                               out_dtype)
+        for (layer, side, _), d, h in zip(sides, blocks, handles, strict=True):
+            built[(id(layer), side)] = (d, h)
+    return _per_layer(built, layers)
 
 
 def _members(module: nn.Module) -> list[POETLinear]:
@@ -170,3 +197,103 @@ def ungroup_rotations(model: nn.Module) -> None:
         if group is not None:
             for layer in group.layers:
                 layer.rotation_group = None
+
+
+class _StepBuild:
+    """One build call of an :class:`AccumulatedRotations` step: its sides, their blocks, the
+    carry of their gradients and, once the last micro-batch asked, the linked handles."""
+
+    def __init__(self, block: int, terms: int | None, out_dtype: torch.dtype,
+                 sides: list[_Side]) -> None:
+        self.geometry = (block, terms, sides[-1][2], out_dtype)
+        self.sides = sides
+        thetas = _thetas(sides)
+        self.blocks = build_rotation_blocks(thetas, *self.geometry)
+        self.carry = Carry(thetas, block, out_dtype)
+        self.linked: list[torch.Tensor] | None = None
+        self.served: set[int] = set()
+
+    def handle(self, final: bool, i: int) -> torch.Tensor:
+        """Side ``i``'s gradient handle: its carry leaf before the last micro-batch (and
+        without grad), else a handle linked to the skew parameters as this forward sees them
+        (FSDP2: gathered for it). A side asking again is a new forward of its layer (a
+        recomputation under activation checkpointing, which must save what the forward
+        saved): it gets a new link; the carry goes to the first link whose backward runs."""
+        if not (final and torch.is_grad_enabled()):
+            return self.carry.leaves[i]
+        if self.linked is None or i in self.served:
+            self.linked = link_rotation_group(_thetas(self.sides), *self.geometry,
+                                              carry=self.carry)
+            self.served = set()
+        self.served.add(i)
+        return self.linked[i]
+
+
+class AccumulatedRotations:
+    """The rotation blocks of one optimizer step of ``micro`` micro-batches, built once.
+
+    The skew parameters change only in the optimizer step, so every micro-batch computes with
+    the same blocks: each build call (a decoder block's batched layers, or one layer alone on
+    the per-layer path) runs when the first micro-batch first needs it; the micro-batches
+    before the last add their block gradients into float32 leaves (``Carry``); the last one's
+    backward adds its own and runs the Cayley-Neumann backward once. Costs, against building
+    per micro-batch: the blocks of every layer and their float32 gradient sum stay allocated
+    for the whole step (about three times the skew parameters' memory).
+
+    Use::
+
+        with AccumulatedRotations(layers, micro) as rotations:
+            for k in range(micro):
+                rotations.micro_batch(k)
+                loss(k).backward()
+
+    ``micro == 1`` installs nothing (the per-forward builds of :class:`RotationGroup`). On
+    leaving, gradients no last-micro-batch backward took (a layer that did not run in the
+    last micro-batch) are turned into skew gradients in a backward of their own.
+    """
+
+    def __init__(self, layers: list[POETLinear], micro: int) -> None:
+        self.layers = layers
+        self.micro = micro
+        self.final = micro == 1
+        self.builds: dict[tuple[int, str], tuple[_StepBuild, int]] = {}
+
+    def __enter__(self) -> AccumulatedRotations:
+        if self.micro > 1:
+            for layer in self.layers:
+                layer.step_rotations = self
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        try:
+            if exc_type is None:
+                for build in {id(b): b for b, _ in self.builds.values()}.values():
+                    if build.carry.pending():
+                        build.carry.flush(_thetas(build.sides), *build.geometry)
+        finally:
+            for layer in self.layers:
+                layer.step_rotations = None
+            self.builds.clear()
+
+    def micro_batch(self, index: int) -> None:
+        """Micro-batch ``index`` (0-based) runs next."""
+        self.final = index == self.micro - 1
+
+    def blocks_for(self, layer: POETLinear) -> tuple | None:
+        """``(d_in, grad_in, d_out, grad_out)`` for ``layer``, or ``None`` (traced code)."""
+        if torch.compiler.is_compiling():
+            return None
+        if (id(layer), "in") not in self.builds:
+            group = layer.rotation_group
+            members = (group.layers if group is not None and layer in group.layers
+                       and (group.active or _in_backward()) else [layer])
+            todo = [m for m in members if (id(m), "in") not in self.builds]
+            for call in _calls(todo):
+                build = _StepBuild(*call)
+                for i, (member, side, _) in enumerate(build.sides):
+                    self.builds[(id(member), side)] = (build, i)
+        out = []
+        for side in ("in", "out"):
+            build, i = self.builds[(id(layer), side)]
+            out += [build.blocks[i], build.handle(self.final, i)]
+        return tuple(out)

@@ -21,17 +21,16 @@ parameters), merge it exactly as one process would, and each rank keeps its own 
 (permutations, merge counters, the host-side rounding residual) are not sharded: every rank
 holds them whole and updates them identically.
 
-Checkpoints are gathered (:func:`full_model_state`, :func:`full_optimizer_state`): rank 0 writes
-the same files as a one-process run, so a run resumes on any number of processes with either
-scheme and ``poetx export`` reads them unchanged; the price is one full copy in host memory on
-rank 0 while saving.
+Checkpoints are sharded (``poetx.train.checkpoint.sharded``, torch.distributed.checkpoint):
+each rank writes its own shards, nothing is gathered; they load on any number of processes,
+sharded or whole (one process, ``ddp``, ``poetx export``). A one-process checkpoint loads into
+the shards too (:func:`shard_like`, :func:`copy_full_into`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -66,11 +65,6 @@ def shard_model(loss_module: nn.Module) -> nn.Module:
 
 def is_sharded(model: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
-
-
-def full_value(t: Tensor) -> Tensor:
-    """``t`` whole: a DTensor is gathered (or reduced, if partial); a tensor is itself."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def _own_rows(full: Tensor, sharded: DTensor) -> Tensor:
@@ -134,22 +128,3 @@ def merge_sharded_(model: nn.Module) -> int:
                 layer.merge_()
             count += 1
     return count
-
-
-def full_model_state(module: nn.Module) -> dict[str, Tensor]:
-    """``module.state_dict()`` with every sharded tensor gathered (on every rank, on the CPU:
-    the all-gathers are collectives; only rank 0 keeps what it writes)."""
-    state = module.state_dict()
-    return {k: full_value(v).cpu() if isinstance(v, DTensor) else v for k, v in state.items()}
-
-
-def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """``optimizer.state_dict()`` with every sharded state tensor gathered (a collective)."""
-    sd = optimizer.state_dict()
-    # New dicts (state_dict() hands out the optimizer's own per-parameter dicts), gathered in
-    # sorted order: the collectives must come in the same order on every rank, and the
-    # state's own order depends on how it was loaded.
-    sd["state"] = {index: {key: value.full_tensor().cpu() if isinstance(value, DTensor)
-                           else value for key, value in sorted(sd["state"][index].items())}
-                   for index in sorted(sd["state"])}
-    return sd

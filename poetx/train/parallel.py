@@ -67,6 +67,14 @@ class DistContext:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def broadcast(self, value: object) -> object:
+        """Rank 0's ``value`` on every rank (a picklable object, e.g. a folder name)."""
+        if not self.distributed:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on one (e.g. a Ctrl-C seen by one rank)."""
         if not self.distributed:

@@ -30,8 +30,9 @@ import torch
 from torch import Tensor, nn
 
 from poetx import MergeSchedule, make_optimizer
+from poetx.layers.rotation_groups import AccumulatedRotations
 from poetx.model.causal_lm import CausalLMWithLoss
-from poetx.model.wrap import merge_all_, rotation_norm_max
+from poetx.model.wrap import merge_all_, poet_layers, rotation_norm_max
 from poetx.optim.clip import DeviceGradClip
 from poetx.optim.in_backward import StepInBackward, embedding_and_head
 from poetx.optim.optimizer import DECAY_GROUP, POET_GROUP
@@ -43,11 +44,12 @@ from poetx.train.checkpoint import (
     read_state,
     restore_rng,
     save_checkpoint,
+    save_sharded_checkpoint,
 )
 from poetx.train.config import TrainConfig
 from poetx.train.errors import NonFiniteError, TrainError, TrainInterrupted
 from poetx.train.evaluate import evaluate
-from poetx.train.fsdp import full_model_state, full_optimizer_state, merge_sharded_
+from poetx.train.fsdp import merge_sharded_
 from poetx.train.loss import batch_tokens, compute_loss
 from poetx.train.metrics import MetricsLogger, Progress, peak_memory_gib
 from poetx.train.parallel import DistContext, GradientAllReduce, check_ranks_agree, parallelize
@@ -183,6 +185,7 @@ class Trainer:
                                     cfg.clip_warmup_start, merge=merge_fn)
                       if cfg.optimizer == "poetx" else None)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.poet_layers = [layer for _, layer in poet_layers(model)]
         self.grad_sync = GradientAllReduce(self.params, self.ctx) if scheme == "ddp" else None
         self._group_index = {g.get("name"): i for i, g in enumerate(self.optimizer.param_groups)}
         # Learning rates as device tensors, updated in place by the scheduler (a captured step
@@ -241,12 +244,16 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         micro = batch.shape[0]
         total: Tensor | None = None
-        for k in range(micro):
-            loss = compute_loss(self.train_module, batch[k])
-            if self.in_backward is not None:
-                self.in_backward.begin(loss)
-            (loss / micro if micro > 1 else loss).backward()
-            total = loss.detach() if total is None else total + loss.detach()
+        # The rotation blocks are built once for all micro-batches and differentiated once, in
+        # the last micro-batch's backward (so before the all-reduce, and inside FSDP2's hooks).
+        with AccumulatedRotations(self.poet_layers, micro) as rotations:
+            for k in range(micro):
+                rotations.micro_batch(k)
+                loss = compute_loss(self.train_module, batch[k])
+                if self.in_backward is not None:
+                    self.in_backward.begin(loss)
+                (loss / micro if micro > 1 else loss).backward()
+                total = loss.detach() if total is None else total + loss.detach()
         loss = total / micro if micro > 1 else total
         # Gradients accumulate locally over the micro-batches and cross once, here.
         if self.grad_sync is not None:
@@ -460,23 +467,24 @@ class _Fit:
         return result
 
     def save(self, at: int) -> Path | None:
-        """Rank 0 writes the checkpoint of step ``at``; every rank waits for it. A sharded
-        (fsdp) run first gathers the whole state, every rank taking part."""
+        """Write the checkpoint of step ``at``; every rank waits for it. A sharded (fsdp) run
+        saves sharded, every rank writing its own shards; otherwise rank 0 writes it."""
         path = None
-        model_state = optimizer_state = None
-        if self.t.scheme == "fsdp":
-            model_state = full_model_state(self.t.model)
-            optimizer_state = full_optimizer_state(self.t.optimizer)
+        t = self.t
+        self.saving = True
+        if t.scheme == "fsdp":
+            path = save_sharded_checkpoint(self.ckpt_root, at, t.model, t.optimizer,
+                                           t.checkpoint_state(self.dtype_name), t.ctx,
+                                           keep_last=self.cfg.keep_last)
+        elif self.main:
+            path = save_checkpoint(self.ckpt_root, at, t.model, t.optimizer,
+                                   t.checkpoint_state(self.dtype_name),
+                                   keep_last=self.cfg.keep_last)
+        self.saving = False
         if self.main:
-            self.saving = True
-            path = save_checkpoint(self.ckpt_root, at, self.t.model, self.t.optimizer,
-                                   self.t.checkpoint_state(self.dtype_name),
-                                   keep_last=self.cfg.keep_last, model_state=model_state,
-                                   optimizer_state=optimizer_state)
-            self.saving = False
             self.logger.event(at, "checkpoint", str(path))
             self.progress.write(f"step {at}: saved {path}")
-        self.t.ctx.barrier()
+        t.ctx.barrier()
         self.last_saved, self.last_saved_step = path or self.ckpt_root / checkpoint_name(at), at
         return self.last_saved
 

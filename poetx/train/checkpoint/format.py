@@ -24,6 +24,11 @@ RNG_FILE = "rng.safetensors"
 STATE_FILE = "state.json"
 MANIFEST_FILE = "manifest.json"
 REQUIRED_FILES = (MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE)
+# A sharded (FSDP2) checkpoint: model and optimizer tensors in a torch.distributed.checkpoint
+# folder (one ``__<rank>_0.distcp`` file per process and the ``.metadata`` index).
+SHARDED_DIR = "sharded"
+SHARDED_METADATA = f"{SHARDED_DIR}/.metadata"
+SHARDED_REQUIRED_FILES = (SHARDED_METADATA, RNG_FILE, STATE_FILE)
 NAME_RE = re.compile(r"^step_(\d{8,})$")
 
 
@@ -53,11 +58,29 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def is_sharded(path: str | Path) -> bool:
+    """Whether the checkpoint folder ``path`` holds sharded (torch.distributed.checkpoint)
+    model and optimizer state rather than ``model.safetensors`` / ``optimizer.safetensors``."""
+    return (Path(path) / SHARDED_DIR).is_dir()
+
+
+def _written_files(folder: Path) -> list[str]:
+    """What a save wrote into ``folder`` (relative paths): the one-process files, or the
+    sharded folder's files (every process's) with the RNG and state files."""
+    if not is_sharded(folder):
+        return list(REQUIRED_FILES)
+    shards = sorted(f"{SHARDED_DIR}/{p.name}" for p in (folder / SHARDED_DIR).iterdir()
+                    if p.is_file())
+    return shards + [RNG_FILE, STATE_FILE]
+
+
 def manifest_of(folder: Path, step: int) -> dict[str, Any]:
     """The manifest of the files written in ``folder``."""
     files = {name: {"size": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
-             for name in REQUIRED_FILES}
-    return {"format": FORMAT, "version": VERSION, "step": step, "files": files}
+             for name in _written_files(folder)}
+    layout = "sharded" if is_sharded(folder) else "full"
+    return {"format": FORMAT, "version": VERSION, "step": step, "layout": layout,
+            "files": files}
 
 
 def open_safetensors(fpath: Path):
@@ -73,7 +96,8 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
 
     Raises ``CheckpointError`` naming the file: missing, truncated (size differs), corrupt
     (sha256 differs) or not a safetensors file (a manifest made for a foreign file), and a
-    missing or unreadable manifest.
+    missing or unreadable manifest. A sharded checkpoint's manifest lists every process's
+    shard file, so a missing or damaged shard is named too.
     """
     path = Path(path)
     if not path.is_dir():
@@ -91,7 +115,9 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
             raise ValueError("not a poetx checkpoint manifest")
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{manifest_path} is unreadable: {e}") from None
-    for name in REQUIRED_FILES:
+    required = (SHARDED_REQUIRED_FILES if manifest.get("layout") == "sharded"
+                else REQUIRED_FILES)
+    for name in required:
         if name not in files:
             raise CheckpointError(f"{manifest_path} does not list {name}")
     for name, info in files.items():
