@@ -79,8 +79,77 @@ def test_estimate_uses_measured_speeds() -> None:
     assert {("llama-60m", "poetx"), ("llama-60m", "adamw"),
             ("llama-130m", "poetx")} <= speeds.keys()
     run = quality.study()[0]
-    expected = quality.TOKENS / speeds[("llama-60m", "poetx")] + quality.OVERHEAD_S
-    assert quality.estimate_seconds(run, speeds) == pytest.approx(expected)
+    # 1600 training steps and 17 evaluations of 32 forward-only batches (a third of a step each)
+    steps = quality.STEPS + (quality.STEPS // quality.EVAL_EVERY + 1) * quality.EVAL_BATCHES / 3
+    gpu_s = steps * quality.BATCH * quality.SEQ_LEN / speeds[("llama-60m", "poetx")]
+    assert quality.gpu_seconds(run, speeds) == pytest.approx(gpu_s)
+    assert quality.gpu_seconds(run, speeds, speed_scale=0.5) == pytest.approx(2 * gpu_s)
+    assert quality.estimate_seconds(run, speeds) == pytest.approx(gpu_s + quality.OVERHEAD_S)
+
+
+def test_projected_end_counts_work_committed_to_the_gpu() -> None:
+    over = quality.OVERHEAD_S
+    # an idle GPU: start-up, then the run's own work
+    assert quality.projected_end(100.0, 100.0, 50.0) == pytest.approx(100 + over + 50)
+    # a GPU owing 500 s: the new run's start-up hides under that work, its steps come after
+    assert quality.projected_end(600.0, 100.0, 50.0) == pytest.approx(650.0)
+    # three runs started together on one GPU end when the sum of their work is done
+    free_at = 0.0
+    for work in (100.0, 80.0, 120.0):
+        free_at = quality.projected_end(free_at, 0.0, work)
+    assert free_at == pytest.approx(over + 300.0)
+
+
+def test_sharing_stats_from_polls() -> None:
+    # runs a and b share GPU 0 for 10 s (both advancing), then a runs alone for 20 s; c is on
+    # GPU 1 all along and never shares; b stalls (evaluates) between 4 and 6 s.
+    polls: list[quality.Poll] = []
+    for t in range(0, 31, 2):
+        going = {"a": ("0", 10 * t), "c": ("1", 5 * t)}
+        if t <= 10:
+            going["b"] = ("0", 3 * min(t, 4) + 3 * max(0, t - 6))
+        polls.append((float(t), going))
+    a = quality.sharing_stats(polls, "a", tokens_per_step=100)
+    assert a["runs_on_gpu_max"] == 2
+    # a steps 30 s: 8 s beside b, 2 s (4-6) with b stalled, 20 s with b gone
+    assert a["alone_s"] == pytest.approx(22.0)
+    assert a["runs_on_gpu_mean"] == pytest.approx((8 * 2 + 22 * 1) / 30)
+    assert a["gpu_share_s"] == pytest.approx(8 / 2 + 22)
+    assert a["tokens_per_s_alone"] == pytest.approx(10 * 100)
+    b = quality.sharing_stats(polls, "b", tokens_per_step=100)
+    assert b["runs_on_gpu_max"] == 2 and b["runs_on_gpu_mean"] == pytest.approx(2.0)
+    assert b["alone_s"] == 0 and b["tokens_per_s_alone"] is None
+    c = quality.sharing_stats(polls, "c", tokens_per_step=100)
+    assert c["runs_on_gpu_max"] == 1 and c["alone_s"] == pytest.approx(30.0)
+    assert c["tokens_per_s_alone"] == pytest.approx(5 * 100)
+    # too short alone to report a speed
+    short = quality.sharing_stats(polls[:4], "c", tokens_per_step=100)
+    assert short["alone_s"] == pytest.approx(6.0) and short["tokens_per_s_alone"] is None
+
+
+def test_last_train_step_reads_the_newest_record(tmp_path: Path) -> None:
+    assert quality.last_train_step(tmp_path) == 0
+    lines = [json.dumps({"type": "train", "step": s, "loss": 1.0, "pad": "x" * 100})
+             for s in range(1, 400)]
+    lines.append(json.dumps({"type": "eval", "step": 399, "val_ppl": 9.0}))
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n" + '{"type": "tr')
+    assert quality.last_train_step(tmp_path) == 399
+
+
+def test_alone_speed_falls_back_to_alike_runs() -> None:
+    base = {"preset": "llama-60m", "optimizer": "poetx", "poet_flags": "", "device": "H100"}
+    measured = {**base, "tokens_per_s_alone": 300.0, "runs_on_gpu_max": 3}
+    shared = {**base, "tokens_per_s_alone": None, "runs_on_gpu_max": 3, "tokens_per_s": 90.0}
+    solo = {**base, "optimizer": "adamw", "runs_on_gpu_max": 1, "tokens_per_s": 400.0}
+    other = {**shared, "optimizer": "adamw", "device": "H200"}
+    rows = [measured, shared, solo, other]
+    assert quality.alone_speed(measured, rows) == (300.0, "alone")
+    assert quality.alone_speed(shared, rows) == (300.0, "alike")  # not its shared 90
+    assert quality.alone_speed(solo, rows) == (400.0, "alone")  # never shared: its own
+    assert quality.alone_speed(other, rows) == (None, "")
+    # nothing alike, always shared: its tokens over its share of the GPU's time
+    share = {**other, "tokens_seen": 1000, "gpu_share_s": 4.0}
+    assert quality.alone_speed(share, [share]) == (250.0, "share")
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +199,8 @@ def test_queue_runs_on_cpu_skips_finished_runs_and_reports(
     # a second call skips them
     quality.run_queue(specs, ["cpu"], tiny_packed, tmp_path / "runs", results, None, extra)
     assert "1 finished runs skipped" in capsys.readouterr().out
+    row = rows["60m-poetx-lr0.01"]
+    assert row["runs_on_gpu_max"] == 1 and row["ended_unix"] > row["started_unix"]
     doc = tmp_path / "results.md"
     quality.report(results, doc, tmp_path)
     text = doc.read_text()
@@ -143,3 +214,19 @@ def test_report_without_results_says_pending(tmp_path: Path) -> None:
     text = doc.read_text()
     assert "pending a GPU session" in text and "0 of 19 runs done" in text
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_queue_runs_two_at_once_on_one_device(tiny_packed: Path, tmp_path: Path) -> None:
+    specs = [dataclasses.replace(s, preset="tiny", steps=40) for s in quality.study()[:2]]
+    results = tmp_path / "quality.json"
+    extra = ["--batch-size", "2", "--seq-len", "32", "--eval-batches", "1", "--device", "cpu",
+             "--eval-every", "0", "--metrics-every", "1"]
+    quality.run_queue(specs, ["cpu", "cpu"], tiny_packed, tmp_path / "runs", results, None,
+                      extra, poll_s=0.2)
+    rows = quality.load_results(results)
+    assert {r["status"] for r in rows.values()} == {"done"}
+    first, second = (rows[s.name] for s in specs)
+    # both went at once: each started before the other ended, and both saw two runs going
+    assert first["started_unix"] < second["ended_unix"]
+    assert second["started_unix"] < first["ended_unix"]
+    assert first["runs_on_gpu_max"] == second["runs_on_gpu_max"] == 2
