@@ -35,11 +35,14 @@ folders under ``runs/`` stay on a warm machine between calls)::
     python -m poetx.cli.main data unpack ../../.cache/gpu-corpus && \
     python bench/quality.py run --gpus 0,0,0 --data ../../.cache/gpu-corpus \
         --runs-dir ../../runs/quality --results $OUT/quality.json \
-        --budget-s 435 --speed-scale 0.82
+        --budget-s 435 --speed-scale 0.86
 
 (``--results`` under ``$OUT``: each finished run's row is there at once, even if the call is
-cut off; ``--speed-scale 0.82``: an H100's guessed speed on these small models relative to
-the H200 measurements, used only to decide which runs fit the budget.) Then here: copy
+cut off; ``--speed-scale 0.86``: an H100's speed relative to the H200 measurements, POET-X
+60M alone 263 k against 305 k tokens/s, used only to decide which runs fit the budget.) The
+first call ran three runs at once on one H100 (``--gpus 0,0,0``): sharing the GPU cost
+throughput rather than adding it (see ``docs/results.md``), so ``--gpus 0`` (one run at a
+time, each measured alone) is the better choice for these models. Then here: copy
 ``quality.json`` back to ``bench/results/`` (and into the staged copy before the next call,
 so that its finished runs are skipped), and ``python bench/quality.py report``.
 """
@@ -77,9 +80,11 @@ SAVE_EVERY = 400
 TOKENS = STEPS * BATCH * SEQ_LEN
 SPIKE_WINDOW = 50
 SPIKE_FACTOR = 1.5
-# Seconds a run spends outside its steps (start, CUDA graph capture, evaluations, checkpoints),
-# measured on the H200 runs of bench/results/train60m.json (process time minus step time).
-OVERHEAD_S = 60.0
+# Seconds a run spends outside its steps and evaluations (Python start, model build, CUDA
+# graph capture, checkpoints, exit): 20-22 s in the first H100 call of this study (13-14 s
+# outside the trainer's clock, 5-8 s to the first step; three runs starting at once), 60 s
+# in the H200 runs of bench/results/train60m.json (process time minus step time).
+OVERHEAD_S = 30.0
 # Seconds before the budget's end at which runs still going get SIGINT (a 60M or 130M run
 # saves its checkpoint and writes its last records in a few seconds).
 INTERRUPT_S = 45.0
@@ -196,8 +201,8 @@ def read_records(run_dir: Path) -> list[dict[str, Any]]:
     return records
 
 
-def last_train_step(run_dir: Path) -> int:
-    """The step of the newest ``train`` record of ``run_dir/metrics.jsonl`` (0 if none yet).
+def newest_train_record(run_dir: Path) -> dict[str, Any] | None:
+    """The newest ``train`` record of ``run_dir/metrics.jsonl`` (``None`` if none yet).
 
     Reads the file's last 16 KiB only: the queue calls this for every run at every poll.
     """
@@ -208,56 +213,79 @@ def last_train_step(run_dir: Path) -> int:
             f.seek(max(0, f.tell() - 16384))
             tail = f.read().decode("utf-8", errors="replace")
     except OSError:
-        return 0
+        return None
     for line in reversed(tail.splitlines()):
         try:
             record = json.loads(line)
         except ValueError:  # the cut first line, or a half-written last one
             continue
         if isinstance(record, dict) and record.get("type") == "train":
-            return int(record["step"])
-    return 0
+            return record
+    return None
 
-
-# One poll of the queue: (seconds, {run name: (GPU, newest train step)}) for the runs going.
-Poll = tuple[float, dict[str, tuple[str, int]]]
 
 # Seconds a run must have stepped alone for its alone tokens/s to be reported.
 MIN_ALONE_S = 10.0
 
+# (start, end, steps) of the training steps whose metrics were read together, in seconds.
+Segment = tuple[float, float, int]
 
-def sharing_stats(polls: list[Poll], name: str, tokens_per_step: int) -> dict[str, Any]:
-    """How run ``name`` shared its GPU, from the queue's polls (in time order).
 
-    Between two polls a run is *stepping* when its newest step advanced; the runs stepping on
-    the same GPU in that interval shared it. Returns ``runs_on_gpu_max`` (most runs going on
-    its GPU at once, stepping or not), ``runs_on_gpu_mean`` (mean over its stepping time of
-    the runs stepping on its GPU, itself included), ``alone_s`` (its stepping time with no
-    other run stepping there), ``tokens_per_s_alone`` (its tokens over that time; ``None``
-    under ``MIN_ALONE_S``) and ``gpu_share_s`` (its stepping time, each interval divided by
-    the runs stepping in it: its share of the GPU's time).
+def step_segments(records: list[dict[str, Any]]) -> list[Segment]:
+    """The stepping time of a run on its own clock (``elapsed_s``), from its train records.
+
+    The steps read from the device together share one ``step_s`` (their mean), so each such
+    group is one segment ending at its ``elapsed_s``. Only the last process of a resumed run
+    counts (its clock restarted).
     """
+    train = [r for r in records if r.get("type") == "train" and "step_s" in r]
+    for i in range(len(train) - 1, 0, -1):
+        if train[i]["elapsed_s"] < train[i - 1]["elapsed_s"]:
+            train = train[i:]
+            break
+    segments: list[Segment] = []
+    group: list[dict[str, Any]] = []
+    for record in [*train, None]:
+        if group and (record is None or record["step_s"] != group[0]["step_s"]):
+            end = max(float(r["elapsed_s"]) for r in group)
+            segments.append((end - len(group) * float(group[0]["step_s"]), end, len(group)))
+            group = []
+        if record is not None:
+            group.append(record)
+    return segments
+
+
+def sharing_stats(runs: dict[str, tuple[str, float, list[Segment]]], name: str,
+                  tokens_per_step: int) -> dict[str, Any]:
+    """How run ``name`` shared its GPU.
+
+    ``runs`` maps each run to ``(gpu, origin, segments)``: its GPU, the time (any common
+    clock) at which its own clock read 0, and its :func:`step_segments`. Another run on the
+    same GPU shares a segment when the span from its first to its last step (evaluations and
+    checkpoints between steps included) covers more than half of it. Returns
+    ``runs_on_gpu_max`` and ``runs_on_gpu_mean`` (most and time-weighted mean runs on the GPU
+    over its segments, itself included), ``alone_s`` (its stepping time alone),
+    ``tokens_per_s_alone`` (its speed over that time; ``None`` under ``MIN_ALONE_S``) and
+    ``gpu_share_s`` (its stepping time, each segment divided by the runs on the GPU then).
+    """
+    gpu, origin, own = runs[name]
+    spans = [(o + segs[0][0], o + segs[-1][1]) for run, (g, o, segs) in runs.items()
+             if run != name and g == gpu and segs]
     most = 0
     stepping_s = weighted = alone_s = alone_steps = share_s = 0.0
-    for (t0, before), (t1, after) in zip(polls, polls[1:], strict=False):
-        if name in after:
-            gpu = after[name][0]
-            most = max(most, sum(1 for g, _ in after.values() if g == gpu))
-        if name not in before or name not in after:
+    for a, b, steps in own:
+        a, b = a + origin, b + origin
+        length = b - a
+        if length <= 0:
             continue
-        gpu, step0 = before[name]
-        advanced = after[name][1] - step0
-        if advanced <= 0:
-            continue
-        sharing = sum(1 for run, (g, step) in after.items()
-                      if g == gpu and run in before and step > before[run][1])
-        dt = t1 - t0
-        stepping_s += dt
-        weighted += dt * sharing
-        share_s += dt / sharing
+        sharing = 1 + sum(1 for lo, hi in spans if min(b, hi) - max(a, lo) > length / 2)
+        most = max(most, sharing)
+        stepping_s += length
+        weighted += length * sharing
+        share_s += length / sharing
         if sharing == 1:
-            alone_s += dt
-            alone_steps += advanced
+            alone_s += length
+            alone_steps += steps
     return {
         "runs_on_gpu_max": most,
         "runs_on_gpu_mean": weighted / stepping_s if stepping_s else None,
@@ -460,14 +488,18 @@ def run_queue(specs: list[RunSpec], gpus: list[str], data: Path, runs_dir: Path,
     (status ``done`` in ``results``) are skipped; a run directory with a checkpoint is resumed.
     With ``budget_s``, a run is started only when :func:`projected_end` on its GPU, counting
     the work already committed there, falls ``INTERRUPT_S`` before the end, and runs still
-    going then get SIGINT (poetx saves a checkpoint and stops). Every poll samples each run's
-    newest step, from which its row gets :func:`sharing_stats`.
+    going then get SIGINT (poetx saves a checkpoint and stops). Every poll reads each run's
+    newest record to place its clock, from which its row gets :func:`sharing_stats`.
     """
     speeds = measured_tokens_per_s() if speeds is None else speeds
     start = time.monotonic()
     deadline = None if budget_s is None else start + budget_s
     gpu_free_at: dict[str, float] = {}
-    polls: list[Poll] = []
+    # Each run's clock origin on time.time(): the newest record read at a poll was written
+    # before the poll, so poll time - its elapsed_s bounds the origin from above; the least
+    # such bound over the polls is the closest.
+    origins: dict[str, float] = {}
+    finished: dict[str, tuple[str, float, list[Segment]]] = {}
     rows = load_results(results)
     pending = [s for s in specs if rows.get(s.name, {}).get("status") != "done"]
     skipped = len(specs) - len(pending)
@@ -510,8 +542,11 @@ def run_queue(specs: list[RunSpec], gpus: list[str], data: Path, runs_dir: Path,
                 print(f"quality: {len(pending)} runs left for a later call (budget)", flush=True)
             break
         time.sleep(poll_s)
-        polls.append((time.monotonic(), {job.spec.name: (job.gpu, last_train_step(
-            runs_dir / job.spec.name)) for job in running}))
+        for job in running:
+            newest = newest_train_record(runs_dir / job.spec.name)
+            if newest is not None and "elapsed_s" in newest:
+                bound = time.time() - float(newest["elapsed_s"])
+                origins[job.spec.name] = min(origins.get(job.spec.name, bound), bound)
         for job in list(running):
             if (left is not None and left < INTERRUPT_S and not job.interrupted
                     and job.proc.poll() is None):
@@ -526,7 +561,13 @@ def run_queue(specs: list[RunSpec], gpus: list[str], data: Path, runs_dir: Path,
             summary = summarize(read_records(runs_dir / job.spec.name), job.spec.steps)
             status = "done" if summary["done"] and code == 0 else (
                 "partial" if code in (0, 130) else f"failed (exit {code})")
-            sharing = sharing_stats(polls, job.spec.name, BATCH * SEQ_LEN)
+            runs = dict(finished)
+            for other in [*running, job]:
+                name = other.spec.name
+                runs[name] = (other.gpu, origins.get(name, other.started_unix),
+                              step_segments(read_records(runs_dir / name)))
+            finished[job.spec.name] = runs[job.spec.name]
+            sharing = sharing_stats(runs, job.spec.name, BATCH * SEQ_LEN)
             sharing.update(started_unix=round(job.started_unix, 1),
                            ended_unix=round(time.time(), 1))
             rows = load_results(results)
@@ -740,12 +781,12 @@ def render_doc(rows: list[dict[str, Any]], plots: list[Path]) -> str:
         f"{estimate / 60:.0f} GPU-minutes run one after another.",
         "- Several runs may share one GPU (`--gpus 0,0,0`: three processes at once, "
         "time-sliced). Their `tokens/s (shared)` is then their part of the GPU, not their "
-        "speed: `runs on GPU` is the mean number of runs stepping on the GPU while the run "
-        "stepped, `tokens/s alone` its speed over the time it stepped alone (measured when "
+        "speed: `runs on GPU` is the mean number of runs on the GPU (from their first to "
+        "their last step) while the run stepped, `tokens/s alone` its speed over the time it stepped alone (measured when "
         f"that was at least {MIN_ALONE_S:.0f} s). The wall-clock plot uses tokens / tokens/s "
         "alone, not the shared clock; a run never alone long enough takes that of an alike run "
         "(same preset, optimizer, flags, GPU), else its tokens over its share of the GPU's "
-        "time (`gpu_share_s`: each interval divided by the runs stepping in it), marked so in "
+        "time (`gpu_share_s`: each of its stepping intervals divided by the runs on the GPU then), marked so in "
         "the legend.",
         "",
         "Commands (GPU machine; see `bench/quality.py` for the full procedure):",
@@ -754,8 +795,8 @@ def render_doc(rows: list[dict[str, Any]], plots: list[Path]) -> str:
         "poetx data install debian-en && poetx data pack debian-en --out .cache/gpu-corpus",
         "# on the GPU machine, each call (runs already done are skipped):",
         "python -m poetx.cli.main data unpack .cache/gpu-corpus",
-        "python bench/quality.py run --gpus 0,0,0 --data .cache/gpu-corpus --budget-s 420 \\",
-        "    --speed-scale 0.85",
+        "python bench/quality.py run --gpus 0,0,0 --data .cache/gpu-corpus --budget-s 435 \\",
+        "    --speed-scale 0.86   # first call: three at once; --gpus 0 runs one at a time",
         "# back here, with the GPU's bench/results/quality.json:",
         "python bench/quality.py report",
         "```",
@@ -800,8 +841,56 @@ def render_doc(rows: list[dict[str, Any]], plots: list[Path]) -> str:
         out += ["Pending: validation perplexity against tokens and against wall-clock time "
                 "(`bench/results/quality_ppl_tokens.png`, `quality_ppl_wallclock.png`) are "
                 "drawn once runs exist.", ""]
+    out += sharing_section(rows)
     out += ["## Where POET-X loses", "", *comparison(rows), ""]
     return "\n".join(out)
+
+
+def share_ratios(rows: list[dict[str, Any]]) -> list[float]:
+    """For each run that shared its GPU and has a speed measured alone (its own or an alike
+    run's): tokens over its share of the GPU's time, over that speed (1: sharing cost
+    nothing)."""
+    ratios = []
+    for row in rows:
+        if (row.get("runs_on_gpu_max") or 1) > 1 and row.get("gpu_share_s"):
+            speed, source = alone_speed(row, rows)
+            if speed and source != "share":
+                ratios.append(row["tokens_seen"] / row["gpu_share_s"] / speed)
+    return ratios
+
+
+def sharing_section(rows: list[dict[str, Any]]) -> list[str]:
+    """A table of the runs that shared a GPU: their share of its time against running alone.
+
+    ``tokens / gpu_share_s`` is what a run would do alone if sharing neither added nor lost
+    throughput; set against a speed measured alone (its own or an alike run's) it says which.
+    """
+    shared = [r for r in rows if (r.get("runs_on_gpu_max") or 1) > 1 and r.get("gpu_share_s")]
+    if not shared:
+        return []
+    ratios = share_ratios(rows)
+    out = ["## Sharing one GPU (measured)", "",
+           "| run | device | most runs at once | mean runs | tokens / GPU share (tokens/s) "
+           "| tokens/s alone (source) | share / alone |", "|---|---|---|---|---|---|---|"]
+    for row in shared:
+        share_speed = row["tokens_seen"] / row["gpu_share_s"]
+        speed, source = alone_speed(row, rows)
+        if source == "share":
+            speed = None
+        ratio = share_speed / speed if speed else None
+        out.append(f"| {row['name']} | {row['device']} | {row['runs_on_gpu_max']} | "
+                   f"{_fmt(row.get('runs_on_gpu_mean'))} | {share_speed:,.0f} | "
+                   + (f"{speed:,.0f} ({source}) | {ratio:.2f} |" if speed else "– | – |"))
+    out.append("")
+    if ratios:
+        verdict = ("lost throughput: one run at a time would have been faster"
+                   if max(ratios) < 1 else "did not lose throughput everywhere")
+        out += [f"Runs sharing the GPU did {min(ratios):.2f}-{max(ratios):.2f} of the work "
+                f"per second of their share that a run alone does: sharing {verdict}. "
+                "(Without MPS, processes on one GPU are time-sliced: their kernels do not run "
+                "at the same time, so sharing can only fill gaps, and switching costs time.)",
+                ""]
+    return out
 
 
 def comparison(rows: list[dict[str, Any]]) -> list[str]:
@@ -820,17 +909,44 @@ def comparison(rows: list[dict[str, Any]]) -> list[str]:
         best = {opt: min(rs, key=lambda r: r["best_val_ppl"]) for opt, rs in by_opt.items()}
         p, a = best["poetx"], best["adamw"]
         ratio = p["best_val_ppl"] / a["best_val_ppl"]
-        verdict = "meets" if ratio <= 1.03 else "misses"
+        if missing:
+            verdict = ("under the target's 1.03 so far, but the sweep is incomplete, so the "
+                       "target is not shown")
+        else:
+            verdict = "meets the target (<= 1.03)" if ratio <= 1.03 else "misses the target"
         line = (f"- {preset}: best validation perplexity POET-X {p['best_val_ppl']:.2f} "
                 f"(lr {p['lr']:g}) against AdamW {a['best_val_ppl']:.2f} (lr {a['lr']:g}), "
-                f"ratio {ratio:.3f}: {verdict} the target (<= 1.03); loss spikes "
-                f"{p['loss_spikes']} against {a['loss_spikes']}.")
+                f"ratio {ratio:.3f}: {verdict}; loss spikes {p['loss_spikes']} against "
+                f"{a['loss_spikes']}.")
+        mid = {opt: {c[0]: c[3] for c in best[opt]["curve"]} for opt in best}
+        half = best["adamw"]["steps"] // 2
+        if half in mid["poetx"] and half in mid["adamw"]:
+            leader = "AdamW" if mid["adamw"][half] < mid["poetx"][half] else "POET-X"
+            line += (f" Halfway (step {half}) {leader} leads: AdamW {mid['adamw'][half]:.2f}, "
+                     f"POET-X {mid['poetx'][half]:.2f}.")
         speeds = {opt: alone_speed(best[opt], rows) for opt in best}
         if speeds["poetx"][0] and speeds["adamw"][0]:
             (ps, p_src), (as_, a_src) = speeds["poetx"], speeds["adamw"]
-            shared = " (from GPU shares, not measured alone)" if "share" in (p_src, a_src) else ""
+            shared = ""
+            if "share" in (p_src, a_src):
+                ratios = share_ratios(rows)
+                shared = " (from GPU shares, not measured alone" + (
+                    f"; in the same study a GPU share gave {min(ratios):.2f}-{max(ratios):.2f}"
+                    " of the speed alone" if ratios else "") + ")"
             line += (f" Alone on the GPU POET-X trains at {ps:,.0f} tokens/s, AdamW at "
                      f"{as_:,.0f} ({ps / as_:.2f} x){shared}.")
+            # POET-X's perplexity when AdamW's run is over, at the speeds above
+            at = a["tokens_seen"] / as_ * ps
+            curve = [(c[1], c[3]) for c in p["curve"] if c[0] > 0]
+            before = [c for c in curve if c[0] <= at]
+            after = [c for c in curve if c[0] >= at]
+            if before and after:
+                (t0, y0), (t1, y1) = before[-1], after[0]
+                y = y0 if t1 == t0 else math.exp(math.log(y0) + (math.log(y1) - math.log(y0))
+                                                  * (at - t0) / (t1 - t0))
+                side = "behind" if y > a["final_val_ppl"] else "not behind"
+                line += (f" In the GPU time AdamW's run takes, POET-X reaches {y:.1f} (AdamW "
+                         f"{a['final_val_ppl']:.2f}): per second of GPU, POET-X is {side}.")
         if missing:
             line += (f" Incomplete sweep (not done: {', '.join(missing)}), so an optimum at "
                      "an untried learning rate is not excluded.")

@@ -100,40 +100,55 @@ def test_projected_end_counts_work_committed_to_the_gpu() -> None:
     assert free_at == pytest.approx(over + 300.0)
 
 
-def test_sharing_stats_from_polls() -> None:
-    # runs a and b share GPU 0 for 10 s (both advancing), then a runs alone for 20 s; c is on
-    # GPU 1 all along and never shares; b stalls (evaluates) between 4 and 6 s.
-    polls: list[quality.Poll] = []
-    for t in range(0, 31, 2):
-        going = {"a": ("0", 10 * t), "c": ("1", 5 * t)}
-        if t <= 10:
-            going["b"] = ("0", 3 * min(t, 4) + 3 * max(0, t - 6))
-        polls.append((float(t), going))
-    a = quality.sharing_stats(polls, "a", tokens_per_step=100)
-    assert a["runs_on_gpu_max"] == 2
-    # a steps 30 s: 8 s beside b, 2 s (4-6) with b stalled, 20 s with b gone
-    assert a["alone_s"] == pytest.approx(22.0)
-    assert a["runs_on_gpu_mean"] == pytest.approx((8 * 2 + 22 * 1) / 30)
-    assert a["gpu_share_s"] == pytest.approx(8 / 2 + 22)
-    assert a["tokens_per_s_alone"] == pytest.approx(10 * 100)
-    b = quality.sharing_stats(polls, "b", tokens_per_step=100)
-    assert b["runs_on_gpu_max"] == 2 and b["runs_on_gpu_mean"] == pytest.approx(2.0)
-    assert b["alone_s"] == 0 and b["tokens_per_s_alone"] is None
-    c = quality.sharing_stats(polls, "c", tokens_per_step=100)
-    assert c["runs_on_gpu_max"] == 1 and c["alone_s"] == pytest.approx(30.0)
-    assert c["tokens_per_s_alone"] == pytest.approx(5 * 100)
+def test_step_segments_group_the_steps_read_together() -> None:
+    def train(step: int, step_s: float, elapsed: float) -> dict:
+        return {"type": "train", "step": step, "step_s": step_s, "elapsed_s": elapsed}
+
+    records = [train(1, 0.5, 1.5), train(2, 0.5, 1.5), train(3, 0.5, 1.5),
+               {"type": "eval", "step": 3, "val_ppl": 9.0},
+               train(4, 1.0, 3.6), train(5, 1.0, 3.6)]
+    assert quality.step_segments(records) == [(0.0, 1.5, 3), (1.6, 3.6, 2)]
+    # a resumed process restarts its clock: only its own steps count
+    resumed = [*records, train(6, 0.25, 0.5), train(7, 0.25, 0.5)]
+    assert quality.step_segments(resumed) == [(0.0, 0.5, 2)]
+
+
+def test_sharing_stats_from_segments() -> None:
+    # a steps from 0 to 30 s (10 steps a second); b on the same GPU from 0 to 10 s with a gap
+    # (an evaluation) at 4-6 s; c on another GPU all along (5 steps a second).
+    a = [(float(t), t + 1.0, 10) for t in range(30)]
+    b = [(0.0, 2.0, 4), (2.0, 4.0, 4), (6.0, 8.0, 4), (8.0, 10.0, 4)]
+    c = [(float(t), t + 1.0, 5) for t in range(30)]
+    runs = {"a": ("0", 0.0, a), "b": ("0", 0.0, b), "c": ("1", 0.0, c)}
+    got = quality.sharing_stats(runs, "a", tokens_per_step=100)
+    assert got["runs_on_gpu_max"] == 2
+    # b's evaluation gap still counts as b on the GPU: a is alone from 10 s on only
+    assert got["alone_s"] == pytest.approx(20.0)
+    assert got["runs_on_gpu_mean"] == pytest.approx((10 * 2 + 20 * 1) / 30)
+    assert got["gpu_share_s"] == pytest.approx(10 / 2 + 20)
+    assert got["tokens_per_s_alone"] == pytest.approx(10 * 100)
+    got = quality.sharing_stats(runs, "b", tokens_per_step=100)
+    assert got["runs_on_gpu_max"] == 2 and got["runs_on_gpu_mean"] == pytest.approx(2.0)
+    assert got["alone_s"] == 0 and got["tokens_per_s_alone"] is None
+    got = quality.sharing_stats(runs, "c", tokens_per_step=100)
+    assert got["runs_on_gpu_max"] == 1 and got["alone_s"] == pytest.approx(30.0)
+    assert got["tokens_per_s_alone"] == pytest.approx(5 * 100)
+    # b's clock started 25 s after a's: they now overlap from 25 to 30 s
+    runs["b"] = ("0", 25.0, b)
+    assert quality.sharing_stats(runs, "a", 100)["alone_s"] == pytest.approx(25.0)
     # too short alone to report a speed
-    short = quality.sharing_stats(polls[:4], "c", tokens_per_step=100)
-    assert short["alone_s"] == pytest.approx(6.0) and short["tokens_per_s_alone"] is None
+    short = {"c": ("1", 0.0, c[:6])}
+    got = quality.sharing_stats(short, "c", tokens_per_step=100)
+    assert got["alone_s"] == pytest.approx(6.0) and got["tokens_per_s_alone"] is None
 
 
-def test_last_train_step_reads_the_newest_record(tmp_path: Path) -> None:
-    assert quality.last_train_step(tmp_path) == 0
-    lines = [json.dumps({"type": "train", "step": s, "loss": 1.0, "pad": "x" * 100})
+def test_newest_train_record(tmp_path: Path) -> None:
+    assert quality.newest_train_record(tmp_path) is None
+    lines = [json.dumps({"type": "train", "step": s, "elapsed_s": s / 10, "pad": "x" * 100})
              for s in range(1, 400)]
     lines.append(json.dumps({"type": "eval", "step": 399, "val_ppl": 9.0}))
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n" + '{"type": "tr')
-    assert quality.last_train_step(tmp_path) == 399
+    assert quality.newest_train_record(tmp_path)["step"] == 399
 
 
 def test_alone_speed_falls_back_to_alike_runs() -> None:
@@ -226,7 +241,11 @@ def test_queue_runs_two_at_once_on_one_device(tiny_packed: Path, tmp_path: Path)
     rows = quality.load_results(results)
     assert {r["status"] for r in rows.values()} == {"done"}
     first, second = (rows[s.name] for s in specs)
-    # both went at once: each started before the other ended, and both saw two runs going
+    # both went at once: each started before the other ended
     assert first["started_unix"] < second["ended_unix"]
     assert second["started_unix"] < first["ended_unix"]
-    assert first["runs_on_gpu_max"] == second["runs_on_gpu_max"] == 2
+    # whether their steps overlapped depends on the machine's timing (sharing_stats is tested
+    # on fixed segments above); each row says how it went
+    for row in (first, second):
+        assert row["runs_on_gpu_max"] in (1, 2) and row["gpu_share_s"] > 0
+        assert row["alone_s"] <= row["gpu_share_s"] + 1e-9
