@@ -1,114 +1,140 @@
-"""The largest Llama-style model that trains on one GPU: real optimizer steps on real text.
+"""The largest Llama-style model that trains on one GPU: ``poetx train`` itself, under a cap.
 
-    python -m bench.largest --shape llama-30b --w0-format int8 --steps 10 \
-        --out bench/results/largest.json
+The run is the ordinary ``poetx train`` (the Trainer, its CUDA-graph step, merges, evaluation)
+of the ``llama-30b`` preset (LLaMA-1 "33B" shape, 32.5 B parameters) with int8 W0 and
+activation checkpointing, on the bundled corpus, in a process whose CUDA allocator is capped at
+``--cap-gib`` (``torch.cuda.set_per_process_memory_fraction``), so an H200 answers for an
+80 GB card. Flags after ``--`` are added to (and override) the recipe below::
+
+    python -m bench.largest --cap-gib 80 --run-dir /tmp/largest --out bench/results/largest.json
+    python -m bench.largest --report /tmp/largest/metrics.jsonl --out bench/results/largest.json
+
+``--report`` turns a run's ``metrics.jsonl`` into the JSON rows (one per logged step, the
+evaluations and merges) and a loss-curve PNG beside the JSON, without a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
 
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+# Loss falls clearly at these rates (a 10-step sweep without warm-up diverged at lr 3e-3 and
+# wobbled at 1e-4, bench/results/largest_lr_sweep.json: an Adam step moves each logit by about
+# lr * width, 0.67 at lr 1e-4 and width 6656), hence the warm-up. Three merges in 300 steps.
+RECIPE = [
+    "--preset", "llama-30b", "--optimizer", "poetx", "--w0-format", "int8",
+    "--grad-checkpointing", "--block-size", "256", "--batch-size", "2", "--seq-len", "256",
+    "--steps", "300", "--merge-every", "100", "--warmup-steps", "30", "--lr", "5e-5",
+    "--poet-lr", "2.5e-4", "--eval-every", "100", "--eval-batches", "4", "--save-every", "0",
+    "--metrics-every", "10", "--no-progress", "--no-tensorboard",
+]
 
-import poetx
-from bench.common import environment, print_table, write_json
-from poetx.data.dataset import build_data
-from poetx.model.build import build_poet_model, rebuild_hf_rotary
-from poetx.model.lm_loss import causal_lm_loss
 
-# hidden, intermediate, layers, heads (LLaMA-1 30B/65B-style shapes; kv heads = heads)
-SHAPES = {
-    "llama-13b": (5120, 13824, 40, 40),
-    "llama-30b": (6656, 17920, 60, 52),
-    "llama-34b": (8192, 22016, 48, 64),
-}
+def cap_allocator(cap_gib: float) -> float:
+    """Cap this process's CUDA allocations at ``cap_gib`` GiB; returns the fraction set."""
+    import torch
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    fraction = min(1.0, cap_gib * 2**30 / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, 0)
+    return fraction
+
+
+def rows_from_metrics(records: list[dict[str, Any]], command: str, env: dict[str, Any],
+                      config: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One row per logged record of interest (the start, train steps, evaluations); the
+    start row carries the run's ``config.json`` (``config``), which the planner check reads."""
+    rows = []
+    for r in records:
+        if r.get("type") == "train":
+            rows.append({"kind": "train", "step": r["step"], "loss": r["loss"],
+                         "tokens": r["tokens"], "tokens_per_s": r["tokens_per_s"],
+                         "peak_gib": r["peak_mem_gib"], "lr": r["lr"],
+                         "poet_lr": r.get("poet_lr"), "merged": r.get("merged"),
+                         "q_norm_max": r.get("q_norm_max"), "grad_norm": r.get("grad_norm")})
+        elif r.get("type") == "eval":
+            rows.append({"kind": "eval", "step": r["step"], "val_loss": r["val_loss"],
+                         "val_ppl": r["val_ppl"], "tokens": r["tokens"]})
+        elif r.get("type") == "event" and r.get("event") == "start":
+            rows.append({"kind": "start", "step": r["step"], "message": r["message"],
+                         "parameters": r.get("parameters"), "trainable": r.get("trainable"),
+                         "config": config})
+    return [{**env, "command": command, **row} for row in rows]
+
+
+def plot_loss(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in rows if r["kind"] == "train"]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=0.8, label="train loss")
+    ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val loss")
+    for r in train:
+        if r.get("merged"):
+            ax.axvline(r["step"], color="grey", lw=0.5, ls=":")
+    ax.set_xlabel("step (dotted: merges)")
+    ax.set_ylabel("loss")
+    ax.set_title(f"llama-30b int8 W0, {train[-1]['peak_gib']:.1f} GiB peak, "
+                 f"{rows[0].get('device', '')}", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def report(metrics: Path, out: Path, command: str, env: dict[str, Any]) -> list[dict[str, Any]]:
+    from bench.common import print_table
+    from poetx.train.metrics import read_metrics
+
+    config_file = metrics.parent / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.exists() else None
+    rows = rows_from_metrics(read_metrics(metrics), command, env, config)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=1) + "\n")
+    print_table([r for r in rows if r["kind"] != "start"],
+                ["kind", "step", "loss", "val_loss", "tokens_per_s", "peak_gib", "merged"])
+    try:
+        plot_loss(rows, out.with_suffix(".png"))
+    except ImportError:
+        print("matplotlib missing: no plot", file=sys.stderr)
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", default="llama-30b", choices=sorted(SHAPES))
-    parser.add_argument("--w0-format", default="int8", choices=["auto", "int8", "fp8"])
-    parser.add_argument("--mode", default="mem")
-    parser.add_argument("--block-size", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--vocab-size", type=int, default=16384)
-    # Adam moves every lm_head entry by about lr per step, so a logit moves by about
-    # lr * hidden: 3e-3 at width 6656 diverged (bench/results/largest_lr3e-3_diverged.json).
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--poet-lr", type=float, default=5e-4)
-    parser.add_argument("--warmup", type=int, default=3, help="linear lr warm-up steps")
-    # the memory options of poetx train (see `poetx plan`)
-    parser.add_argument("--dense-optimizer", default="adamw",
-                        choices=["adamw", "adamw-kahan", "adamw-fp32-master", "adamw8bit"])
-    parser.add_argument("--rotation-states", default="fp32", choices=["fp32", "8bit"])
-    parser.add_argument("--step-in-backward", action="store_true",
-                        help="embedding and lm_head stepped in backward, clipped per tensor")
+    parser.add_argument("--cap-gib", type=float, default=80.0)
+    parser.add_argument("--run-dir", default="/tmp/largest")
     parser.add_argument("--out", default="bench/results/largest.json")
-    args = parser.parse_args()
+    parser.add_argument("--report", metavar="METRICS_JSONL",
+                        help="only convert a finished run's metrics.jsonl (with its command "
+                        "and device from --command / --device)")
+    parser.add_argument("--command", default="", help="with --report: the command of the run")
+    parser.add_argument("--device", default="", help="with --report: the GPU of the run")
+    args, extra = parser.parse_known_args()
+    extra = [a for a in extra if a != "--"]
+    if args.report:
+        env = {"device": args.device}
+        report(Path(args.report), Path(args.out), args.command, env)
+        return
 
-    torch.manual_seed(0)
-    data = build_data(None, args.seq_len, args.batch, seed=0, vocab_size=args.vocab_size)
-    hidden, inter, layers, heads = SHAPES[args.shape]
-    hf_config = LlamaConfig(vocab_size=data.vocab_size, hidden_size=hidden,
-                            intermediate_size=inter, num_hidden_layers=layers,
-                            num_attention_heads=heads, num_key_value_heads=heads,
-                            max_position_embeddings=4096, use_cache=False)
-    cfg = poetx.POETConfig(block_size=args.block_size, mode=args.mode, w0_format=args.w0_format)
-    start = time.perf_counter()
-    model = build_poet_model(lambda: LlamaForCausalLM(hf_config), cfg, "cuda", torch.bfloat16,
-                             rebuild_buffers=rebuild_hf_rotary)
-    build_s = time.perf_counter() - start
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    opt = poetx.make_optimizer(model, lr=args.lr, poet_lr=args.poet_lr,
-                               dense_optimizer=args.dense_optimizer,
-                               rotation_8bit=args.rotation_states == "8bit")
-    in_backward = None
-    if args.step_in_backward:
-        from poetx.optim.in_backward import StepInBackward, embedding_and_head
+    from bench.common import environment
+    from poetx.cli.main import main as poetx_main
 
-        in_backward = StepInBackward(opt, embedding_and_head(model), 1.0)
-    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup))
-    dense_params = sum(
-        m.in_features * m.out_features for _, m in poetx.model.wrap.poet_layers(model)
-    ) + sum(p.numel() for n, p in model.named_parameters() if "theta" not in n and "w0" not in n)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"{args.shape}: {dense_params / 1e9:.2f}B parameters as a dense model, "
-          f"{trainable / 1e6:.0f}M trainable; built in {build_s:.1f} s; {data.description}")
-    rows = []
-    torch.cuda.reset_peak_memory_stats()
-    for step in range(args.steps):
-        t0 = time.perf_counter()
-        loss = causal_lm_loss(model, data.train.batch(step).cuda())
-        if in_backward is not None:
-            in_backward.begin(loss)
-        loss.backward()
-        # the parameters stepped in backward were clipped on their own (their grads are None)
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 1.0)
-        opt.step()
-        warmup.step()
-        opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        rows.append({"shape": args.shape, "step": step, "loss": loss.item(),
-                     "tokens_per_s": args.batch * args.seq_len / dt,
-                     "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-                     "dense_params_b": dense_params / 1e9, "trainable_m": trainable / 1e6,
-                     "w0_format": args.w0_format, "mode": args.mode, "lr": args.lr,
-                     "poet_lr": args.poet_lr, "dense_optimizer": args.dense_optimizer,
-                     "rotation_states": args.rotation_states,
-                     "step_in_backward": args.step_in_backward, "loss_impl": "vocab-chunked",
-                     "batch": args.batch, "seq_len": args.seq_len})
-        print(f"step {step}: loss {rows[-1]['loss']:.4f}  {rows[-1]['tokens_per_s']:.0f} tok/s  "
-              f"peak {rows[-1]['peak_gib']:.1f} GiB", flush=True)
-    env = environment()
-    write_json(args.out, rows, env)
-    print(f"\n{env['device']}, torch {env['torch']}")
-    print_table(rows, ["shape", "step", "loss", "tokens_per_s", "peak_gib"])
+    fraction = cap_allocator(args.cap_gib)
+    argv = ["train", *RECIPE, *extra, "--out", args.run_dir]
+    command = "python -m bench.largest " + shlex.join(sys.argv[1:])
+    print(f"allocator capped at {args.cap_gib:g} GiB ({fraction:.3f} of the device); "
+          f"poetx {shlex.join(argv)}", flush=True)
+    code = poetx_main(argv)
+    env = {**environment(), "cap_gib": args.cap_gib, "exit_code": code}
+    report(Path(args.run_dir) / "metrics.jsonl", Path(args.out), command, env)
 
 
 if __name__ == "__main__":

@@ -72,27 +72,22 @@ def compare(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def compare_largest(rows: list[dict[str, Any]], vocab_size: int = 16384) -> dict[str, Any]:
-    """The run of ``bench/largest.py`` (a shape of its own, not a preset): its peak over all
-    steps. ``vocab_size``: that script's default (its rows do not record it)."""
-    from bench.largest import SHAPES
-    from poetx.plan.memory import ModelShape, predict
+def compare_largest(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run of ``bench/largest.py`` (``poetx train`` of the ``llama-30b`` preset): its peak
+    over all steps against the plan of the run's own config (in its start row)."""
+    from poetx.plan.fit import setting_of
+    from poetx.train.config import TrainConfig
 
-    first = rows[0]
-    hidden, inter, layers, heads = SHAPES[first["shape"]]
-    shape = ModelShape(hidden, inter, layers, heads, heads, vocab_size)
-    setting = Setting(mode=first["mode"], checkpointing=True, w0_format=first["w0_format"],
-                      loss=first.get("loss_impl", "token-chunked"),
-                      dense_optimizer=first.get("dense_optimizer", "adamw"),
-                      rotation_states=first.get("rotation_states", "fp32"),
-                      step_in_backward=bool(first.get("step_in_backward", False)))
-    p = predict(shape, first["seq_len"], first["batch"], setting, first["shape"])
-    measured = max(r["peak_gib"] for r in rows)
-    return {"model": first["shape"], "seq_len": first["seq_len"], "batch": first["batch"],
-            "method": setting.name, "status": "ok", "measured_gib": measured,
+    start = next(r for r in rows if r["kind"] == "start")
+    cfg = TrainConfig.from_dict(start["config"])
+    p = plan(cfg.preset, cfg.seq_len, cfg.batch_size, setting_of(cfg), cfg.vocab_size)
+    train = [r for r in rows if r["kind"] == "train"]
+    measured = max(r["peak_gib"] for r in train)
+    return {"model": cfg.preset, "seq_len": cfg.seq_len, "batch": cfg.batch_size,
+            "method": p.setting.name, "status": "ok", "measured_gib": measured,
             "predicted_gib": p.peak_gib, "error_pct": 100 * (p.peak_gib - measured) / measured,
-            "peak_at": p.phase, "measured_on": first.get("device"),
-            "measured_by": first.get("command")}
+            "peak_at": p.phase, "measured_on": start.get("device"),
+            "measured_by": start.get("command")}
 
 
 def markdown(records: list[dict[str, Any]], source: str) -> str:

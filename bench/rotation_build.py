@@ -6,9 +6,9 @@ skew parameters). "per-layer" builds each side's blocks and its skew gradient wi
 calls (what each ``POETLinear`` did alone); "batched" runs one build and one backward for all
 sides (chunks of ``CHUNK_BLOCKS`` blocks). Times are per decoder block and scaled to the model;
 ``extra_mib`` is the peak memory of one call above what its inputs and outputs hold.
-``--precisions`` also times the product operands as bf16 (``POETX_CAYLEY_PRECISION``) and
-gives each precision's relative error against float64 on the first side (blocks and skew
-gradient).
+``--precisions`` sets the product precision (``POETX_CAYLEY_PRECISION``; bf16 stores the dense
+operands in bf16) and gives each precision's relative error against float64 on the first side
+(blocks and skew gradient); ``--tiles`` caps the kernels' tile (``auto``: the kernels' default).
 
     python -m bench.rotation_build --out bench/results/rotation_build.json
 """
@@ -61,7 +61,9 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a.double() - ref).norm() / ref.norm())
 
 
-def measure(preset: str, block: int, out_dtype: torch.dtype, precision: str) -> list[dict]:
+def measure(preset: str, block: int, out_dtype: torch.dtype, precision: str,
+            tile: int | None = None) -> list[dict]:
+    from poetx.kernels import cayley_neumann as cn
     from poetx.ops import backend
     from poetx.ops.rotation_group import build_rotation_group
     from poetx.ortho.cayley import (
@@ -71,6 +73,7 @@ def measure(preset: str, block: int, out_dtype: torch.dtype, precision: str) -> 
     )
 
     os.environ["POETX_CAYLEY_PRECISION"] = precision
+    cn.OPTIONS["tile"] = tile
     sizes, layers = block_sides(preset, block)
     npar = num_skew_params(block)
     # ||Q||_F = 0.5 per block: mid-way to the default merge guard (max_q_norm = 1)
@@ -81,7 +84,8 @@ def measure(preset: str, block: int, out_dtype: torch.dtype, precision: str) -> 
     def per_layer():
         for t, g in zip(thetas, grads, strict=True):
             backend.rotation_delta(t.detach(), block, 3, None, out_dtype)
-            backend.rotation_delta_backward(t.detach(), g, block, 3, None)
+            backend.rotation_delta_backward(t.detach(), g, block, 3, None,
+                                            build_dtype=out_dtype)
 
     def batched():
         _, handles = build_rotation_group(thetas, block, 3, None, out_dtype)
@@ -99,14 +103,16 @@ def measure(preset: str, block: int, out_dtype: torch.dtype, precision: str) -> 
         for t in thetas:
             t.grad = None
         rows.append({"model": preset, "block": block, "dtype": str(out_dtype).split(".")[-1],
-                     "precision": precision, "blocks_per_decoder_block": sum(sizes),
+                     "precision": precision, "tile": tile or "auto",
+                     "blocks_per_decoder_block": sum(sizes),
                      "path": name, "ms_per_decoder_block": ms, "ms_per_step": ms * layers,
                      "extra_mib": extra})
     # the two paths give the same blocks and gradients; both against float64
     ref = [backend.rotation_delta(t.detach(), block, 3, None, out_dtype) for t in thetas]
     got, handles = build_rotation_group(thetas, block, 3, None, out_dtype)
     torch.autograd.backward(handles, grads)
-    ref_grads = [backend.rotation_delta_backward(t.detach(), g, block, 3, None)
+    ref_grads = [backend.rotation_delta_backward(t.detach(), g, block, 3, None,
+                                                 build_dtype=out_dtype)
                  for t, g in zip(thetas, grads, strict=True)]
     same = all(torch.equal(a, b) for a, b in zip(ref, got, strict=True)) and all(
         torch.equal(t.grad, r) for t, r in zip(thetas, ref_grads, strict=True))
@@ -124,6 +130,7 @@ def main() -> None:
     parser.add_argument("--presets", default="llama-8b,llama-130m")
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--precisions", default="tf32,bf16")
+    parser.add_argument("--tiles", default="auto", help="comma list of tile caps or auto")
     parser.add_argument("--out", default="bench/results/rotation_build.json")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -131,9 +138,11 @@ def main() -> None:
     rows = []
     for preset in args.presets.split(","):
         for precision in args.precisions.split(","):
-            rows += [{**env, **r}
-                     for r in measure(preset, args.block_size, torch.bfloat16, precision)]
-    print_table(rows, ["model", "precision", "blocks_per_decoder_block", "path",
+            for tile in args.tiles.split(","):
+                cap = None if tile == "auto" else int(tile)
+                rows += [{**env, **r} for r in measure(preset, args.block_size, torch.bfloat16,
+                                                       precision, cap)]
+    print_table(rows, ["model", "precision", "tile", "blocks_per_decoder_block", "path",
                        "ms_per_decoder_block", "ms_per_step", "extra_mib", "bitwise_equal",
                        "rel_err_blocks", "rel_err_grad"])
     write_json(args.out, rows, {})

@@ -216,6 +216,52 @@ def test_cayley_interpreted_bf16_products(interp, monkeypatch, b, nb, valid, ter
     assert err < 3.9e-3
 
 
+def _theta_with_norm(nb: int, b: int, q_norm: float, device="cpu") -> torch.Tensor:
+    """Skew parameters whose blocks have ``||Q||_F`` about ``q_norm``."""
+    npar = b * (b - 1) // 2
+    return torch.randn(nb, npar, device=device) * (q_norm / (2 * npar) ** 0.5)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("b,nb,valid,cap,tile_w,tiles", [
+    (64, 3, 50, 64, None, (64, 64)),  # b = 64, one tile per block
+    (128, 2, 100, 128, None, (128, 64)),  # one 128 tile, 2 x 2 W pairs of 64
+    (192, 1, 150, 128, None, (64, 64)),  # b not a multiple of 128: 64 tiles
+    (256, 1, 201, 128, 128, (128, 128)),  # 2 x 2 tiles of 128, off-diagonal W pairs of 128
+])
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_cayley_interpreted_tiles(interp, monkeypatch, b, nb, valid, cap, tile_w, tiles,
+                                  precision):
+    """The fast path's tile shapes (the compiled default is 64; 128 on request), padded last
+    blocks included. ``tf32`` runs float32 products here (float32-exact); ``bf16``
+    stores the operands in bf16 and stays inside the bound of
+    ``test_cayley_interpreted_bf16_products``; a bf16 build gets bf16 products by default."""
+    _, cn = interp
+    monkeypatch.setitem(cn.OPTIONS, "tile", cap)
+    monkeypatch.setitem(cn.OPTIONS, "tile_w", tile_w)
+    monkeypatch.setenv("POETX_CAYLEY_PRECISION", precision)
+    cfg = cn._fast_config(b, cn._precision("tf32"))
+    assert (cfg.tile, cfg.tile_w) == tiles
+    assert cfg.storage == (torch.bfloat16 if precision == "bf16" else torch.float32)
+    theta = _theta_with_norm(nb, b, 0.5)
+    ref = rotation_delta_reference(theta.double(), b, 3, valid)
+    d = cn.cayley_neumann_delta(theta, b, 3, valid, torch.float32,
+                                out=nan_like((nb, b, b), torch.float32, "cpu"))
+    g = torch.randn(nb, b, b)
+    gref = rotation_delta_backward_reference(theta.double(), g.double(), b, 3, valid)
+    gt = cn.cayley_neumann_delta_backward(theta, g, b, 3, valid,
+                                          out=nan_like(theta.shape, torch.float32, "cpu"))
+    if precision == "tf32":
+        assert rel_err(d, ref) < 1e-6 and rel_err(gt, gref) < 1e-6
+    else:
+        assert 1e-7 < rel_err(d, ref) < 3.9e-3 and 1e-7 < rel_err(gt, gref) < 3.9e-3
+    monkeypatch.delenv("POETX_CAYLEY_PRECISION")
+    d16 = cn.cayley_neumann_delta(theta, b, 3, valid, torch.bfloat16)
+    assert rel_err(d16, ref) < 4e-3  # (the interpreter truncates to bf16: ~2x the rounding)
+    g16 = cn.cayley_neumann_delta_backward(theta, g, b, 3, valid, build_dtype=torch.bfloat16)
+    assert 1e-7 < rel_err(g16, gref) < 3.9e-3
+
+
 @pytest.mark.interpret
 def test_cayley_interpreted_on_slices(interp):
     """Rows of a larger theta in, a slice of a larger result out (what the batched build of
@@ -295,26 +341,58 @@ def test_gram_gpu(dtype, dim, b, T, gather):
         br.OPTIONS.update(saved)
 
 
+CAYLEY_GPU_SHAPES = [(256, 16, None), (512, 28, None), (256, 11, 176), (100, 3, 37), (64, 4, None),
+                     (128, 9, 100), (192, 5, 130)]
+
+
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("b,nb,valid", [(256, 16, None), (512, 28, None), (256, 11, 176),
-                                        (100, 3, 37), (64, 4, None)])
+@pytest.mark.parametrize("b,nb,valid", CAYLEY_GPU_SHAPES)
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
-def test_cayley_gpu(b, nb, valid, out_dtype):
+@pytest.mark.parametrize("tile", [128, None])
+def test_cayley_gpu(monkeypatch, b, nb, valid, out_dtype, tile):
+    """Default precisions (bf16 products for a bf16 build and its backward, tf32x3 / tf32 for
+    float32) at ``||Q||_F = 1``, the default merge guard; ``tile``: the fast path's tile cap
+    (None: the default, 64)."""
     from poetx.kernels import cayley_neumann as cn
 
-    theta = 0.02 * torch.randn(nb, b * (b - 1) // 2, device="cuda")
+    monkeypatch.delenv("POETX_CAYLEY_PRECISION", raising=False)
+    monkeypatch.setitem(cn.OPTIONS, "tile", tile)
+    theta = _theta_with_norm(nb, b, 1.0, "cuda")
     ref = rotation_delta_reference(theta.double(), b, 3, valid)
     out = nan_like((nb, b, b), out_dtype, "cuda")
     d = cn.cayley_neumann_delta(theta, b, 3, valid, out_dtype, out=out)
     assert rel_err(d, ref) < (4e-3 if out_dtype == torch.bfloat16 else 1e-5)
     g = torch.randn(nb, b, b, device="cuda")
     gref = rotation_delta_backward_reference(theta.double(), g.double(), b, 3, valid)
-    gt = cn.cayley_neumann_delta_backward(theta, g, b, 3, valid,
+    gt = cn.cayley_neumann_delta_backward(theta, g, b, 3, valid, build_dtype=out_dtype,
                                           out=nan_like(theta.shape, torch.float32, "cuda"))
-    assert rel_err(gt, gref) < 2e-3  # tf32 products (POETX_CAYLEY_PRECISION to change)
+    assert rel_err(gt, gref) < 2e-3  # tf32 or bf16 products (POETX_CAYLEY_PRECISION to change)
     d2 = cn.cayley_neumann_delta(theta, b, 2, valid, out_dtype)  # Horner path
     assert rel_err(d2, rotation_delta_reference(theta.double(), b, 2, valid)) < 4e-3
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("b,nb,valid", CAYLEY_GPU_SHAPES)
+@pytest.mark.parametrize("tile", [128, None])
+def test_cayley_gpu_tf32_large_q(monkeypatch, b, nb, valid, tile):
+    """tf32 products (``POETX_CAYLEY_PRECISION=tf32``) far past the merge guard
+    (``||Q||_F`` 5-10)."""
+    from poetx.kernels import cayley_neumann as cn
+
+    monkeypatch.setenv("POETX_CAYLEY_PRECISION", "tf32")
+    monkeypatch.setitem(cn.OPTIONS, "tile", tile)
+    theta = 0.02 * torch.randn(nb, b * (b - 1) // 2, device="cuda")
+    ref = rotation_delta_reference(theta.double(), b, 3, valid)
+    d = cn.cayley_neumann_delta(theta, b, 3, valid, torch.bfloat16,
+                                out=nan_like((nb, b, b), torch.bfloat16, "cuda"))
+    assert rel_err(d, ref) < 4e-3
+    g = torch.randn(nb, b, b, device="cuda")
+    gref = rotation_delta_backward_reference(theta.double(), g.double(), b, 3, valid)
+    gt = cn.cayley_neumann_delta_backward(theta, g, b, 3, valid, build_dtype=torch.bfloat16,
+                                          out=nan_like(theta.shape, torch.float32, "cuda"))
+    assert rel_err(gt, gref) < 2e-3
 
 
 def _layer_pair(n, m, b, mode, dtype):

@@ -260,5 +260,6 @@ def test_group_build_at_decoder_block_size_on_gpu():
     for t, d, g in zip(thetas, blocks, grads, strict=True):
         ref = backend.rotation_delta(t.detach(), 256, 3, None, torch.bfloat16)
         torch.testing.assert_close(d, ref, rtol=0, atol=0)
-        ref_grad = backend.rotation_delta_backward(t.detach(), g, 256, 3, None)
+        ref_grad = backend.rotation_delta_backward(t.detach(), g, 256, 3, None,
+                                                   build_dtype=torch.bfloat16)
         torch.testing.assert_close(t.grad, ref_grad, rtol=1e-6, atol=1e-9)

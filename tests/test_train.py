@@ -72,13 +72,23 @@ def test_presets_follow_the_research_shapes():
         512, 1376, 8, 1000)
     assert llama_config("llama-13b").hidden_size == 5120
     for name in ("tiny", "llama-60m", "llama-130m", "llama-350m", "llama-1b", "llama-3b",
-                 "llama-8b", "llama-13b"):
+                 "llama-8b", "llama-13b", "llama-30b"):
         assert name in PRESETS
     # tiny's MLP width is not a multiple of its block size: the padded last block is exercised
     tiny = TrainConfig()
     assert PRESETS["tiny"].intermediate % tiny.poet.block_size != 0
     with pytest.raises(ValueError, match="preset"):
         llama_config("llama-2t")
+
+
+def test_llama_30b_preset_has_the_published_parameter_count():
+    """LLaMA-1 "33B": 32.5 B parameters (Touvron et al. 2023, table 2), counted on the meta
+    device (nothing allocated)."""
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(llama_config("llama-30b"))
+    assert 32.4e9 < sum(p.numel() for p in model.parameters()) < 32.6e9
 
 
 def test_build_model_dtype_and_wrap_keeps_skew_float32():
@@ -304,3 +314,19 @@ def test_resuming_a_finished_run_does_nothing(corpus, tmp_path, capsys):
     cfg, ckpt = run_dir_mod.config_from_sources(None, {"out": str(out), "steps": 3}, resume=True)
     train(cfg, ckpt)
     assert [r["step"] for r in read_metrics(out) if r["type"] == "train"] == [1, 2, 3]
+
+
+def test_grad_checkpointing_saves_the_rng_state_only_for_dropout():
+    """Without dropout the recomputation draws nothing, so no RNG state is saved (restoring one
+    inside a captured CUDA graph breaks the default generator outside it); with dropout the
+    state is saved, so the recomputed masks equal the forward's."""
+    from torch import nn
+
+    from poetx.train.run_model import has_dropout
+
+    model = build_model("tiny", vocab_size=64)
+    assert not has_dropout(model)
+    model.config.attention_dropout = 0.1
+    assert has_dropout(model)
+    assert has_dropout(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1)))
+    assert not has_dropout(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.0)))

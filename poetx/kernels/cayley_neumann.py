@@ -9,20 +9,33 @@ Design
 ------
 Fast path (``b`` a multiple of 16, ``terms = 3``, the default; dense tiles through TMA):
 
-* ``_cn_prep_kernel`` reads the half storage once and writes ``P = 2Q`` dense (fp32, one
-  launch for all blocks; the backward also writes ``K = G - G^T`` and ``Sy = G + G^T``). Building
-  ``Q`` tiles inside the product loops instead (the general path below) was ALU-bound on the
-  index arithmetic: 9-16 TFLOP/s on H100.
-* Forward, 3 launches: prep; ``S = Q Q``; ``delta = S S + S P + 2S + P``
-  (``= 2Q + 2Q^2 + 2Q^3 + Q^4``), two ``b^3`` products per block. Every B operand is read
-  K-major at ``[J, kk]`` using ``Q^T = -Q`` and ``S^T = S`` (tf32 wgmma wants K-major).
+* ``_cn_prep_kernel`` reads the half storage once and writes ``P = +-2Q`` dense (one launch for
+  all blocks; the backward also writes ``K = G - G^T`` and ``Sy = G + G^T``). Building ``Q``
+  tiles inside the product loops instead (the general path below) was ALU-bound on the index
+  arithmetic: 9-16 TFLOP/s on H100.
+* Forward, 3 launches: prep (``N = -2Q``); ``S = Q Q``; ``delta = S (S + N)^T + 2S + 2Q``
+  (``= 2Q + 2Q^2 + 2Q^3 + Q^4``) in one accumulator, two ``b^3`` products per block. Every B
+  operand is read K-major at ``[J, kk]`` using ``S^T = S`` and ``N^T = -N`` (tf32 wgmma wants
+  K-major).
 * Backward, 3 launches, from the closed form (``S = Q^2``, ``U = Sy Q``, ``V = K Q``)::
 
       W = K - 2U + (2V + V^T) Q - (U - U^T) S,   dtheta = (W - W^T)[upper]
 
   which equals the reference's ``sum_p c_p sum_{a+b=p-1} (Q^a)^T G (Q^b)^T`` after
   skew-symmetrization: prep; ``S, U, V`` sharing the ``Q`` tile; then ``W[I,J]`` and
-  ``W[J,I]`` for each tile pair ``I <= J`` with the skew part packed straight into ``dtheta``.
+  ``W[J,I]`` for each tile pair ``I <= J`` (one product for ``I = J``) with the skew part
+  packed straight into ``dtheta``.
+* Shapes (:func:`_fast_config`): 64 x 64 tiles (32, 16 where 64 does not divide ``b``).
+  128-row tiles (``OPTIONS["tile"] = 128``: 128 x 128 forward, 128 x 64 S/U/V with its three
+  accumulators; the W pairs hold two tiles and stay at most 64 x 64 unless ``"tile_w"``
+  says otherwise) were measured 4% slower at Llama-8B's b = 256 on H100 (fewer, longer
+  programs for 132 SMs; 247 registers in the forward epilogue), so they are opt-in.
+  With bf16 products the dense operands are *stored* in bf16 (half the bytes; the tensor
+  cores read them straight from shared memory): 1.5x faster than tf32 on H100, where bf16
+  products of fp32 buffers converted in registers had measured no faster than tf32 (the
+  converted B operand goes back through shared memory). The first-order terms stay exact
+  either way: ``2Q`` is rebuilt from ``theta`` in the last forward epilogue, ``2K`` from the
+  fp32 ``G`` in the W epilogue.
 
 General path (any ``b >= 2``, any ``terms``): ``_cn_matmul_kernel`` builds ``Q`` tiles from
 ``theta`` on the fly (upper part loaded along columns, lower part as the transposed tile, both
@@ -31,20 +44,22 @@ coalesced) and computes ``A @ B + e_i I + e_q Q``; ``terms = 3`` is ``S = Q Q`` 
 general backward (``terms = 3``) uses the same closed form in four launches; other ``terms``
 run the PyTorch reference (float32) inside :func:`cayley_neumann_delta_backward`.
 
-Products use tensor cores in tf32 (``"tf32x3"``, about float32 accuracy, when ``delta`` is
-float32); ``POETX_CAYLEY_PRECISION`` in ``{tf32, tf32x3, ieee, bf16}`` overrides. tf32 is ample
-for a bf16/fp16 ``delta``: the ``2Q`` term is exact and the products are ``O(|Q|^2)``; the
-backward defaults to tf32 (relative error ~5e-4 on ``dtheta``). ``bf16`` rounds the product
-operands to bf16 (twice tf32's tensor-core rate) while the terms outside products (``2Q``
-forward, ``2(G - G^T)`` backward) stay float32, so its extra error is ~2^-9 relative on the
-product terms alone (``O(|Q|)`` of the result); it applies to ``terms = 3`` only (the other
-forward paths form ``2Q`` inside a product, and run tf32 instead).
+Products use tensor cores with fp32 accumulation. Defaults: a bfloat16 build (and the backward
+of one, ``build_dtype``) uses bf16 products on the fast path; a float16 build tf32; a float32
+build ``"tf32x3"`` (about float32 accuracy) forward and tf32 backward. ``POETX_CAYLEY_PRECISION``
+in ``{tf32, tf32x3, ieee, bf16}`` overrides both. bf16 products suit a bf16 build: the blocks are
+rounded to bf16 (2^-9 relative) anyway, the first-order terms (``2Q`` forward,
+``2(G - G^T)`` backward) stay float32, and the product terms are ``O(|Q|)`` of the result, so
+bf16's extra error (2^-9 per operand) is a fraction ``O(|Q|)`` of the bf16 rounding of the
+blocks; on ``dtheta`` it is ~1e-4 relative (3e-5 with tf32) at ``||Q||_F = 0.5``. bf16 applies
+to ``terms = 3`` only (the other forward paths form ``2Q`` inside a product, and run tf32).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -243,11 +258,12 @@ def _cn_pack_kernel(w_ptr, out_ptr, b, nb, vl_last, npar, BM: tl.constexpr, BN: 
 
 @triton.jit
 def _cn_prep_kernel(
-    theta_ptr, g_ptr, p_ptr, k_ptr, sy_ptr, b, nb, vl_last, npar,
+    theta_ptr, g_ptr, p_ptr, k_ptr, sy_ptr, b, nb, vl_last, npar, scale,
     HAS_G: tl.constexpr, BM: tl.constexpr,
 ):
-    """Dense operands of the fast path: ``P = 2Q`` and, with ``G``, ``K = G - G^T`` and
-    ``Sy = G + G^T`` (all ``(nb, b, b)`` fp32), one ``BM x BM`` tile per program."""
+    """Dense operands of the fast path: ``P = scale Q`` and, with ``G``, ``K = G - G^T`` and
+    ``Sy = G + G^T`` (all ``(nb, b, b)`` in the pointers' dtype), one ``BM x BM`` tile per
+    program."""
     pid = tl.program_id(0)
     tiles = (b + BM - 1) // BM
     per_block = tiles * tiles
@@ -260,7 +276,7 @@ def _cn_prep_kernel(
     mask = (rows[:, None] < b) & (cols[None, :] < b)
     off = base + rows[:, None] * b + cols[None, :]
     q = _q_tile(theta_ptr, k.to(tl.int64) * npar, rows, cols, b, vl)
-    tl.store(p_ptr + off, 2.0 * q, mask=mask)
+    tl.store(p_ptr + off, scale * q, mask=mask)
     if HAS_G:
         g = tl.load(g_ptr + off, mask=mask, other=0.0)
         # G^T tile, loaded contiguous along its own rows and transposed in registers
@@ -272,31 +288,37 @@ def _cn_prep_kernel(
 
 @triton.jit
 def _cn_fwd_mm_kernel(
-    a_desc, b1_desc, b2_desc, e1_desc, e2_desc, o_desc, b, c1, c2, f1, f2,
-    TWO: tl.constexpr, NE: tl.constexpr,
+    a_desc, b1_desc, b2_desc, e_desc, eq_desc, o_desc, theta_ptr, b, nb, vl_last, npar,
+    c, f_s, f_q,
+    TWO: tl.constexpr, E_S: tl.constexpr, E_Q: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
 ):
-    """``out = c1 A X1^T + c2 A X2^T + f1 E1 + f2 E2`` per block with TMA tiles of the
-    ``(nb*b, b)`` views. ``X^T`` tiles are read at ``[J, kk]``: for the symmetric ``S`` that is
-    ``S``, for the skew ``P`` it is ``-P``; so the operands are K-major as tf32 wants."""
+    """``out = c A (X1 + X2)^T + f_s E + f_q F`` per block (``X2`` when ``TWO``) with TMA tiles
+    of the ``(nb*b, b)`` views; ``E`` is ``e_desc``'s tile when ``E_S``; ``F`` is
+    ``eq_desc``'s tile (``E_Q == "desc"``, an fp32 buffer) or ``Q`` built from ``theta``
+    (``E_Q == "theta"``, for bf16 buffers): the first-order term stays exact.
+    ``X^T`` tiles are read at ``[J, kk]``, K-major as tf32 wants: for the symmetric ``S`` that
+    is ``S``, for the skew ``N = -2Q`` it is ``N^T = 2Q``. One accumulator: a second one and
+    the ``Q`` epilogue of a 128 x 128 tile spilled registers."""
     k, tm, tn = _block_tile(b, BM, BN)
     i0 = tm * BM
     j0 = tn * BN
     kb = k * b
-    acc1 = tl.full((BM, BN), 0.0, tl.float32)
-    acc2 = tl.full((BM, BN), 0.0, tl.float32)
+    acc = tl.full((BM, BN), 0.0, tl.float32)
     for kk in range(0, b, BK):
         a = a_desc.load([kb + i0, kk])
-        acc1 = _mma(a, b1_desc.load([kb + j0, kk]).T, acc1, PREC)
+        acc = _mma(a, b1_desc.load([kb + j0, kk]).T, acc, PREC)
         if TWO:
-            acc2 = _mma(a, b2_desc.load([kb + j0, kk]).T, acc2, PREC)
-    res = c1 * acc1
-    if TWO:
-        res += c2 * acc2
-    if NE >= 1:
-        res += f1 * e1_desc.load([kb + i0, j0])
-    if NE >= 2:
-        res += f2 * e2_desc.load([kb + i0, j0])
+            acc = _mma(a, b2_desc.load([kb + j0, kk]).T, acc, PREC)
+    res = c * acc
+    if E_S:
+        res += f_s * e_desc.load([kb + i0, j0]).to(tl.float32)
+    if E_Q == "desc":
+        res += f_q * eq_desc.load([kb + i0, j0])
+    elif E_Q == "theta":
+        vl = tl.where(k == nb - 1, vl_last, b)
+        res += f_q * _q_tile(theta_ptr, k.to(tl.int64) * npar, i0 + tl.arange(0, BM),
+                             j0 + tl.arange(0, BN), b, vl)
     o_desc.store([kb + i0, j0], res.to(o_desc.dtype))
 
 
@@ -318,9 +340,9 @@ def _cn_bwd_suv_kernel(
         acc_s = _mma(p_desc.load([kb + i0, kk]), bt, acc_s, PREC)
         acc_u = _mma(sy_desc.load([kb + i0, kk]), bt, acc_u, PREC)
         acc_v = _mma(k_desc.load([kb + i0, kk]), bt, acc_v, PREC)
-    s_desc.store([kb + i0, j0], -0.25 * acc_s)
-    u_desc.store([kb + i0, j0], -0.5 * acc_u)
-    v_desc.store([kb + i0, j0], -0.5 * acc_v)
+    s_desc.store([kb + i0, j0], (-0.25 * acc_s).to(s_desc.dtype))
+    u_desc.store([kb + i0, j0], (-0.5 * acc_u).to(u_desc.dtype))
+    v_desc.store([kb + i0, j0], (-0.5 * acc_v).to(v_desc.dtype))
 
 
 @triton.jit
@@ -330,8 +352,11 @@ def _w_tile(u_desc, ut_desc, v_desc, vt_desc, pt_desc, st_desc, kb, r0, c0, b,
     acc = tl.full((BM, BM), 0.0, tl.float32)
     for kk in range(0, b, BK):
         # A operands combine a tile and a transposed tile; Q, S tiles are read K-major
-        a1 = -(v_desc.load([kb + r0, kk]) + 0.5 * vt_desc.load([kb + kk, r0]).T)
-        a2 = ut_desc.load([kb + kk, r0]).T - u_desc.load([kb + r0, kk])
+        # combined in fp32 (bf16 storage: one rounding, in _mma)
+        a1 = -(v_desc.load([kb + r0, kk]).to(tl.float32)
+               + 0.5 * vt_desc.load([kb + kk, r0]).T.to(tl.float32))
+        a2 = (ut_desc.load([kb + kk, r0]).T.to(tl.float32)
+              - u_desc.load([kb + r0, kk]).to(tl.float32))
         acc = _mma(a1, pt_desc.load([kb + c0, kk]).T, acc, PREC)
         acc = _mma(a2, st_desc.load([kb + c0, kk]).T, acc, PREC)
     return acc
@@ -339,13 +364,15 @@ def _w_tile(u_desc, ut_desc, v_desc, vt_desc, pt_desc, st_desc, kb, r0, c0, b,
 
 @triton.jit
 def _cn_bwd_wpack_kernel(
-    u_desc, ut_desc, v_desc, vt_desc, pt_desc, st_desc, kt_desc, ue_desc, pairs_ptr, out_ptr,
+    u_desc, ut_desc, v_desc, vt_desc, pt_desc, st_desc, g_desc, ue_desc, pairs_ptr, out_ptr,
     b, nb, vl_last, npar, n_pairs,
     BM: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
 ):
     """For tile pair ``I <= J``: ``W[I,J]``, ``W[J,I]`` with
     ``W = K - 2U + (2V + V^T) Q - (U - U^T) S`` and
-    ``dtheta[idx(i, j)] = W[i, j] - W[j, i]`` (``i < j``, zero on phantom rows/columns)."""
+    ``dtheta[idx(i, j)] = W[i, j] - W[j, i]`` (``i < j``, zero on phantom rows/columns).
+    ``K = G - G^T`` comes from the float32 ``G`` (``g_desc``), exact whatever the storage of
+    the product operands."""
     pid = tl.program_id(0)
     k = pid // n_pairs
     pair = pid % n_pairs
@@ -354,11 +381,15 @@ def _cn_bwd_wpack_kernel(
     kb = k * b
     w_ij = _w_tile(u_desc, ut_desc, v_desc, vt_desc, pt_desc, st_desc, kb, i0, j0, b, BM, BK,
                    PREC)
-    w_ji = _w_tile(u_desc, ut_desc, v_desc, vt_desc, pt_desc, st_desc, kb, j0, i0, b, BM, BK,
-                   PREC)
+    if i0 == j0:  # a diagonal tile is its own partner: one product instead of two
+        w_ji = w_ij
+    else:
+        w_ji = _w_tile(u_desc, ut_desc, v_desc, vt_desc, pt_desc, st_desc, kb, j0, i0, b, BM,
+                       BK, PREC)
     # Z = W[I,J] - W[J,I]^T = 2K[I,J] - 2U[I,J] + 2U[J,I]^T + (products)
-    z = (2.0 * kt_desc.load([kb + i0, j0]) - 2.0 * ue_desc.load([kb + i0, j0])
-         + 2.0 * ue_desc.load([kb + j0, i0]).T + w_ij - w_ji.T)
+    z = (2.0 * (g_desc.load([kb + i0, j0]) - g_desc.load([kb + j0, i0]).T)
+         - 2.0 * ue_desc.load([kb + i0, j0]).to(tl.float32)
+         + 2.0 * ue_desc.load([kb + j0, i0]).T.to(tl.float32) + w_ij - w_ji.T)
     r = i0 + tl.arange(0, BM)[:, None]
     c = j0 + tl.arange(0, BM)[None, :]
     vl = tl.where(k == nb - 1, vl_last, b)
@@ -397,14 +428,43 @@ def _launch_mm(theta, a, bscr, out, block, nb, vl, npar, e_i, e_q, b_i, b_q, *, 
     )
 
 
-def _dense_tile(b: int) -> int | None:
-    """Tile of the dense (TMA) fast path, or ``None`` when ``b`` needs the general path."""
-    if _interpreting():
-        return 16 if b % 16 == 0 else None
-    for t in (64, 32, 16):
-        if b % t == 0:
-            return t
-    return None
+class _Fast(NamedTuple):
+    """Launch shapes of the dense (TMA) fast path for one block size and precision."""
+
+    tile: int  # square output tile of the forward products and the S/U/V rows
+    suv_bn: int  # S/U/V column tile (three accumulators live at once)
+    tile_w: int  # square tile of the W pairs (two tiles live at once)
+    bk: int  # K step of the forward and S/U/V products
+    bk_w: int  # K step of the W products
+    warps: int
+    stages: int
+    storage: torch.dtype  # of the dense operands: bf16 for bf16 products (half the bytes)
+
+
+# Benchmarks and tests: "tile" caps the fast path's tile (None: 64 compiled, 16 interpreted),
+# "tile_w" the W-pair tile (None: as "tile" but at most 64).
+OPTIONS: dict[str, int | None] = {"tile": None, "tile_w": None}
+
+
+def _largest_divisor_tile(b: int, cap: int) -> int | None:
+    return next((t for t in (128, 64, 32, 16) if t <= cap and b % t == 0), None)
+
+
+def _fast_config(b: int, prec: str) -> _Fast | None:
+    """Shapes of the fast path, or ``None`` when ``b`` (not a multiple of 16) needs the general
+    path. A ``b x b`` block is cut into the largest tile in 128/64/32/16 that divides ``b``
+    and is at most ``OPTIONS["tile"]`` (64 by default: see the module notes)."""
+    cap = OPTIONS["tile"] or (16 if _interpreting() else 64)
+    tile = _largest_divisor_tile(b, cap)
+    if tile is None:
+        return None
+    tile_w = _largest_divisor_tile(b, OPTIONS["tile_w"] or min(tile, 64))
+    half = prec.startswith("bf16")
+    wide = tile >= 128 and not _interpreting()
+    return _Fast(tile=tile, suv_bn=min(tile, 64), tile_w=tile_w,
+                 bk=min(tile, 64 if half else 32), bk_w=min(tile_w, 32 if half else 16),
+                 warps=8 if wide else 4, stages=3,
+                 storage=torch.bfloat16 if half else torch.float32)
 
 
 @functools.lru_cache(maxsize=16)
@@ -418,57 +478,63 @@ def _desc(t: Tensor, shape: list[int]) -> TensorDescriptor:
     return TensorDescriptor.from_tensor(t, shape)
 
 
-def _dense_prep(theta, g, block, nb, vl, npar, tile):
-    view = (nb * block, block)
-    p = torch.empty(view, dtype=torch.float32, device=theta.device)
+def _dense_prep(theta, g, block, nb, vl, npar, storage, scale=2.0):
+    """``P = scale Q`` and, with ``g``, ``K = G - G^T`` and ``Sy = G + G^T``: ``(nb*b, b)``
+    ``storage`` tensors (``K``, ``Sy`` alias ``P`` without ``g``)."""
+    p = torch.empty((nb * block, block), dtype=storage, device=theta.device)
     k = sy = p
     if g is not None:
         k = torch.empty_like(p)
         sy = torch.empty_like(p)
-    tp = min(tile, 32) if _interpreting() else 64
+    tp = min(32, _largest_divisor_tile(block, 32) or 16) if _interpreting() else 64
     grid = (nb * triton.cdiv(block, tp) ** 2,)
-    _cn_prep_kernel[grid](theta, p if g is None else g, p, k, sy, block, nb, vl, npar,
+    _cn_prep_kernel[grid](theta, p if g is None else g, p, k, sy, block, nb, vl, npar, scale,
                           HAS_G=g is not None, BM=tp, num_warps=4 if _interpreting() else 8)
     return p, k, sy
 
 
-def _fast_delta(theta, block, nb, vl, npar, tile, prec, out):
-    """``terms = 3``: ``P = 2Q``; ``S = Q Q``; ``delta = S S + S P + 2S + P`` (3 launches)."""
-    p, _, _ = _dense_prep(theta, None, block, nb, vl, npar, tile)
-    s = torch.empty_like(p)
-    bk = min(32, tile)
-    grid = (nb * (block // tile) ** 2,)
-    opts = dict(BM=tile, BN=tile, BK=bk, PREC=prec, num_warps=4, num_stages=3)
-    pa, pb = _desc(p, [tile, bk]), _desc(p, [tile, tile])
-    _cn_fwd_mm_kernel[grid](pa, pa, pa, pb, pb, _desc(s, [tile, tile]), block,
-                            -0.25, 0.0, 0.0, 0.0, TWO=False, NE=0, **opts)
-    sa = _desc(s, [tile, bk])
-    _cn_fwd_mm_kernel[grid](sa, sa, pa, _desc(s, [tile, tile]), pb,
-                            _desc(out.view(nb * block, block), [tile, tile]), block,
-                            1.0, -1.0, 2.0, 1.0, TWO=True, NE=2, **opts)
+def _fast_delta(theta, block, nb, vl, npar, cfg: _Fast, prec, out):
+    """``terms = 3``: ``N = -2Q``; ``S = Q Q = -N N^T / 4``;
+    ``delta = S S + S P + 2S + 2Q = S (S + N)^T + 2S + 2Q`` (3 launches; ``2Q`` from
+    ``theta``, exact)."""
+    n, _, _ = _dense_prep(theta, None, block, nb, vl, npar, cfg.storage, scale=-2.0)
+    s = torch.empty_like(n)
+    t, bk = cfg.tile, cfg.bk
+    grid = (nb * (block // t) ** 2,)
+    opts = dict(BM=t, BN=t, BK=bk, PREC=prec, num_warps=cfg.warps, num_stages=cfg.stages)
+    geo = (theta, block, nb, vl, npar)
+    na, st = _desc(n, [t, bk]), _desc(s, [t, t])
+    nt = _desc(n, [t, t])
+    _cn_fwd_mm_kernel[grid](na, na, na, st, nt, st, *geo, -0.25, 0.0, 0.0,
+                            TWO=False, E_S=False, E_Q="", **opts)
+    sa = _desc(s, [t, bk])
+    # 2Q = -N: read from N where N is fp32; rebuilt from theta where N was rounded to bf16
+    exact = cfg.storage == torch.float32
+    _cn_fwd_mm_kernel[grid](sa, sa, na, st, nt, _desc(out.view(nb * block, block), [t, t]),
+                            *geo, 1.0, 2.0, -1.0 if exact else 2.0, TWO=True, E_S=True,
+                            E_Q="desc" if exact else "theta", **opts)
     return out
 
 
-def _fast_backward(theta, g, block, nb, vl, npar, tile, prec, out):
+def _fast_backward(theta, g, block, nb, vl, npar, cfg: _Fast, prec, out):
     """``terms = 3`` backward in 3 launches: prep (``P, K, Sy``), ``S, U, V``, then ``W`` on
     tile pairs with the skew-symmetrization and packing fused."""
-    p, kk, sy = _dense_prep(theta, g, block, nb, vl, npar, tile)
+    p, kk, sy = _dense_prep(theta, g, block, nb, vl, npar, cfg.storage)
     s, u, v = torch.empty_like(p), torch.empty_like(p), torch.empty_like(p)
-    bk = min(32, tile)
-    nt = block // tile
-    opts = dict(BM=tile, BK=bk, PREC=prec, num_warps=4)
-    a = [tile, bk]
-    _cn_bwd_suv_kernel[(nb * nt * nt,)](
-        _desc(p, a), _desc(p, a), _desc(sy, a), _desc(kk, a), _desc(s, [tile, tile]),
-        _desc(u, [tile, tile]), _desc(v, [tile, tile]), block, BN=tile, num_stages=3, **opts)
-    pairs = _pairs(nt, theta.device)
-    bkw = min(16, tile)
-    a, at = [tile, bkw], [bkw, tile]
+    t, bn, bk = cfg.tile, cfg.suv_bn, cfg.bk
+    a, o = [t, bk], [t, bn]
+    _cn_bwd_suv_kernel[(nb * (block // t) * (block // bn),)](
+        _desc(p, a), _desc(p, [bn, bk]), _desc(sy, a), _desc(kk, a), _desc(s, o), _desc(u, o),
+        _desc(v, o), block, BM=t, BN=bn, BK=bk, PREC=prec, num_warps=cfg.warps,
+        num_stages=cfg.stages)
+    tw, bkw = cfg.tile_w, cfg.bk_w
+    pairs = _pairs(block // tw, theta.device)
+    a, at = [tw, bkw], [bkw, tw]
     _cn_bwd_wpack_kernel[(nb * pairs.shape[0],)](
         _desc(u, a), _desc(u, at), _desc(v, a), _desc(v, at), _desc(p, a), _desc(s, a),
-        _desc(kk, [tile, tile]), _desc(u, [tile, tile]), pairs, out,
+        _desc(g.view(nb * block, block), [tw, tw]), _desc(u, [tw, tw]), pairs, out,
         block, nb, vl, npar, pairs.shape[0],
-        BM=tile, BK=bkw, PREC=prec, num_warps=4, num_stages=2)
+        BM=tw, BK=bkw, PREC=prec, num_warps=8 if tw >= 128 else 4, num_stages=2)
     return out
 
 
@@ -505,7 +571,9 @@ def cayley_neumann_delta(
     if nb == 0:
         return out
     vl = _real_in_last(block, valid_last)
-    prec = _precision("tf32x3" if out_dtype == torch.float32 else "tf32")
+    fast = terms == 3 and block % 16 == 0
+    prec = _precision("bf16" if fast and out_dtype == torch.bfloat16
+                      else "tf32x3" if out_dtype == torch.float32 else "tf32")
     if prec.startswith("bf16") and terms != 3:
         prec = "tf32"  # these paths form the first-order term 2Q inside a product
     cfg = _tiles(block, nb)
@@ -515,9 +583,9 @@ def cayley_neumann_delta(
         _launch_mm(theta, None, None, out, block, nb, vl, npar, 0, 0, c[1], c[2],
                    a_from_q=True, b_has_q=True, **mm)
         return out
-    tile = _dense_tile(block)
-    if terms == 3 and tile is not None:
-        return _fast_delta(theta, block, nb, vl, npar, tile, prec, out)
+    fast_cfg = _fast_config(block, prec) if fast else None
+    if fast_cfg is not None:
+        return _fast_delta(theta, block, nb, vl, npar, fast_cfg, prec, out)
     scratch = torch.empty(nb, block, block, dtype=torch.float32, device=theta.device)
     if terms == 3:  # S = Q Q; delta = S (S + 2I + 2Q) + 2Q
         _launch_mm(theta, None, None, scratch, block, nb, vl, npar, 0, 0, 0, 1,
@@ -540,10 +608,12 @@ def cayley_neumann_delta(
 
 def cayley_neumann_delta_backward(
     theta: Tensor, grad_delta: Tensor, block: int, terms: int, valid_last: int | None,
-    *, out: Tensor | None = None,
+    *, out: Tensor | None = None, build_dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """Gradient of ``sum(grad_delta * cayley_neumann_delta(theta))`` w.r.t. ``theta`` (theta's
-    dtype). ``terms != 3`` and float64 run the PyTorch reference. ``out``: optional result."""
+    dtype). ``terms != 3`` and float64 run the PyTorch reference. ``out``: optional result.
+    ``build_dtype``: the dtype the blocks were built in; a bfloat16 build gets bf16 products
+    here too (see the module notes), others tf32."""
     nb, npar = _check_theta(theta, block)
     if grad_delta.shape != (nb, block, block):
         raise ValueError(f"grad_delta must be {(nb, block, block)}, got {tuple(grad_delta.shape)}")
@@ -563,10 +633,11 @@ def cayley_neumann_delta_backward(
     if nb == 0 or npar == 0:
         return out.zero_()
     vl = _real_in_last(block, valid_last)
-    prec = _precision("tf32")
-    tile = _dense_tile(block)
-    if tile is not None:
-        return _fast_backward(theta, g, block, nb, vl, npar, tile, prec, out)
+    fast = block % 16 == 0
+    prec = _precision("bf16" if fast and build_dtype == torch.bfloat16 else "tf32")
+    fast_cfg = _fast_config(block, prec) if fast else None
+    if fast_cfg is not None:
+        return _fast_backward(theta, g, block, nb, vl, npar, fast_cfg, prec, out)
     cfg = _tiles(block, nb)
     bm, bn, bk, warps = cfg
     grid = (nb * triton.cdiv(block, bm) * triton.cdiv(block, bn),)

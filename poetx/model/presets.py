@@ -47,6 +47,9 @@ PRESETS: dict[str, LlamaShape] = {
     "llama-7b": LlamaShape(4096, 11008, 32, 32, 32),
     "llama-8b": LlamaShape(4096, 14336, 32, 32, 8, vocab=128256),
     "llama-13b": LlamaShape(5120, 13824, 40, 40, 40),
+    # LLaMA-1 "33B" (32.5 B parameters): the largest class that trains on one 80 GB GPU, with
+    # int8 W0 (bench/largest.py).
+    "llama-30b": LlamaShape(6656, 17920, 60, 52, 52),
 }
 
 

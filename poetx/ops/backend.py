@@ -62,14 +62,15 @@ def rotation_delta(
 
 def rotation_delta_backward(
     theta: Tensor, grad_delta: Tensor, block: int, terms: int | None, valid_last: int | None,
-    out: Tensor | None = None,
+    out: Tensor | None = None, build_dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """Gradient of ``sum(grad_delta * rotation_delta(theta))`` w.r.t. ``theta`` (theta's dtype;
-    written into the contiguous ``out`` when given)."""
+    written into the contiguous ``out`` when given). ``build_dtype``: the ``out_dtype`` the
+    blocks were built in (the kernels match their product precision to it)."""
     if terms is not None and use_triton(theta):
         from poetx.kernels.cayley_neumann import cayley_neumann_delta_backward
 
         return cayley_neumann_delta_backward(theta, grad_delta, block, terms, valid_last,
-                                             out=out)
+                                             out=out, build_dtype=build_dtype)
     return _into(rotation_delta_backward_reference(theta, grad_delta, block, terms,
                                                    valid_last).to(theta.dtype), out)

@@ -146,10 +146,10 @@ def poet_linear_backward_op(
     nb_in, nb_out = theta_in.shape[0], theta_out.shape[0]
     t = _terms(terms)
     grad_theta_in = backend.rotation_delta_backward(
-        theta_in, grad_d_in, block_in, t, _valid_last(n, nb_in, block_in)
+        theta_in, grad_d_in, block_in, t, _valid_last(n, nb_in, block_in), build_dtype=x.dtype
     )
     grad_theta_out = backend.rotation_delta_backward(
-        theta_out, grad_d_out, block_out, t, _valid_last(m, nb_out, block_out)
+        theta_out, grad_d_out, block_out, t, _valid_last(m, nb_out, block_out), build_dtype=x.dtype
     )
     return grad_x, grad_theta_in, grad_theta_out
 

@@ -65,7 +65,7 @@ class _GroupBuild(torch.autograd.Function):
                                    out=deltas[start:start + n])
             start += n
         ctx.save_for_backward(*thetas)
-        ctx.geometry = (block, terms, valid_last)
+        ctx.geometry = (block, terms, valid_last, out_dtype)
         ctx.mark_non_differentiable(deltas)
         ctx.set_materialize_grads(False)
         wide = torch.float64 if torch.float64 in (first.dtype, out_dtype) else torch.float32
@@ -76,7 +76,7 @@ class _GroupBuild(torch.autograd.Function):
     @staticmethod
     def backward(ctx, _grad_deltas, *grad_handles):
         thetas = ctx.saved_tensors
-        block, terms, valid_last = ctx.geometry
+        block, terms, valid_last, out_dtype = ctx.geometry
         if all(g is None for g in grad_handles):
             return (None,) * (4 + len(thetas))
         wide = next(g.dtype for g in grad_handles if g is not None)
@@ -89,7 +89,8 @@ class _GroupBuild(torch.autograd.Function):
                          for g, t in zip(grad_handles[a:b], thetas[a:b], strict=True)])
             last = valid_last if i == len(chunks) - 1 else None
             theta = _cat(thetas[a:b])
-            grad_theta = backend.rotation_delta_backward(theta, grad, block, terms, last)
+            grad_theta = backend.rotation_delta_backward(theta, grad, block, terms, last,
+                                                         build_dtype=out_dtype)
             del grad
             out += grad_theta.split(sizes[a:b]) if b - a > 1 else [grad_theta]
         # A side whose layer did not run gets no gradient, as on the per-layer path.

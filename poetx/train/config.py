@@ -95,6 +95,7 @@ PRESET_DEFAULTS: dict[str, PresetDefaults] = {
     "llama-7b": PresetDefaults(10_000, 1, 2048, 1e-3, 2.5e-4, 3e-4, 512, 200, 1000, 1000),
     "llama-8b": PresetDefaults(10_000, 1, 2048, 1e-3, 2.5e-4, 3e-4, 512, 200, 1000, 1000),
     "llama-13b": PresetDefaults(10_000, 1, 2048, 1e-3, 2.5e-4, 3e-4, 512, 200, 1000, 1000),
+    "llama-30b": PresetDefaults(10_000, 1, 2048, 1e-4, 2.5e-4, 1e-4, 512, 200, 1000, 1000),
 }
 assert set(PRESET_DEFAULTS) == set(PRESETS)
 

@@ -80,10 +80,22 @@ def load_pretrained(path: str | Path, vocab_size: int, device: torch.device,
     return model.to(device=device, dtype=dtype)
 
 
+def has_dropout(model: nn.Module) -> bool:
+    """Whether a forward of ``model`` in training mode draws random numbers (dropout)."""
+    if getattr(getattr(model, "config", None), "attention_dropout", 0.0):
+        return True
+    return any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
+
+
 def enable_grad_checkpointing(model: nn.Module) -> None:
     """HF activation checkpointing of every decoder block (non-reentrant: it works with the
-    POET custom op and with frozen ``W0``). transformers 5 renamed the method."""
-    kwargs = {"use_reentrant": False}
+    POET custom op and with frozen ``W0``). transformers 5 renamed the method.
+
+    The RNG state is saved for the recomputation only where there is dropout: restoring it
+    inside a captured CUDA graph leaves the default CUDA generator unusable outside the graph
+    ("Offset increment outside graph capture"), and without dropout there is nothing to
+    replay."""
+    kwargs = {"use_reentrant": False, "preserve_rng_state": has_dropout(model)}
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
