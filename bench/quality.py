@@ -782,12 +782,12 @@ def render_doc(rows: list[dict[str, Any]], plots: list[Path]) -> str:
         "- Several runs may share one GPU (`--gpus 0,0,0`: three processes at once, "
         "time-sliced). Their `tokens/s (shared)` is then their part of the GPU, not their "
         "speed: `runs on GPU` is the mean number of runs on the GPU (from their first to "
-        "their last step) while the run stepped, `tokens/s alone` its speed over the time it stepped alone (measured when "
-        f"that was at least {MIN_ALONE_S:.0f} s). The wall-clock plot uses tokens / tokens/s "
-        "alone, not the shared clock; a run never alone long enough takes that of an alike run "
-        "(same preset, optimizer, flags, GPU), else its tokens over its share of the GPU's "
-        "time (`gpu_share_s`: each of its stepping intervals divided by the runs on the GPU then), marked so in "
-        "the legend.",
+        "their last step) while the run stepped, `tokens/s alone` its speed over the time it "
+        f"stepped alone (measured when that was at least {MIN_ALONE_S:.0f} s). The wall-clock "
+        "plot uses tokens / tokens/s alone, not the shared clock; a run never alone long "
+        "enough takes that of an alike run (same preset, optimizer, flags, GPU), else its "
+        "tokens over its share of the GPU's time (`gpu_share_s`: each of its stepping "
+        "intervals divided by the runs on the GPU then), marked so in the legend.",
         "",
         "Commands (GPU machine; see `bench/quality.py` for the full procedure):",
         "",
