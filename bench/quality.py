@@ -7,18 +7,23 @@ packed training tokens, so no token is seen twice. Cosine schedule with a linear
 ``WARMUP`` steps for both methods.
 
 Subcommands:
-    ``run``     run the queue (``--gpus 0,1``: one run per GPU at a time), most important runs
-                first; finished runs (a row with status ``done`` in the results) are skipped, a
-                run with a checkpoint is resumed, and no run is started that the ``--budget-s``
-                left would not finish (a run still going near the end is interrupted, which
-                saves a checkpoint for the next call);
+    ``run``     run the queue, most important runs first. ``--gpus`` lists one slot per
+                concurrent run: ``0,1`` is one run on each of two GPUs, ``0,0,0`` three runs
+                sharing GPU 0 (small models leave a GPU partly idle: start-up, graph capture,
+                evaluation and host gaps of one run overlap the steps of another). Finished
+                runs (a row with status ``done`` in the results) are skipped, a run with a
+                checkpoint is resumed, and no run is started that the ``--budget-s`` left would
+                not finish, counting the GPU work already committed to its GPU (a run still
+                going near the end is interrupted, which saves a checkpoint for the next call).
+                Each row records how many runs shared its GPU and its tokens/s while it ran
+                alone, since tokens/s under sharing is not a run's own speed;
     ``report``  plots (PNG) and ``docs/results.md`` from the results JSON;
     ``plan``    the queue, its commands and the GPU time it needs, estimated from the measured
                 tokens/s in ``bench/results/train60m.json`` and ``step.json``.
 
 Preparing here (network): ``poetx data install debian-en`` (about 20 minutes on 2 cores) and
 ``poetx data pack debian-en --out .cache/gpu-corpus`` (30 M training tokens + the validation
-set, xz-compressed token ids, about 40 MiB). Do not unpack there: the carried folder must stay
+set, xz-compressed token ids, about 20 MiB). Do not unpack there: the carried folder must stay
 small.
 
 GPU machine (no network, at most 64 MiB of files a call), from the repository root with
@@ -26,12 +31,20 @@ GPU machine (no network, at most 64 MiB of files a call), from the repository ro
 folders under ``runs/`` stay on a warm machine between calls)::
 
     cd .stage/quality && export PYTHONPATH=$PWD PYTHONUNBUFFERED=1; \
+    cp bench/results/quality.json $OUT/ 2>/dev/null; \
     python -m poetx.cli.main data unpack ../../.cache/gpu-corpus && \
-    python bench/quality.py run --gpus 0,1 --data ../../.cache/gpu-corpus \
-        --runs-dir ../../runs/quality --budget-s 540; cp bench/results/quality.json $OUT/
+    python bench/quality.py run --gpus 0,0,0 --data ../../.cache/gpu-corpus \
+        --runs-dir ../../runs/quality --results $OUT/quality.json \
+        --budget-s 435 --speed-scale 0.86
 
-Then here: copy ``quality.json`` back to ``bench/results/`` (and into the staged copy before
-the next call, so that its finished runs are skipped), and ``python bench/quality.py report``.
+(``--results`` under ``$OUT``: each finished run's row is there at once, even if the call is
+cut off; ``--speed-scale 0.86``: an H100's speed relative to the H200 measurements, POET-X
+60M alone 263 k against 305 k tokens/s, used only to decide which runs fit the budget.) The
+first call ran three runs at once on one H100 (``--gpus 0,0,0``): sharing the GPU cost
+throughput rather than adding it (see ``docs/results.md``), so ``--gpus 0`` (one run at a
+time, each measured alone) is the better choice for these models. Then here: copy
+``quality.json`` back to ``bench/results/`` (and into the staged copy before the next call,
+so that its finished runs are skipped), and ``python bench/quality.py report``.
 """
 
 from __future__ import annotations
@@ -60,13 +73,21 @@ BATCH = 64
 SEQ_LEN = 256
 WARMUP = 160
 EVAL_EVERY = 100
+# Validation batches of each evaluation: the first 32 of the packed validation set (524 k
+# tokens, the same for every run); the whole set (126 batches) would add about 45 % to a run.
+EVAL_BATCHES = 32
 SAVE_EVERY = 400
 TOKENS = STEPS * BATCH * SEQ_LEN
 SPIKE_WINDOW = 50
 SPIKE_FACTOR = 1.5
-# Seconds a run spends outside its steps (start, CUDA graph capture, evaluations, checkpoints),
-# measured on the H200 runs of bench/results/train60m.json (process time minus step time).
-OVERHEAD_S = 60.0
+# Seconds a run spends outside its steps and evaluations (Python start, model build, CUDA
+# graph capture, checkpoints, exit): 20-22 s in the first H100 call of this study (13-14 s
+# outside the trainer's clock, 5-8 s to the first step; three runs starting at once), 60 s
+# in the H200 runs of bench/results/train60m.json (process time minus step time).
+OVERHEAD_S = 30.0
+# Seconds before the budget's end at which runs still going get SIGINT (a 60M or 130M run
+# saves its checkpoint and writes its last records in a few seconds).
+INTERRUPT_S = 45.0
 
 
 @dataclass(frozen=True)
@@ -94,7 +115,8 @@ class RunSpec:
             "--data", str(data), "--tokenizer", str(data / "tokenizer.json"),
             "--steps", str(self.steps), "--batch-size", str(BATCH), "--seq-len", str(SEQ_LEN),
             "--lr", f"{self.lr:g}", "--warmup-steps", str(self.warmup_steps),
-            "--eval-every", str(EVAL_EVERY), "--save-every", str(SAVE_EVERY),
+            "--eval-every", str(EVAL_EVERY), "--eval-batches", str(EVAL_BATCHES),
+            "--save-every", str(SAVE_EVERY),
             "--seed", "0", "--no-progress", "--no-tensorboard",
             "--out", str(runs_dir / self.name),
         ]  # fmt: skip
@@ -179,6 +201,101 @@ def read_records(run_dir: Path) -> list[dict[str, Any]]:
     return records
 
 
+def newest_train_record(run_dir: Path) -> dict[str, Any] | None:
+    """The newest ``train`` record of ``run_dir/metrics.jsonl`` (``None`` if none yet).
+
+    Reads the file's last 16 KiB only: the queue calls this for every run at every poll.
+    """
+    path = run_dir / "metrics.jsonl"
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16384))
+            tail = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    for line in reversed(tail.splitlines()):
+        try:
+            record = json.loads(line)
+        except ValueError:  # the cut first line, or a half-written last one
+            continue
+        if isinstance(record, dict) and record.get("type") == "train":
+            return record
+    return None
+
+
+# Seconds a run must have stepped alone for its alone tokens/s to be reported.
+MIN_ALONE_S = 10.0
+
+# (start, end, steps) of the training steps whose metrics were read together, in seconds.
+Segment = tuple[float, float, int]
+
+
+def step_segments(records: list[dict[str, Any]]) -> list[Segment]:
+    """The stepping time of a run on its own clock (``elapsed_s``), from its train records.
+
+    The steps read from the device together share one ``step_s`` (their mean), so each such
+    group is one segment ending at its ``elapsed_s``. Only the last process of a resumed run
+    counts (its clock restarted).
+    """
+    train = [r for r in records if r.get("type") == "train" and "step_s" in r]
+    for i in range(len(train) - 1, 0, -1):
+        if train[i]["elapsed_s"] < train[i - 1]["elapsed_s"]:
+            train = train[i:]
+            break
+    segments: list[Segment] = []
+    group: list[dict[str, Any]] = []
+    for record in [*train, None]:
+        if group and (record is None or record["step_s"] != group[0]["step_s"]):
+            end = max(float(r["elapsed_s"]) for r in group)
+            segments.append((end - len(group) * float(group[0]["step_s"]), end, len(group)))
+            group = []
+        if record is not None:
+            group.append(record)
+    return segments
+
+
+def sharing_stats(runs: dict[str, tuple[str, float, list[Segment]]], name: str,
+                  tokens_per_step: int) -> dict[str, Any]:
+    """How run ``name`` shared its GPU.
+
+    ``runs`` maps each run to ``(gpu, origin, segments)``: its GPU, the time (any common
+    clock) at which its own clock read 0, and its :func:`step_segments`. Another run on the
+    same GPU shares a segment when the span from its first to its last step (evaluations and
+    checkpoints between steps included) covers more than half of it. Returns
+    ``runs_on_gpu_max`` and ``runs_on_gpu_mean`` (most and time-weighted mean runs on the GPU
+    over its segments, itself included), ``alone_s`` (its stepping time alone),
+    ``tokens_per_s_alone`` (its speed over that time; ``None`` under ``MIN_ALONE_S``) and
+    ``gpu_share_s`` (its stepping time, each segment divided by the runs on the GPU then).
+    """
+    gpu, origin, own = runs[name]
+    spans = [(o + segs[0][0], o + segs[-1][1]) for run, (g, o, segs) in runs.items()
+             if run != name and g == gpu and segs]
+    most = 0
+    stepping_s = weighted = alone_s = alone_steps = share_s = 0.0
+    for a, b, steps in own:
+        a, b = a + origin, b + origin
+        length = b - a
+        if length <= 0:
+            continue
+        sharing = 1 + sum(1 for lo, hi in spans if min(b, hi) - max(a, lo) > length / 2)
+        most = max(most, sharing)
+        stepping_s += length
+        weighted += length * sharing
+        share_s += length / sharing
+        if sharing == 1:
+            alone_s += length
+            alone_steps += steps
+    return {
+        "runs_on_gpu_max": most,
+        "runs_on_gpu_mean": weighted / stepping_s if stepping_s else None,
+        "alone_s": alone_s,
+        "tokens_per_s_alone": (alone_steps * tokens_per_step / alone_s
+                               if alone_s >= MIN_ALONE_S else None),
+        "gpu_share_s": share_s,
+    }
+
+
 def summarize(records: list[dict[str, Any]], steps: int) -> dict[str, Any]:
     """Numbers of one run from its ``metrics.jsonl`` records.
 
@@ -261,7 +378,12 @@ def shown_command(command: list[str], gpu: str) -> str:
 
 
 def make_row(spec: RunSpec, summary: dict[str, Any], command: list[str], device: str,
-             gpu: str, status: str) -> dict[str, Any]:
+             gpu: str, status: str, sharing: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One row of ``quality.json``; ``sharing`` is :func:`sharing_stats` of the run.
+
+    ``tokens_per_s`` is measured as the run went, so under sharing it is the run's part of the
+    GPU, not its own speed: ``tokens_per_s_alone`` and ``runs_on_gpu_*`` say which it is.
+    """
     return {
         "name": spec.name, "group": spec.group, "preset": spec.preset,
         "optimizer": spec.optimizer, "lr": spec.lr, "poet_lr": spec.poet_lr,
@@ -269,6 +391,7 @@ def make_row(spec: RunSpec, summary: dict[str, Any], command: list[str], device:
         "steps": spec.steps, "batch": BATCH, "seq_len": SEQ_LEN,
         "warmup_steps": spec.warmup_steps,
         **{k: v for k, v in summary.items() if k != "done"},
+        **(sharing or {}),
         "status": status,
         "command": shown_command(command, gpu),
         "device": device,
@@ -295,17 +418,38 @@ def measured_tokens_per_s(results_dir: Path = ROOT / "bench" / "results"
     return speeds
 
 
-def estimate_seconds(spec: RunSpec, speeds: dict[tuple[str, str], float]) -> float:
-    """Predicted wall time of one run: its tokens at the measured speed plus ``OVERHEAD_S``.
+def gpu_seconds(spec: RunSpec, speeds: dict[tuple[str, str], float],
+                speed_scale: float = 1.0) -> float:
+    """Predicted GPU-busy time of one run alone: its steps and evaluations at the measured speed.
 
-    Ablations that change the step's cost are scaled by rough factors (exact Cayley: a batched
-    solve per block instead of three products; int8/fp8 W0: dequantization in each GEMM).
+    ``speed_scale`` is this GPU's speed relative to the measurements (H200). An evaluation
+    batch is counted as a third of a training step (forward only). Ablations that change the
+    step's cost are scaled by rough factors (exact Cayley: a batched solve per block instead
+    of three products; int8/fp8 W0: dequantization in each GEMM).
     """
     speed = speeds.get((spec.preset, spec.optimizer))
     if speed is None:
         speed = 1.5e5
     factor = {"exact": 1.3, "int8": 1.2, "fp8": 1.2}.get(spec.name.rsplit("-", 1)[-1], 1.0)
-    return spec.steps * BATCH * SEQ_LEN / speed * factor + OVERHEAD_S
+    eval_steps = (spec.steps // EVAL_EVERY + 1) * EVAL_BATCHES / 3
+    return (spec.steps + eval_steps) * BATCH * SEQ_LEN / (speed * speed_scale) * factor
+
+
+def estimate_seconds(spec: RunSpec, speeds: dict[tuple[str, str], float],
+                     speed_scale: float = 1.0) -> float:
+    """Predicted wall time of one run alone: :func:`gpu_seconds` plus ``OVERHEAD_S``."""
+    return gpu_seconds(spec, speeds, speed_scale) + OVERHEAD_S
+
+
+def projected_end(gpu_free_at: float, now: float, work_s: float) -> float:
+    """When a run started at ``now`` on a GPU should end, the GPU being time-shared.
+
+    The GPU still owes ``gpu_free_at - now`` seconds of work to the runs already on it, and
+    the new run's ``OVERHEAD_S`` of start-up (CPU work) overlaps that work; its own ``work_s``
+    comes after both. Sharing is assumed to add no throughput (conservative): runs started
+    together end together, no sooner than run one after another.
+    """
+    return max(gpu_free_at, now + OVERHEAD_S) + work_s
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,6 +465,7 @@ class _Running:
     started: float
     log: Any = field(repr=False)
     interrupted: bool = False
+    started_unix: float = 0.0
 
 
 def _device_name(gpu: str) -> str:
@@ -335,16 +480,26 @@ def _device_name(gpu: str) -> str:
 
 def run_queue(specs: list[RunSpec], gpus: list[str], data: Path, runs_dir: Path,
               results: Path, budget_s: float | None, extra: list[str] | None = None,
-              speeds: dict[tuple[str, str], float] | None = None, poll_s: float = 2.0) -> None:
+              speeds: dict[tuple[str, str], float] | None = None, poll_s: float = 1.0,
+              speed_scale: float = 1.0) -> None:
     """Run ``specs`` in order, one at a time per entry of ``gpus`` (``"cpu"`` runs on the CPU).
 
-    Finished runs (status ``done`` in ``results``) are skipped; a run directory with a
-    checkpoint is resumed. With ``budget_s``, a run is started only when its estimate fits in
-    the time left, and runs still going ``60 s`` before the end get SIGINT (poetx saves a
-    checkpoint and stops).
+    An id listed twice (``["0", "0"]``) runs two processes at once on that GPU. Finished runs
+    (status ``done`` in ``results``) are skipped; a run directory with a checkpoint is resumed.
+    With ``budget_s``, a run is started only when :func:`projected_end` on its GPU, counting
+    the work already committed there, falls ``INTERRUPT_S`` before the end, and runs still
+    going then get SIGINT (poetx saves a checkpoint and stops). Every poll reads each run's
+    newest record to place its clock, from which its row gets :func:`sharing_stats`.
     """
     speeds = measured_tokens_per_s() if speeds is None else speeds
     start = time.monotonic()
+    deadline = None if budget_s is None else start + budget_s
+    gpu_free_at: dict[str, float] = {}
+    # Each run's clock origin on time.time(): the newest record read at a poll was written
+    # before the poll, so poll time - its elapsed_s bounds the origin from above; the least
+    # such bound over the polls is the closest.
+    origins: dict[str, float] = {}
+    finished: dict[str, tuple[str, float, list[Segment]]] = {}
     rows = load_results(results)
     pending = [s for s in specs if rows.get(s.name, {}).get("status") != "done"]
     skipped = len(specs) - len(pending)
@@ -354,14 +509,21 @@ def run_queue(specs: list[RunSpec], gpus: list[str], data: Path, runs_dir: Path,
     running: list[_Running] = []
     runs_dir.mkdir(parents=True, exist_ok=True)
     while pending or running:
-        left = None if budget_s is None else budget_s - (time.monotonic() - start)
+        now = time.monotonic()
+        left = None if deadline is None else deadline - now
+        for gpu in set(gpu_free_at) - {job.gpu for job in running}:
+            del gpu_free_at[gpu]  # an idle GPU owes nothing, whatever was projected
         while free and pending:
-            spec = next((s for s in pending
-                         if left is None or estimate_seconds(s, speeds) <= left - 30), None)
+            gpu = free[0]
+            ends = {s.name: projected_end(gpu_free_at.get(gpu, now), now,
+                                          gpu_seconds(s, speeds, speed_scale)) for s in pending}
+            last_end = math.inf if deadline is None else deadline - INTERRUPT_S
+            spec = next((s for s in pending if ends[s.name] <= last_end), None)
             if spec is None:
                 break
             pending.remove(spec)
-            gpu = free.pop(0)
+            free.pop(0)
+            gpu_free_at[gpu] = ends[spec.name]
             run_dir = runs_dir / spec.name
             resume = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
             command = spec.command(data, runs_dir, resume=resume) + list(extra or [])
@@ -373,14 +535,20 @@ def run_queue(specs: list[RunSpec], gpus: list[str], data: Path, runs_dir: Path,
             print(f"quality: start {spec.name} on {gpu}{' (resume)' if resume else ''}", flush=True)
             proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
                                     cwd=ROOT)
-            running.append(_Running(spec, gpu, proc, command, time.monotonic(), log))
+            running.append(_Running(spec, gpu, proc, command, time.monotonic(), log,
+                                    started_unix=time.time()))
         if not running:
             if pending:
                 print(f"quality: {len(pending)} runs left for a later call (budget)", flush=True)
             break
         time.sleep(poll_s)
+        for job in running:
+            newest = newest_train_record(runs_dir / job.spec.name)
+            if newest is not None and "elapsed_s" in newest:
+                bound = time.time() - float(newest["elapsed_s"])
+                origins[job.spec.name] = min(origins.get(job.spec.name, bound), bound)
         for job in list(running):
-            if (left is not None and left < 60 and not job.interrupted
+            if (left is not None and left < INTERRUPT_S and not job.interrupted
                     and job.proc.poll() is None):
                 job.proc.send_signal(signal.SIGINT)
                 job.interrupted = True
@@ -393,13 +561,25 @@ def run_queue(specs: list[RunSpec], gpus: list[str], data: Path, runs_dir: Path,
             summary = summarize(read_records(runs_dir / job.spec.name), job.spec.steps)
             status = "done" if summary["done"] and code == 0 else (
                 "partial" if code in (0, 130) else f"failed (exit {code})")
+            runs = dict(finished)
+            for other in [*running, job]:
+                name = other.spec.name
+                runs[name] = (other.gpu, origins.get(name, other.started_unix),
+                              step_segments(read_records(runs_dir / name)))
+            finished[job.spec.name] = runs[job.spec.name]
+            sharing = sharing_stats(runs, job.spec.name, BATCH * SEQ_LEN)
+            sharing.update(started_unix=round(job.started_unix, 1),
+                           ended_unix=round(time.time(), 1))
             rows = load_results(results)
             rows[job.spec.name] = make_row(job.spec, summary, job.command, _device_name(job.gpu),
-                                           job.gpu, status)
+                                           job.gpu, status, sharing)
             save_results(results, rows)
             took = time.monotonic() - job.started
             print(f"quality: {job.spec.name} {status} in {took:.0f} s, best val ppl "
-                  f"{summary['best_val_ppl']}, {summary['loss_spikes']} spikes", flush=True)
+                  f"{summary['best_val_ppl']}, {summary['loss_spikes']} spikes, "
+                  f"{sharing['runs_on_gpu_mean'] or 0:.2f} runs on its GPU on average, "
+                  f"tokens/s {summary['tokens_per_s'] or 0:,.0f} shared, "
+                  f"{sharing['tokens_per_s_alone'] or 0:,.0f} alone", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,7 +590,9 @@ def _fmt(value: Any, digits: int = 2) -> str:
     if value is None:
         return "–"
     if isinstance(value, float):
-        return f"{value:.{digits}f}" if abs(value) >= 0.01 else f"{value:.1e}"
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.{digits}f}" if abs(value) >= 0.01 or value == 0 else f"{value:g}"
     return str(value)
 
 
@@ -422,8 +604,35 @@ def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
+def alone_speed(row: dict[str, Any], rows: list[dict[str, Any]]) -> tuple[float | None, str]:
+    """Tokens/s of ``row``'s run alone on its GPU, and where the number comes from.
+
+    In this order: its own speed measured alone (``"alone"``); the median of those of runs of
+    the same preset, optimizer, POET flags and device (``"alike"``); its tokens/s when it never
+    shared the GPU (``"alone"``); its tokens over its share of the GPU's time, which assumes
+    that sharing neither adds nor loses throughput (``"share"``); ``(None, "")``.
+    """
+    if row.get("tokens_per_s_alone"):
+        return float(row["tokens_per_s_alone"]), "alone"
+    key = ("preset", "optimizer", "poet_flags", "device")
+    alike = [float(r["tokens_per_s_alone"]) for r in rows
+             if r.get("tokens_per_s_alone") and all(r.get(k) == row.get(k) for k in key)]
+    if alike:
+        return statistics.median(alike), "alike"
+    if row.get("runs_on_gpu_max", 1) <= 1 and row.get("tokens_per_s"):
+        return float(row["tokens_per_s"]), "alone"
+    if row.get("gpu_share_s") and row.get("tokens_seen"):
+        return row["tokens_seen"] / row["gpu_share_s"], "share"
+    return None, ""
+
+
 def plot(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
-    """``quality_ppl_tokens.png`` and ``quality_ppl_wallclock.png`` of the sweep runs."""
+    """``quality_ppl_tokens.png`` and ``quality_ppl_wallclock.png`` of the sweep runs.
+
+    Runs that shared a GPU ran slower than alone, so the wall-clock plot does not use the
+    shared clock: its time is tokens / :func:`alone_speed` (training steps only, evaluations
+    left out); a run without a speed measured alone is left out of it.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -436,14 +645,20 @@ def plot(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
                      key=lambda p: (order.index(p) if p in order else len(order), p))
     if not presets:
         return written
-    for x_index, x_label, name in ((1, "training tokens (M)", "quality_ppl_tokens.png"),
-                                   (2, "wall-clock time (s)", "quality_ppl_wallclock.png")):
+    wall_label = "time alone on the GPU (s): tokens / tokens/s measured alone"
+    for wall, x_label, name in ((False, "training tokens (M)", "quality_ppl_tokens.png"),
+                                (True, wall_label, "quality_ppl_wallclock.png")):
         fig, axes = plt.subplots(1, len(presets), figsize=(6 * len(presets), 4.5), squeeze=False)
         for ax, preset in zip(axes[0], presets, strict=True):
+            devices = set()
             for row in sorted((r for r in sweep if r["preset"] == preset),
                               key=lambda r: (r["optimizer"], r["lr"])):
-                points = [c for c in row["curve"] if c[x_index] is not None and c[0] > 0]
-                xs = [c[x_index] / (1e6 if x_index == 1 else 1) for c in points]
+                speed, source = alone_speed(row, rows) if wall else (1e6, "")
+                if speed is None:
+                    continue
+                devices.add(row["device"].split(" (")[0])
+                points = [c for c in row["curve"] if c[0] > 0]
+                xs = [c[1] / speed for c in points]
                 ys = [c[3] for c in points]
                 style = "-" if row["optimizer"] == "poetx" else "--"
                 color = "tab:blue" if row["optimizer"] == "poetx" else "tab:orange"
@@ -451,14 +666,16 @@ def plot(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
                 scale = row["lr"] / centre[1 if row["optimizer"] == "poetx" else 0]
                 alpha = {0.5: 0.45, 1.0: 1.0, 2.0: 0.7}.get(round(scale, 2), 0.6)
                 label = f"{row['optimizer']} lr {row['lr']:g}" + (
-                    f" / poet_lr {row['poet_lr']:g}" if row.get("poet_lr") else "")
+                    f" / poet_lr {row['poet_lr']:g}" if row.get("poet_lr") else "") + (
+                    " (speed from its GPU share)" if source == "share" else "")
                 ax.plot(xs, ys, style, color=color, alpha=alpha, label=label)
             ax.set_yscale("log")
             ax.set_xlabel(x_label)
             ax.set_ylabel("validation perplexity")
-            ax.set_title(preset)
+            ax.set_title(f"{preset} ({', '.join(sorted(devices))})")
             ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=7)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
         fig.tight_layout()
         path = out_dir / name
         fig.savefig(path, dpi=110)
@@ -470,7 +687,8 @@ def plot(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
 _COLUMNS = [("name", "run"), ("optimizer", "optimizer"), ("lr", "lr"), ("poet_lr", "poet_lr"),
             ("poet_flags", "POET flags"), ("tokens_seen", "tokens"),
             ("final_val_ppl", "final val ppl"), ("best_val_ppl", "best val ppl"),
-            ("loss_spikes", "loss spikes"), ("tokens_per_s", "tokens/s"),
+            ("loss_spikes", "loss spikes"), ("tokens_per_s", "tokens/s (shared)"),
+            ("runs_on_gpu_mean", "runs on GPU"), ("tokens_per_s_alone", "tokens/s alone"),
             ("peak_gib", "peak GiB"), ("status", "status")]
 
 
@@ -556,9 +774,20 @@ def render_doc(rows: list[dict[str, Any]], plots: list[Path]) -> str:
         "/ 1000, Neumann terms 3 vs exact, W0 bf16 / int8 / fp8.",
         f"- Loss spikes: steps whose training loss exceeds {SPIKE_FACTOR} x the median of the "
         f"{SPIKE_WINDOW} steps before it.",
+        f"- Evaluation: the first {EVAL_BATCHES} batches of the validation set "
+        f"({EVAL_BATCHES * BATCH * SEQ_LEN / 1e3:.0f} k tokens), the same for every run.",
         f"- GPU time of the whole study, estimated from the measured tokens/s on one H200 "
         f"(`bench/results/train60m.json`, `step.json`) plus {OVERHEAD_S:.0f} s a run: "
-        f"{estimate / 60:.0f} GPU-minutes ({estimate / 120:.0f} minutes on 2 GPUs).",
+        f"{estimate / 60:.0f} GPU-minutes run one after another.",
+        "- Several runs may share one GPU (`--gpus 0,0,0`: three processes at once, "
+        "time-sliced). Their `tokens/s (shared)` is then their part of the GPU, not their "
+        "speed: `runs on GPU` is the mean number of runs on the GPU (from their first to "
+        "their last step) while the run stepped, `tokens/s alone` its speed over the time it "
+        f"stepped alone (measured when that was at least {MIN_ALONE_S:.0f} s). The wall-clock "
+        "plot uses tokens / tokens/s alone, not the shared clock; a run never alone long "
+        "enough takes that of an alike run (same preset, optimizer, flags, GPU), else its "
+        "tokens over its share of the GPU's time (`gpu_share_s`: each of its stepping "
+        "intervals divided by the runs on the GPU then), marked so in the legend.",
         "",
         "Commands (GPU machine; see `bench/quality.py` for the full procedure):",
         "",
@@ -566,7 +795,8 @@ def render_doc(rows: list[dict[str, Any]], plots: list[Path]) -> str:
         "poetx data install debian-en && poetx data pack debian-en --out .cache/gpu-corpus",
         "# on the GPU machine, each call (runs already done are skipped):",
         "python -m poetx.cli.main data unpack .cache/gpu-corpus",
-        "python bench/quality.py run --gpus 0,1 --data .cache/gpu-corpus --budget-s 540",
+        "python bench/quality.py run --gpus 0,0,0 --data .cache/gpu-corpus --budget-s 435 \\",
+        "    --speed-scale 0.86   # first call: three at once; --gpus 0 runs one at a time",
         "# back here, with the GPU's bench/results/quality.json:",
         "python bench/quality.py report",
         "```",
@@ -611,9 +841,117 @@ def render_doc(rows: list[dict[str, Any]], plots: list[Path]) -> str:
         out += ["Pending: validation perplexity against tokens and against wall-clock time "
                 "(`bench/results/quality_ppl_tokens.png`, `quality_ppl_wallclock.png`) are "
                 "drawn once runs exist.", ""]
-    out += ["## Where POET-X loses", "",
-            "To be written from the tables above once they hold measured numbers.", ""]
+    out += sharing_section(rows)
+    out += ["## Where POET-X loses", "", *comparison(rows), ""]
     return "\n".join(out)
+
+
+def share_ratios(rows: list[dict[str, Any]]) -> list[float]:
+    """For each run that shared its GPU and has a speed measured alone (its own or an alike
+    run's): tokens over its share of the GPU's time, over that speed (1: sharing cost
+    nothing)."""
+    ratios = []
+    for row in rows:
+        if (row.get("runs_on_gpu_max") or 1) > 1 and row.get("gpu_share_s"):
+            speed, source = alone_speed(row, rows)
+            if speed and source != "share":
+                ratios.append(row["tokens_seen"] / row["gpu_share_s"] / speed)
+    return ratios
+
+
+def sharing_section(rows: list[dict[str, Any]]) -> list[str]:
+    """A table of the runs that shared a GPU: their share of its time against running alone.
+
+    ``tokens / gpu_share_s`` is what a run would do alone if sharing neither added nor lost
+    throughput; set against a speed measured alone (its own or an alike run's) it says which.
+    """
+    shared = [r for r in rows if (r.get("runs_on_gpu_max") or 1) > 1 and r.get("gpu_share_s")]
+    if not shared:
+        return []
+    ratios = share_ratios(rows)
+    out = ["## Sharing one GPU (measured)", "",
+           "| run | device | most runs at once | mean runs | tokens / GPU share (tokens/s) "
+           "| tokens/s alone (source) | share / alone |", "|---|---|---|---|---|---|---|"]
+    for row in shared:
+        share_speed = row["tokens_seen"] / row["gpu_share_s"]
+        speed, source = alone_speed(row, rows)
+        if source == "share":
+            speed = None
+        ratio = share_speed / speed if speed else None
+        out.append(f"| {row['name']} | {row['device']} | {row['runs_on_gpu_max']} | "
+                   f"{_fmt(row.get('runs_on_gpu_mean'))} | {share_speed:,.0f} | "
+                   + (f"{speed:,.0f} ({source}) | {ratio:.2f} |" if speed else "– | – |"))
+    out.append("")
+    if ratios:
+        verdict = ("lost throughput: one run at a time would have been faster"
+                   if max(ratios) < 1 else "did not lose throughput everywhere")
+        out += [f"Runs sharing the GPU did {min(ratios):.2f}-{max(ratios):.2f} of the work "
+                f"per second of their share that a run alone does: sharing {verdict}. "
+                "(Without MPS, processes on one GPU are time-sliced: their kernels do not run "
+                "at the same time, so sharing can only fill gaps, and switching costs time.)",
+                ""]
+    return out
+
+
+def comparison(rows: list[dict[str, Any]]) -> list[str]:
+    """Plain statements of how POET-X compares with AdamW in the finished sweep runs."""
+    lines = []
+    for preset in PRESET_LRS:
+        done = [r for r in rows if r["preset"] == preset and r["group"] == "sweep"
+                and r.get("status") == "done"]
+        by_opt = {opt: [r for r in done if r["optimizer"] == opt] for opt in ("poetx", "adamw")}
+        missing = [s.name for s in study() if s.preset == preset and s.group == "sweep"
+                   and s.name not in {r["name"] for r in done}]
+        if not by_opt["poetx"] or not by_opt["adamw"]:
+            lines.append(f"- {preset}: no comparison yet (runs not done: "
+                         f"{', '.join(missing) or 'none'}).")
+            continue
+        best = {opt: min(rs, key=lambda r: r["best_val_ppl"]) for opt, rs in by_opt.items()}
+        p, a = best["poetx"], best["adamw"]
+        ratio = p["best_val_ppl"] / a["best_val_ppl"]
+        if missing:
+            verdict = ("under the target's 1.03 so far, but the sweep is incomplete, so the "
+                       "target is not shown")
+        else:
+            verdict = "meets the target (<= 1.03)" if ratio <= 1.03 else "misses the target"
+        line = (f"- {preset}: best validation perplexity POET-X {p['best_val_ppl']:.2f} "
+                f"(lr {p['lr']:g}) against AdamW {a['best_val_ppl']:.2f} (lr {a['lr']:g}), "
+                f"ratio {ratio:.3f}: {verdict}; loss spikes {p['loss_spikes']} against "
+                f"{a['loss_spikes']}.")
+        mid = {opt: {c[0]: c[3] for c in best[opt]["curve"]} for opt in best}
+        half = best["adamw"]["steps"] // 2
+        if half in mid["poetx"] and half in mid["adamw"]:
+            leader = "AdamW" if mid["adamw"][half] < mid["poetx"][half] else "POET-X"
+            line += (f" Halfway (step {half}) {leader} leads: AdamW {mid['adamw'][half]:.2f}, "
+                     f"POET-X {mid['poetx'][half]:.2f}.")
+        speeds = {opt: alone_speed(best[opt], rows) for opt in best}
+        if speeds["poetx"][0] and speeds["adamw"][0]:
+            (ps, p_src), (as_, a_src) = speeds["poetx"], speeds["adamw"]
+            shared = ""
+            if "share" in (p_src, a_src):
+                ratios = share_ratios(rows)
+                shared = " (from GPU shares, not measured alone" + (
+                    f"; in the same study a GPU share gave {min(ratios):.2f}-{max(ratios):.2f}"
+                    " of the speed alone" if ratios else "") + ")"
+            line += (f" Alone on the GPU POET-X trains at {ps:,.0f} tokens/s, AdamW at "
+                     f"{as_:,.0f} ({ps / as_:.2f} x){shared}.")
+            # POET-X's perplexity when AdamW's run is over, at the speeds above
+            at = a["tokens_seen"] / as_ * ps
+            curve = [(c[1], c[3]) for c in p["curve"] if c[0] > 0]
+            before = [c for c in curve if c[0] <= at]
+            after = [c for c in curve if c[0] >= at]
+            if before and after:
+                (t0, y0), (t1, y1) = before[-1], after[0]
+                y = y0 if t1 == t0 else math.exp(math.log(y0) + (math.log(y1) - math.log(y0))
+                                                  * (at - t0) / (t1 - t0))
+                side = "behind" if y > a["final_val_ppl"] else "not behind"
+                line += (f" In the GPU time AdamW's run takes, POET-X reaches {y:.1f} (AdamW "
+                         f"{a['final_val_ppl']:.2f}): per second of GPU, POET-X is {side}.")
+        if missing:
+            line += (f" Incomplete sweep (not done: {', '.join(missing)}), so an optimum at "
+                     "an untried learning rate is not excluded.")
+        lines.append(line)
+    return lines
 
 
 def report(results: Path, doc: Path, plot_dir: Path) -> None:
@@ -626,11 +964,13 @@ def report(results: Path, doc: Path, plot_dir: Path) -> None:
     print(f"wrote {doc}" + "".join(f", {p}" for p in plots))
 
 
-def print_plan(specs: list[RunSpec], data: Path, runs_dir: Path, gpus: int) -> None:
+def print_plan(specs: list[RunSpec], data: Path, runs_dir: Path, gpus: int,
+               speed_scale: float = 1.0) -> None:
+    """Each run's estimate alone and the total; ``gpus`` counts distinct GPUs."""
     speeds = measured_tokens_per_s()
     total = 0.0
     for spec in specs:
-        seconds = estimate_seconds(spec, speeds)
+        seconds = estimate_seconds(spec, speeds, speed_scale)
         total += seconds
         print(f"{seconds / 60:5.1f} min  {spec.name:20s} "
               + shown_command(spec.command(data, runs_dir), "cpu"))
@@ -643,7 +983,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("run", "plan"):
         p = sub.add_parser(name)
-        p.add_argument("--gpus", default="0", help="comma-separated GPU ids, or 'cpu'")
+        p.add_argument("--gpus", default="0",
+                       help="comma-separated GPU ids, one per concurrent run ('0,0' runs two "
+                       "at once on GPU 0), or 'cpu'")
+        p.add_argument("--speed-scale", type=float, default=1.0,
+                       help="this GPU's speed relative to the H200 measurements the budget's "
+                       "estimates use (e.g. 0.8 for an H100)")
         p.add_argument("--data", default=str(ROOT / ".cache" / "gpu-corpus"),
                        help="folder of train/val token files and tokenizer.json")
         p.add_argument("--runs-dir", default=str(ROOT / "runs" / "quality"))
@@ -674,13 +1019,14 @@ def main(argv: list[str] | None = None) -> int:
                  for s in specs]
     gpus = args.gpus.split(",")
     if args.command == "plan":
-        print_plan(specs, Path(args.data), Path(args.runs_dir), len(gpus))
+        print_plan(specs, Path(args.data), Path(args.runs_dir), len(set(gpus)),
+                   args.speed_scale)
         return 0
     data = Path(args.data)
     if not (data / "tokenizer.json").is_file():
         parser.error(f"{data} holds no tokenizer.json: run `poetx data unpack {data}` first")
     run_queue(specs, gpus, data, Path(args.runs_dir), Path(args.results), args.budget_s,
-              args.extra)
+              args.extra, speed_scale=args.speed_scale)
     return 0
 
 
