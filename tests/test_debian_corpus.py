@@ -219,6 +219,58 @@ def test_fetch_uses_a_verified_download_and_checks_hashes(
     assert not list((tmp_path / "other").glob("*.deb"))
 
 
+def test_pool_candidates_from_the_served_version() -> None:
+    """Real ``apt-get download --print-uris`` lines (Debian 12, December 2026): the pinned file
+    is looked for beside the served one, and in the other archive's pool folder."""
+    nginx = DebPin("nginx-doc", "1.22.1-9+deb12u11", "0" * 64)
+    line = ("'http://deb.debian.org/debian-security/pool/updates/main/n/nginx/"
+            "nginx-doc_1.22.1-9%2bdeb12u12_all.deb' nginx-doc_1.22.1-9+deb12u12_all.deb 90184 "
+            "SHA256:8740c4802a2b586b4007f07340e2d1880e79f5394be1938d8686f28eb554e670")
+    assert debian.pool_candidates("Reading package lists...\n" + line, nginx) == [
+        "http://deb.debian.org/debian-security/pool/updates/main/n/nginx/"
+        "nginx-doc_1.22.1-9%2Bdeb12u11_all.deb",
+        "http://deb.debian.org/debian/pool/main/n/nginx/nginx-doc_1.22.1-9%2Bdeb12u11_all.deb",
+    ]
+    bind = DebPin("bind9-doc", "1:9.18.49-1~deb12u2", "0" * 64)  # the epoch is not in the pool
+    line = ("'http://deb.debian.org/debian/pool/main/b/bind9/bind9-doc_9.18.49-1%7edeb12u3_all.deb'"
+            " bind9-doc_1%3a9.18.49-1~deb12u3_all.deb 3524564 SHA256:7a32")
+    assert debian.pool_candidates(line, bind)[0] == (
+        "http://deb.debian.org/debian/pool/main/b/bind9/bind9-doc_9.18.49-1~deb12u2_all.deb")
+    assert debian.pool_candidates("E: Unable to locate package", bind) == []
+
+
+def test_fetch_finds_a_version_gone_from_the_index_in_the_pool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """apt-get no longer serves the pinned version; its file is still in the pool folder of the
+    served one (a file:// mirror here): fetched from there, checked against the pin."""
+    pool = tmp_path / "mirror" / "debian-security" / "pool" / "updates" / "main" / "a" / "alpha"
+    pool.mkdir(parents=True)
+    source = fake_sources(pool)[0]
+    pin = source.pin
+    monkeypatch.setattr(debian.shutil, "which", lambda name: "/usr/bin/apt-get")
+    calls = []
+
+    def apt(cmd, cwd, **kwargs):
+        calls.append(cmd)
+        if "--print-uris" in cmd:
+            url = (pool / f"{pin.name}_1.0-2_all.deb").as_uri()
+            return subprocess.CompletedProcess(cmd, 0, f"'{url}' {pin.name}_1.0-2_all.deb 1 "
+                                               "SHA256:00\n", "")
+        return subprocess.CompletedProcess(cmd, 100, "", f"E: Version '{pin.version}' was not "
+                                           "found")
+
+    monkeypatch.setattr(debian.subprocess, "run", apt)
+    got = fetch_deb(pin, tmp_path / "downloads")
+    assert got == tmp_path / "downloads" / pin.file_name
+    assert got.read_bytes() == (pool / pin.file_name).read_bytes()
+    assert len(calls) == 2
+    # a file in the pool that is not the pinned one is refused
+    wrong = DebPin(pin.name, pin.version, "1" * 64)
+    with pytest.raises(PackageUnavailableError, match="is not the pinned"):
+        fetch_deb(wrong, tmp_path / "other")
+
+
 # --- the whole build, --data and transport ------------------------------------------------------
 
 

@@ -3,7 +3,9 @@
 A ``.deb`` is an ``ar`` archive whose ``data.tar.{xz,gz,bz2}`` member holds the installed tree;
 it is read here without ``dpkg``, so the files of a downloaded package can be read on any
 machine. Fetching goes through ``apt-get download NAME=VERSION`` (the ordinary client, with the
-machine's configured Debian sources) and checks the file's sha256 against a pinned value.
+machine's configured Debian sources) and checks the file's sha256 against a pinned value. A
+version that has left the index (a security update superseded by the next one) is usually still
+in the mirror's pool, beside the current version's file: that is where it is looked for next.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +48,11 @@ class DebPin:
     def file_name(self) -> str:
         """The name ``apt-get download`` gives the file (``:`` of an epoch as ``%3a``)."""
         return f"{self.name}_{self.version.replace(':', '%3a')}_all.deb"
+
+    @property
+    def pool_name(self) -> str:
+        """The file's name in a mirror's pool (no epoch)."""
+        return f"{self.name}_{self.version.split(':', 1)[-1]}_all.deb"
 
 
 def fetch_deb(pin: DebPin, downloads: Path) -> Path:
@@ -75,11 +85,16 @@ def fetch_deb(pin: DebPin, downloads: Path) -> Path:
         found = list(Path(tmp).glob("*.deb"))
         if proc.returncode != 0 or len(found) != 1:
             tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-4:])
-            raise PackageUnavailableError(
-                f"apt-get could not download {pin.name}={pin.version} (exit {proc.returncode}):"
-                f"\n{tail}\nRun `apt-get update` once; if the version is no longer served, the "
-                f"pin in poetx/data/prose.py must be updated (new version and sha256)."
-            )
+            pooled = _fetch_from_pool(apt, pin, Path(tmp))
+            if pooled is None:
+                raise PackageUnavailableError(
+                    f"apt-get could not download {pin.name}={pin.version} (exit "
+                    f"{proc.returncode}):\n{tail}\nnor is {pin.pool_name} in the pool folder of "
+                    f"the version the index serves. Run `apt-get update` once; if the version "
+                    f"is gone, its pin in poetx/data/debian_en.py must be updated (new version "
+                    f"and sha256)."
+                )
+            found = [pooled]
         digest = sha256_file(found[0])
         if digest != pin.sha256:
             raise PackageUnavailableError(
@@ -88,6 +103,44 @@ def fetch_deb(pin: DebPin, downloads: Path) -> Path:
             )
         os.replace(found[0], target)
     return target
+
+
+def pool_candidates(print_uris: str, pin: DebPin) -> list[str]:
+    """URLs where ``pin``'s file may be, from ``apt-get download --print-uris NAME`` output (the
+    version the index serves now): its pool folder on each archive that output names, and the
+    same folder on the other of ``debian`` / ``debian-security`` (point releases move security
+    updates into the main archive)."""
+    folders: list[str] = []
+    for line in print_uris.splitlines():
+        if not line.startswith("'"):
+            continue
+        url = line.split("'")[1]
+        folder = url.rsplit("/", 1)[0] + "/"
+        swaps = (("/debian-security/pool/updates/", "/debian/pool/"),
+                 ("/debian/pool/", "/debian-security/pool/updates/"))
+        for candidate in (folder, *(folder.replace(a, b) for a, b in swaps if a in folder)):
+            if candidate not in folders:
+                folders.append(candidate)
+    return [f + urllib.parse.quote(pin.pool_name) for f in folders]
+
+
+def _fetch_from_pool(apt: str, pin: DebPin, folder: Path) -> Path | None:
+    """Download ``pin``'s file from a pool folder (see :func:`pool_candidates`) into ``folder``;
+    None where no candidate has it. The caller checks the sha256."""
+    try:
+        proc = subprocess.run([apt, "download", "--print-uris", "-q", pin.name], cwd=folder,
+                              capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    target = folder / pin.file_name
+    for url in pool_candidates(proc.stdout, pin):
+        try:
+            with urllib.request.urlopen(url, timeout=300) as response:
+                target.write_bytes(response.read())
+            return target
+        except (urllib.error.URLError, OSError, ValueError):
+            continue
+    return None
 
 
 def _ar_members(data: bytes, path: Path) -> Iterator[tuple[str, bytes]]:
