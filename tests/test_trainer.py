@@ -207,6 +207,23 @@ def test_cuda_graphs_setting_falls_back_to_eager_off_cuda():
     assert t.step_fn == t.train_step
 
 
+def _eager_and_replayed_losses(steps: int = 10, **kw) -> tuple[list[float], list[float]]:
+    """Losses of ``steps`` eager steps and of as many captured ones (replayed from the 4th),
+    two Trainers of ``_cuda_trainer(**kw)`` from the same seed."""
+    losses = {}
+    for graphs in (False, True):
+        t = _cuda_trainer(cuda_graphs=graphs, **kw)
+        assert t.graphs == graphs
+        run = []
+        for step in range(steps):
+            metrics = t.step_fn(t.load_batch(step))
+            run.append(float(metrics["loss"]))
+            t._advance_schedules(step + 1)
+        assert (t.captured is not None and t.captured.captured) == graphs
+        losses[graphs] = run
+    return losses[False], losses[True]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("accum", [1, 2])
 def test_cuda_graph_step_matches_the_eager_step(accum):
@@ -215,19 +232,8 @@ def test_cuda_graph_step_matches_the_eager_step(accum):
     ~1e-6 relative (cuBLAS picks its kernels differently under capture), and the following
     steps, through a merge at step 6, stay within bf16 noise of each other. With
     accumulation the graph holds the step's one rotation build and its one backward."""
-    losses = {}
-    for graphs in (False, True):
-        t = _cuda_trainer(cuda_graphs=graphs, poet={"merge_every": 6}, batch_size=4 // accum,
-                          grad_accum=accum)
-        assert t.graphs == graphs
-        run = []
-        for step in range(10):
-            metrics = t.step_fn(t.load_batch(step))
-            run.append(float(metrics["loss"]))
-            t._advance_schedules(step + 1)
-        assert (t.captured is not None and t.captured.captured) == graphs
-        losses[graphs] = run
-    eager, replayed = losses[False], losses[True]
+    eager, replayed = _eager_and_replayed_losses(poet={"merge_every": 6},
+                                                 batch_size=4 // accum, grad_accum=accum)
     assert replayed[:3] == eager[:3]
     assert abs(replayed[3] - eager[3]) <= 1e-4 * abs(eager[3])
     assert max(abs(r - e) / abs(e) for r, e in zip(replayed, eager, strict=True)) < 1e-2
@@ -239,21 +245,10 @@ def test_cuda_graph_step_with_grad_checkpointing_matches_the_eager_step(w0_forma
     """Checkpointed blocks recompute their forward inside the captured backward (the setting of
     the largest-model run, bench/largest.py): the replay follows the eager run through a merge
     at step 6 as closely as without checkpointing."""
-    losses = {}
-    for graphs in (False, True):
-        t = _cuda_trainer(cuda_graphs=graphs, grad_checkpointing=True,
-                          poet={"merge_every": 6, "w0_format": w0_format})
-        assert t.graphs == graphs
-        run = []
-        for step in range(10):
-            metrics = t.step_fn(t.load_batch(step))
-            run.append(float(metrics["loss"]))
-            t._advance_schedules(step + 1)
-        assert (t.captured is not None and t.captured.captured) == graphs
-        losses[graphs] = run
-        # the default CUDA generator still works outside the graph (model init, dropout)
-        torch.randn(4, device="cuda")
-    eager, replayed = losses[False], losses[True]
+    eager, replayed = _eager_and_replayed_losses(
+        grad_checkpointing=True, poet={"merge_every": 6, "w0_format": w0_format})
+    # the default CUDA generator still works outside the graph (model init, dropout)
+    torch.randn(4, device="cuda")
     assert replayed[:3] == eager[:3]
     assert max(abs(r - e) / abs(e) for r, e in zip(replayed, eager, strict=True)) < 1e-2
 
