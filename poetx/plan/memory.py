@@ -441,8 +441,8 @@ def predict(
         acts = (position + 1) * kept_layer + recompute + saved["rope"] + grad_flow
         moment(f"layer-backward ({label} layer)", g, activations=acts, backward=layer_work)
     if accum and poet:
-        # the first layer's last build call: its linears' backward is done, every skew
-        # gradient but those of this call is written
+        # the first layer's last build call: its linears' backward is done; every skew
+        # gradient is written (this call's as the call writes them)
         g = dict(head_grad)
         g[grad_part] = n_layers * layer_grad
         moment("rotation-link (first layer)", g, activations=saved["rope"] + grad_flow,
@@ -540,8 +540,8 @@ def _link_temporaries(rb: Round, calls: list[list[tuple[int, int]]]) -> int:
     """Scratch of the last micro-batch's Cayley-Neumann backward of a build call on the summed
     block gradient (``rotation_group._Link``), largest call: every side's incoming float32
     gradient and its sum with the carried one, then per chunk of consecutive sides
-    (``rotation_group._chunks``) their concatenation (several sides), the backward's buffers
-    and its float32 skew gradient, kept until the call returns."""
+    (``rotation_group._chunks``) their concatenation (several sides) and the backward's
+    buffers. The skew gradients it writes are counted as gradients."""
     worst = 0
     for call in calls:
         held = 2 * sum(rb(4 * nb * b * b) for nb, b in call)
@@ -552,14 +552,10 @@ def _link_temporaries(rb: Round, calls: list[list[tuple[int, int]]]) -> int:
                 first, total = i, 0
             total += nb
         chunks.append(call[first:])
-        written = 0
         for chunk in chunks:
             blocks = _values(chunk)
             cat = rb(4 * blocks) if len(chunk) > 1 else 0
-            grad_theta = rb(4 * sum(nb * b * (b - 1) // 2 for nb, b in chunk))
-            worst = max(worst, held + written + cat + LINK_SCRATCH_BUFFERS * rb(4 * blocks)
-                        + grad_theta)
-            written += grad_theta
+            worst = max(worst, held + cat + LINK_SCRATCH_BUFFERS * rb(4 * blocks))
     return worst
 
 
@@ -610,7 +606,8 @@ def _layer_backward_temporaries(rb: Round, shape: ModelShape, t: int, setting: S
     float32 gradients wait for the last of its linears), else one linear at a time."""
     worst = 0
     accum = setting.grad_accum > 1
-    sides = [num_blocks(dim, setting.block_size) for _, m, n in shape.linears() for dim in (n, m)]
+    layer_sides = [num_blocks(dim, setting.block_size)
+                   for _, m, n in shape.linears() for dim in (n, m)]
     for _, m, n in shape.linears():
         if setting.optimizer != "poetx":
             worst = max(worst, rb(e * t * n))  # grad input; grad weight is counted
@@ -627,7 +624,7 @@ def _layer_backward_temporaries(rb: Round, shape: ModelShape, t: int, setting: S
         if accum:
             # the step's blocks, differentiated later on the sum (rotation-link): the float32
             # block gradients waiting for it, the layer's or this linear's
-            held = sides if batched else [(nb_in, b_in), (nb_out, b_out)]
+            held = layer_sides if batched else [(nb_in, b_in), (nb_out, b_out)]
             cayley = sum(rb(4 * nb * b * b) for nb, b in held)
         weight = 0
         if setting.w0_format != "auto":
