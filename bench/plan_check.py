@@ -2,7 +2,8 @@
 
     python -m bench.plan_check \
         --measured bench/results/model.json,bench/results/memory_options.json \
-        --largest bench/results/largest.json --out bench/results/plan_check.json
+        --largest bench/results/largest.json --scale bench/results/scale.json \
+        --out bench/results/plan_check.json
 
 Reads the rows written by ``bench/model.py`` (no GPU needed), predicts each with
 ``poetx.plan.memory`` and writes a JSON list and a Markdown table (``.md`` beside the JSON) with
@@ -16,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from poetx.plan.memory import Setting, plan
+from poetx.plan.memory import GIB, Setting, plan
 
 # bench/model.py method -> planner setting (bench/model.py's METHODS, by name, so that this file
 # does not import torch)
@@ -90,6 +91,41 @@ def compare_largest(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "measured_by": start.get("command")}
 
 
+# Marks the --grad-accum rows of bench/results/scale.json measured with the rotation blocks built
+# once per optimizer step (AccumulatedRotations); earlier ones ran the per-micro-batch builds.
+STEP_BUILT_BLOCKS = "AccumulatedRotations"
+
+
+def compare_scale(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The one-GPU runs of the ``accum`` case of ``bench/scale.py`` (``poetx train`` with
+    ``--grad-accum K`` and without), K > 1 only where measured with the blocks built once per
+    step: the peak of the measured steps against the plan of the run's config. Those runs
+    evaluate only after their last train row and never merge, so the prediction is the step's
+    peak: the largest moment but the one outside a CUDA graph (merge, evaluation)."""
+    from poetx.plan.fit import setting_of
+    from poetx.train.config import TrainConfig
+
+    out = []
+    for row in rows:
+        if (row.get("case") != "accum" or row.get("world") != 1 or row.get("status") != "ok"
+                or "--eval-every 0" not in row["command"]
+                or (row["grad_accum"] > 1 and STEP_BUILT_BLOCKS not in row.get("note", ""))):
+            continue
+        cfg = TrainConfig(preset=row["preset"], batch_size=row["batch"], seq_len=row["seq_len"],
+                          grad_accum=row["grad_accum"], out="unused")
+        p = plan(cfg.preset, cfg.seq_len, cfg.batch_size, setting_of(cfg), cfg.vocab_size)
+        phase, step = max(((k, sum(v.values())) for k, v in p.moments.items()
+                           if not k.startswith("outside")), key=lambda item: item[1])
+        predicted, measured = step / GIB, row["peak_mem_gib"]
+        out.append({
+            "model": cfg.preset, "seq_len": cfg.seq_len, "batch": cfg.batch_size,
+            "method": p.setting.name, "status": "ok", "measured_gib": measured,
+            "predicted_gib": predicted, "error_pct": 100 * (predicted - measured) / measured,
+            "peak_at": phase, "measured_on": row["device"], "measured_by": row["command"],
+        })
+    return out
+
+
 def markdown(records: list[dict[str, Any]], source: str) -> str:
     devices = sorted({str(r["measured_on"]) for r in records})
     lines = [
@@ -99,7 +135,9 @@ def markdown(records: list[dict[str, Any]], source: str) -> str:
         "predicted: `poetx.plan.memory` (no GPU).",
         "command: `python -m bench.plan_check --measured " + source + "` (the last row: "
         "`bench/results/largest.json`, the 32.5B-parameter `llama-30b` training run: int8 "
-        "W0, checkpointing, CUDA-graph step, vocabulary 32000).",
+        "W0, checkpointing, CUDA-graph step, vocabulary 32000; after it the `poetx train` "
+        "runs of `bench/results/scale.json`, case accum, `--grad-accum K` as `accumK`: the "
+        "step's peak, as no merge or evaluation runs in their measured steps).",
         "Rows of `model.json` (H100) ran the loss before issue 13 (float32 head gradient, "
         "planner setting `loss=token-chunked`); rows of `memory_options.json` (H200) the "
         "current one.",
@@ -129,12 +167,16 @@ def main() -> None:
                         help="rows of bench/model.py (comma-separated JSON files)")
     parser.add_argument("--largest", default="bench/results/largest.json",
                         help="rows of bench/largest.py ('' to skip)")
+    parser.add_argument("--scale", default="bench/results/scale.json",
+                        help="rows of bench/scale.py, its accum case ('' to skip)")
     parser.add_argument("--out", default="bench/results/plan_check.json")
     args = parser.parse_args()
     rows = [r for name in args.measured.split(",") for r in json.loads(Path(name).read_text())]
     records = compare(rows)
     if args.largest:
         records.append(compare_largest(json.loads(Path(args.largest).read_text())))
+    if args.scale:
+        records += compare_scale(json.loads(Path(args.scale).read_text()))
     out = Path(args.out)
     out.write_text(json.dumps(records, indent=1) + "\n")
     text = markdown(records, args.measured)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from bench.plan_check import BENCH_METHODS, compare, compare_largest
+from bench.plan_check import BENCH_METHODS, compare, compare_largest, compare_scale
 from poetx.cli.main import main
 from poetx.config import POETConfig
 from poetx.layers.poet_linear import POETLinear
@@ -253,6 +253,20 @@ def test_predictions_match_the_recorded_gpu_peaks():
     assert abs(largest["error_pct"]) <= GPU_TOLERANCE_PCT, largest
 
 
+def test_accumulation_predictions_match_the_recorded_gpu_peaks():
+    """``poetx train`` at Llama-1B, 8 x 1024 in one batch and 4 x 1024 with ``--grad-accum 2``
+    (blocks built once per step), bench/results/scale.json. The Llama-130M rows of the same
+    case are compared by bench/plan_check.py but not held to the tolerance: the prediction
+    misses them by about 0.25 GiB at K = 1 already (-4.1%), and by the same at K = 4 (-9.3%)."""
+    records = compare_scale(json.loads((REPO / "bench/results/scale.json").read_text()))
+    billion = [r for r in records if r["model"] == "llama-1b"]
+    assert any("accum2" in r["method"] and "H100" in r["measured_on"] for r in billion)
+    assert any("accum" not in r["method"] for r in billion)
+    for r in billion:
+        assert abs(r["error_pct"]) <= GPU_TOLERANCE_PCT, r
+        assert "poetx.cli.main train" in r["measured_by"]
+
+
 def test_every_bench_method_has_a_planner_setting():
     from bench.model import METHODS
 
@@ -362,3 +376,123 @@ def test_cli_plan_bad_input(capsys):
     assert "preset" in capsys.readouterr().err
     assert main(["plan", "--preset", "tiny", "--seq-len", "0", "--batch-size", "1",
                  "--gpu-mem", "8"]) == 2
+
+
+ACCUM_SETTINGS = [
+    Setting(mode="mem", block_size=64, grad_accum=2),
+    Setting(mode="fast", block_size=48, grad_accum=2),  # 128 = 2 x 48 + 32: padded last blocks
+    Setting(mode="mem", block_size=64, checkpointing=True, grad_accum=3),
+    Setting(optimizer="adamw", grad_accum=2),
+]
+
+
+def _storages(tensors) -> dict[int, int]:
+    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+
+
+@pytest.mark.parametrize("setting", ACCUM_SETTINGS, ids=lambda s: s.name)
+def test_accumulation_parts_are_what_the_step_holds(setting):
+    """Under ``AccumulatedRotations`` (what the Trainer runs for ``--grad-accum K``), what the
+    micro-batches before the last leave: the step's blocks, their float32 gradient sum and the
+    ordinary parameters' gradients, against the planner's parts of the last micro-batch."""
+    from poetx.layers.rotation_groups import AccumulatedRotations
+
+    model = build(setting)
+    layers = [m for m in model.modules() if isinstance(m, POETLinear)]
+    k = setting.grad_accum
+    batch = torch.randint(0, SHAPE.vocab, (k, BATCH, SEQ + 1))
+    rotation = {id(p) for p in rotation_parameters(model)}
+    with AccumulatedRotations(layers, k) as rotations:
+        for i in range(k - 1):
+            rotations.micro_batch(i)
+            (causal_lm_loss(model, batch[i]) / k).backward()
+        builds = list({id(b): b for b, _ in rotations.builds.values()}.values())
+        blocks = _storages(t for b in builds for t in b.blocks)
+        anchors = _storages(b.carry.leaves[0] for b in builds)  # one scalar per build call
+        block_grads = _storages(leaf.grad for b in builds for leaf in b.carry.leaves)
+        left = [p for p in model.parameters() if p.grad is not None]
+        rotations.micro_batch(k - 1)
+        (causal_lm_loss(model, batch[k - 1]) / k).backward()
+    assert all(id(p) not in rotation for p in left)  # skew gradients: in the last backward
+    assert all(p.grad is not None for p in model.parameters() if id(p) in rotation)
+
+    p = predict(SHAPE, SEQ, BATCH, setting, cuda_allocator=False)
+    last = p.moments["loss-forward"]
+    assert last["accumulated_blocks"] == sum(blocks.values()) + sum(anchors.values())
+    assert last["block_grads"] == sum(block_grads.values())
+    assert last["embed_head_norm_grads"] + last["dense_linear_grads"] == nbytes(
+        p.grad for p in left)
+    if setting.optimizer == "poetx":
+        assert len(builds) > 0 and len(block_grads) == 2 * len(layers)
+    else:
+        assert not builds
+    assert p.moments["optimizer-step"]["accumulated_blocks"] == 0
+    assert p.moments["optimizer-step"]["block_grads"] == 0
+
+
+@pytest.mark.parametrize("setting", ACCUM_SETTINGS[:2], ids=lambda s: s.name)
+def test_saved_activations_under_accumulation_leave_the_blocks_to_the_step(setting):
+    """Each micro-batch saves what a step of one batch saves, except the blocks (fast mode
+    saves the step's, counted once in ``accumulated_blocks``)."""
+    from poetx.layers.rotation_groups import AccumulatedRotations
+
+    model = build(setting)
+    layers = [m for m in model.modules() if isinstance(m, POETLinear)]
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if t.is_floating_point() and storage.data_ptr() not in own:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    batch = torch.randint(0, SHAPE.vocab, (BATCH, SEQ + 1))
+    with AccumulatedRotations(layers, setting.grad_accum) as rotations:
+        rotations.micro_batch(0)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = causal_lm_loss(model, batch)
+        step_blocks = _storages(t for b, _ in rotations.builds.values() for t in b.blocks)
+        loss.backward()
+    got = sum(v for ptr, v in saved.items() if ptr not in step_blocks)
+    s = saved_activations(SHAPE, SEQ, BATCH, setting, cuda_allocator=False)
+    assert got == SHAPE.layers * s["kept_layer"] + s["final_norm"] + s["loss_lse"] + s["rope"]
+    if setting.mode == "fast":
+        assert set(step_blocks) <= set(saved)
+
+
+def test_one_micro_batch_is_the_plain_step():
+    for setting in [s for s in SETTINGS if isinstance(s, Setting)]:
+        p = predict(SHAPE, SEQ, BATCH, setting)
+        assert p.parts["accumulated_blocks"] == p.parts["block_grads"] == 0
+        assert "accum" not in setting.name and "rotation-link (first layer)" not in p.moments
+    with pytest.raises(ValueError, match="grad_accum"):
+        Setting(grad_accum=0)
+    with pytest.raises(ValueError, match="step_in_backward"):
+        Setting(grad_accum=2, step_in_backward=True, dense_optimizer="adamw8bit")
+
+
+def test_check_fits_and_cli_plan_count_the_accumulation(capsys):
+    def cfg(k: int) -> TrainConfig:
+        return TrainConfig(preset="llama-1b", seq_len=1024, batch_size=4, grad_accum=k,
+                           out="unused", poet={"mode": "fast"})
+
+    one = check_fits(cfg(1), "cuda:0", budget_bytes=80 * GIB)
+    two = check_fits(cfg(2), "cuda:0", budget_bytes=80 * GIB)
+    assert one.setting.grad_accum == 1 and two.setting.grad_accum == 2
+    assert two.peak_bytes > one.peak_bytes
+    budget = (one.required_bytes() + two.required_bytes()) // 2
+    assert check_fits(cfg(1), "cuda:0", budget_bytes=budget) is not None
+    with pytest.raises(ValueError) as info:
+        check_fits(cfg(2), "cuda:0", budget_bytes=budget)
+    suggested = str(info.value).split("this fits: ")[1].split(" (predicted")[0]
+    assert "--grad-accum 2" in suggested and "--no-step-in-backward" in suggested
+
+    assert main(["plan", "--preset", "llama-1b", "--seq-len", "1024", "--batch-size", "4",
+                 "--gpu-mem", "24", "--grad-accum", "2", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows and all(r["setting"].endswith("accum2") for r in rows)
+    assert not any(r["options"]["step_in_backward"] for r in rows)
+    by_name = {r["setting"]: r for r in rows}
+    fast = by_name["poetx-fast-b256-accum2"]
+    assert fast["parts_gib"]["accumulated_blocks"] > 0 and fast["parts_gib"]["block_grads"] > 0

@@ -17,6 +17,7 @@ _COLUMNS: list[tuple[str, tuple[str, ...]]] = [
     ("activations", ("activations",)),
     ("loss tmp", ("loss_temporaries",)),
     ("bwd+opt tmp", ("backward_temporaries", "optimizer_temporaries")),
+    ("accum blocks+grads", ("accumulated_blocks", "block_grads")),
     ("other", ("buffers", "overhead")),
 ]
 
@@ -61,7 +62,10 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", required=True, help="model shape (see `poetx train --help`)")
     p.add_argument("--seq-len", type=_positive_int, required=True, help="tokens per sequence")
     p.add_argument("--batch-size", type=_positive_int, required=True,
-                   help="sequences per step")
+                   help="sequences per step (per micro-batch with --grad-accum)")
+    p.add_argument("--grad-accum", type=_positive_int, default=1, metavar="K",
+                   help="micro-batches per optimizer step, as `poetx train --grad-accum` "
+                   "(the settings that step inside backward are left out for K > 1)")
     p.add_argument("--gpu-mem", type=_positive_float, required=True, metavar="GIB",
                    help="memory of the GPU (or the per-process cap) in GiB")
     p.add_argument("--vocab-size", type=_positive_int,
@@ -73,13 +77,20 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def plan_rows(preset: str, seq_len: int, batch_size: int, gpu_mem_gib: float,
-              vocab_size: int | None = None,
-              block_sizes: tuple[int, ...] = (256,)) -> list[dict[str, Any]]:
-    """One JSON-ready row per standard setting, with ``fits`` for ``gpu_mem_gib``."""
+              vocab_size: int | None = None, block_sizes: tuple[int, ...] = (256,),
+              grad_accum: int = 1) -> list[dict[str, Any]]:
+    """One JSON-ready row per standard setting (with ``grad_accum`` micro-batches per step;
+    the Trainer steps inside backward only for one), with ``fits`` for ``gpu_mem_gib``."""
+    from dataclasses import replace
+
     from poetx.plan.memory import GIB, plan, standard_settings
 
     rows = []
     for setting in standard_settings(block_sizes):
+        if grad_accum > 1:
+            if setting.step_in_backward:
+                continue
+            setting = replace(setting, grad_accum=grad_accum)
         p = plan(preset, seq_len, batch_size, setting, vocab_size)
         row = p.to_dict()
         row["gpu_mem_gib"] = gpu_mem_gib
@@ -107,12 +118,13 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def run_plan(args: argparse.Namespace) -> int:
     rows = plan_rows(args.preset, args.seq_len, args.batch_size, args.gpu_mem, args.vocab_size,
-                     args.block_sizes)
+                     args.block_sizes, args.grad_accum)
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
     first = rows[0]
-    print(f"{first['preset']}, batch {args.batch_size} x seq {args.seq_len}, "
+    accum = f" x {args.grad_accum} micro-batches" if args.grad_accum > 1 else ""
+    print(f"{first['preset']}, batch {args.batch_size} x seq {args.seq_len}{accum}, "
           f"GPU {args.gpu_mem:g} GiB: predicted peak of torch.cuda.max_memory_allocated; "
           "'needs' adds the CUDA context and an allocator margin")
     print(format_table(rows))

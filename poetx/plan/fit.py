@@ -40,6 +40,7 @@ def setting_of(cfg: Any) -> Setting:
         cuda_graphs=bool(getattr(cfg, "cuda_graphs", False))
         and getattr(cfg, "dense_optimizer", "adamw") == "adamw"
         and getattr(cfg, "rotation_states", "fp32") == "fp32",
+        grad_accum=getattr(cfg, "grad_accum", 1),
     )
 
 
@@ -60,6 +61,8 @@ def flags_of(setting: Setting) -> str:
         flags.append(f"--w0-residual {setting.w0_residual}")
     if not setting.cuda_graphs and setting.dense_optimizer == "adamw":
         flags.append("--no-cuda-graphs")
+    if setting.grad_accum > 1:
+        flags.append(f"--grad-accum {setting.grad_accum}")
     return " ".join(flags)
 
 
@@ -90,13 +93,15 @@ def fitting_settings(preset: str, seq_len: int, batch_size: int, budget: int,
     accumulation or several processes, where the Trainer refuses it)."""
     keep = {"dense_optimizer": current.dense_optimizer, "rotation_states":
             current.rotation_states, "step_in_backward": current.step_in_backward,
-            "w0_residual": current.w0_residual, "cuda_graphs": current.cuda_graphs}
+            "w0_residual": current.w0_residual, "cuda_graphs": current.cuda_graphs,
+            "grad_accum": current.grad_accum}
     candidates = [replace(s, **keep) for s in standard_settings((current.block_size,))
                   if s.dense_optimizer == "adamw" and not s.step_in_backward]
     candidates.append(replace(current, checkpointing=True))
     # the memory options, on the current setting and on the leanest one
     bases = (current, replace(current, checkpointing=True, mode="mem"),
              replace(current, checkpointing=True, mode="mem", w0_format="int8"))
+    step_in_backward = step_in_backward and current.grad_accum == 1
     lean = [replace(s, dense_optimizer="adamw8bit", step_in_backward=step_in_backward,
                     cuda_graphs=False,
                     rotation_states=r)

@@ -26,6 +26,20 @@ moments where memory can be highest:
   the graph, allocate on top of it (their temporaries: one linear's float32 merge product and
   one evaluation forward).
 
+Gradient accumulation (``grad_accum`` K > 1, ``poetx.layers.rotation_groups.AccumulatedRotations``)
+is predicted at its last micro-batch, which holds what the earlier ones left: the rotation
+blocks of every layer, built once for the step (``accumulated_blocks``: one model-dtype
+``(sum nb, b, b)`` tensor per build call, padded last blocks included, and a float32 scalar
+anchor per call; in fast mode these are the blocks the layers save, no longer counted in
+their activations; in mem mode they are not rebuilt in backward), the float32 sum of their
+gradients (``block_grads``: one ``(nb, b, b)`` tensor per side, the ``.grad`` of the
+``Carry`` leaves) and the gradients of the ordinary parameters (embedding, lm_head, norms;
+AdamW's linears too), accumulated in place, so a fresh gradient of the embedding (and of a
+dense linear) is written beside its accumulated one. The skew parameters' gradients appear
+only in the last micro-batch's backward, as with K = 1. A further moment, ``rotation-link``,
+is the Cayley-Neumann backward of the largest build call of the first layer on the summed
+gradient. The accumulation tensors are freed before the optimizer step.
+
 Persistent extras: ``w0_residual = "device"`` keeps the rounding residual of a low-precision
 ``W0`` beside it (``W0``'s size again); ``"host"`` and ``"off"`` keep none on the device.
 
@@ -113,6 +127,8 @@ PARTS = (
     "loss_temporaries",
     "backward_temporaries",
     "optimizer_temporaries",
+    "accumulated_blocks",
+    "block_grads",
     "overhead",
 )
 
@@ -141,6 +157,8 @@ class Setting:
         cuda_graphs: the step is replayed as a CUDA graph (its pool stays reserved).
         loss: ``"vocab-chunked"`` (the code's loss) or ``"token-chunked"`` (the loss of the
             code before issue 13, with a float32 head gradient; for recorded rows).
+        grad_accum: micro-batches per optimizer step (``--grad-accum``); the batch size
+            given to :func:`predict` is one micro-batch's.
     """
 
     optimizer: str = "poetx"
@@ -155,6 +173,7 @@ class Setting:
     w0_residual: str = "host"
     cuda_graphs: bool = False
     loss: str = "vocab-chunked"
+    grad_accum: int = 1
 
     def __post_init__(self) -> None:
         _choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -168,6 +187,12 @@ class Setting:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 2:
                 raise ValueError(f"{name}: must be an integer of at least 2, got {value!r}")
+        k = self.grad_accum
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"grad_accum: must be a positive integer, got {k!r}")
+        if k > 1 and self.step_in_backward:
+            raise ValueError("step_in_backward: needs grad_accum 1 (the Trainer refuses to step "
+                             f"inside backward on a partial gradient), got grad_accum {k}")
 
     @property
     def name(self) -> str:
@@ -191,6 +216,8 @@ class Setting:
             parts.append("resdev")
         if self.cuda_graphs:
             parts.append("graph")
+        if self.grad_accum > 1:
+            parts.append(f"accum{self.grad_accum}")
         return "-".join(parts)
 
 
@@ -348,6 +375,20 @@ def predict(
     persistent["overhead"] = GEMM_THREADS * CUBLAS_WORKSPACE if cuda_allocator else 0
     grad_part = "rotation_grads" if poet else "dense_linear_grads"
 
+    # ---- gradient accumulation: what the last micro-batch finds -------------------------------
+    accum = setting.grad_accum > 1
+    step_blocks: dict[str, int] = {}  # the step's rotation blocks and their gradient sum
+    carried: dict[str, int] = {}  # gradients of the earlier micro-batches
+    if accum:
+        carried = {k: v for k, v in grads.items() if k != "rotation_grads"}
+        if poet:
+            calls = _build_calls(linears, setting.block_size,
+                                 batched=cuda_allocator and setting.mode == "fast")
+            step_blocks = {
+                "accumulated_blocks": n_layers * sum(rb(e * _values(c)) + rb(4) for c in calls),
+                "block_grads": n_layers * sum(rb(4 * nb * b * b) for c in calls for nb, b in c),
+            }
+
     # ---- activations -------------------------------------------------------------------------
     saved = saved_activations(shape, seq_len, batch_size, setting, e, cuda_allocator)
     saved_layer, kept_layer = saved["layer"], saved["kept_layer"]
@@ -364,6 +405,9 @@ def predict(
         parts = dict(persistent)
         for k, v in grad_bytes.items():
             parts[k] += v
+        if name != "optimizer-step":  # AccumulatedRotations is left before the step
+            for k, v in step_blocks.items():
+                parts[k] += v
         parts["activations"] += activations
         parts["loss_temporaries"] += loss
         parts["backward_temporaries"] += backward
@@ -373,26 +417,42 @@ def predict(
     loss_fwd, loss_bwd = (_token_chunked_loss_temporaries if legacy_loss else
                           _loss_temporaries)(rb, t, d, vocab, e)
     # the forward's lse buffer is allocated before the chunks and saved for backward
-    moment("loss-forward", {}, activations=all_saved - saved["loss_lse"],
+    moment("loss-forward", carried, activations=all_saved - saved["loss_lse"],
            loss=loss_fwd + saved["loss_lse"])
-    moment("loss-backward", {}, activations=all_saved, loss=loss_bwd)
+    moment("loss-backward", carried, activations=all_saved, loss=loss_bwd)
 
     in_bwd = setting.step_in_backward
     head_grad = {"embed_head_norm_grads": (0 if in_bwd else grad_embed) + _tensors(rb, [d * e])}
+    if accum:  # the head's gradient is added into the one the earlier micro-batches left
+        head_grad = {"embed_head_norm_grads": grads["embed_head_norm_grads"]}
     grad_flow = 2 * rb(t * d * e)  # gradient into and out of the layer
-    layer_work = _layer_backward_temporaries(rb, shape, t, setting, e)
+    layer_work = _layer_backward_temporaries(rb, shape, t, setting, e,
+                                             batched=cuda_allocator and setting.mode == "fast")
     recompute = saved_layer if setting.checkpointing else 0
     for position, label in ((n_layers - 1, "last"), (0, "first")):
         done = n_layers - 1 - position
         g = dict(head_grad)
-        g[grad_part] = g.get(grad_part, 0) + (done + 1) * layer_grad
+        if accum and not poet:
+            # every linear's accumulated gradient, and the fresh one of the largest linear
+            g[grad_part] = n_layers * layer_grad + max(rb(m * n * e) for _, m, n in linears)
+        else:
+            g[grad_part] = g.get(grad_part, 0) + (done + 1) * layer_grad
         # the final norm's and the loss's saved tensors are freed once their backward ran
         acts = (position + 1) * kept_layer + recompute + saved["rope"] + grad_flow
         moment(f"layer-backward ({label} layer)", g, activations=acts, backward=layer_work)
+    if accum and poet:
+        # the first layer's last build call: its linears' backward is done; every skew
+        # gradient is written (this call's as the call writes them)
+        g = dict(head_grad)
+        g[grad_part] = n_layers * layer_grad
+        moment("rotation-link (first layer)", g, activations=saved["rope"] + grad_flow,
+               backward=_link_temporaries(rb, calls))
 
     # end of backward: the embedding's gradient is written while every other gradient is held
     # (the head's too unless it was stepped in backward)
     end = dict(grads)
+    if accum:  # the fresh gradient of the embedding beside the accumulated one
+        end["embed_head_norm_grads"] += grad_embed
     step_scratch = _step_temporaries(rb, setting, embed_sizes, norm_sizes, e)
     if in_bwd and not shape.tie_embeddings:
         end["embed_head_norm_grads"] -= grad_embed
@@ -446,6 +506,59 @@ def _layer_theta_sizes(linears: list[tuple[str, int, int]], block_size: int) -> 
     return sizes
 
 
+def _build_calls(linears: list[tuple[str, int, int]], block_size: int,
+                 batched: bool) -> list[list[tuple[int, int]]]:
+    """``(nb, b)`` of the sides built by each call of one layer's blocks
+    (``poetx.layers.rotation_groups._calls``): the sides of a call share the block size, and
+    a call holds at most one side with a padded last block, placed last. ``batched``: the
+    decoder layer's linears are built together (fast mode on a GPU), else one linear at a
+    time."""
+    groups = [[(n, m) for _, m, n in linears]] if batched else [[(n, m)] for _, m, n in linears]
+    calls = []
+    for dims in groups:
+        by_block: dict[int, tuple[list, list]] = {}
+        for pair in dims:
+            for dim in pair:
+                nb, b = num_blocks(dim, block_size)
+                by_block.setdefault(b, ([], []))[dim % b != 0].append((nb, b))
+        for full, padded in by_block.values():
+            calls += [full + padded[:1]] + [[p] for p in padded[1:]]
+    return [c for c in calls if c]
+
+
+def _values(call: list[tuple[int, int]]) -> int:
+    return sum(nb * b * b for nb, b in call)
+
+
+# poetx.ops.rotation_group.CHUNK_BLOCKS: blocks per Cayley-Neumann backward call, at most
+LINK_CHUNK_BLOCKS = 96
+# float32 (n, b, b) buffers of that backward besides its input (the kernels' scratch)
+LINK_SCRATCH_BUFFERS = 6
+
+
+def _link_temporaries(rb: Round, calls: list[list[tuple[int, int]]]) -> int:
+    """Scratch of the last micro-batch's Cayley-Neumann backward of a build call on the summed
+    block gradient (``rotation_group._Link``), largest call: every side's incoming float32
+    gradient and its sum with the carried one, then per chunk of consecutive sides
+    (``rotation_group._chunks``) their concatenation (several sides) and the backward's
+    buffers. The skew gradients it writes are counted as gradients."""
+    worst = 0
+    for call in calls:
+        held = 2 * sum(rb(4 * nb * b * b) for nb, b in call)
+        chunks, first, total = [], 0, 0
+        for i, (nb, _) in enumerate(call):
+            if i > first and total + nb > LINK_CHUNK_BLOCKS:
+                chunks.append(call[first:i])
+                first, total = i, 0
+            total += nb
+        chunks.append(call[first:])
+        for chunk in chunks:
+            blocks = _values(chunk)
+            cat = rb(4 * blocks) if len(chunk) > 1 else 0
+            worst = max(worst, held + cat + LINK_SCRATCH_BUFFERS * rb(4 * blocks))
+    return worst
+
+
 def _layer_theta_bytes(rb: Round, linears: list[tuple[str, int, int]], block_size: int) -> int:
     return sum(rb(4 * s) for s in _layer_theta_sizes(linears, block_size))
 
@@ -477,6 +590,8 @@ def _saved_layer_bytes(rb: Round, shape: ModelShape, t: int, setting: Setting, e
     if setting.optimizer == "poetx" and setting.mode == "fast":
         for _, m, n in shape.linears():
             total += rb(e * t * m)
+            if setting.grad_accum > 1:
+                continue  # the blocks saved are the step's (accumulated_blocks)
             for dim in (n, m):
                 nb, b = num_blocks(dim, setting.block_size)
                 total += rb(e * nb * b * b)
@@ -484,22 +599,33 @@ def _saved_layer_bytes(rb: Round, shape: ModelShape, t: int, setting: Setting, e
 
 
 def _layer_backward_temporaries(rb: Round, shape: ModelShape, t: int, setting: Setting,
-                                e: int) -> int:
-    """Largest scratch of one linear's backward in a decoder layer (they run one at a time)."""
+                                e: int, batched: bool = False) -> int:
+    """Largest scratch of one linear's backward in a decoder layer (they run one at a time).
+
+    ``batched``: under gradient accumulation, the layer's blocks were built together (their
+    float32 gradients wait for the last of its linears), else one linear at a time."""
     worst = 0
+    accum = setting.grad_accum > 1
+    layer_sides = [num_blocks(dim, setting.block_size)
+                   for _, m, n in shape.linears() for dim in (n, m)]
     for _, m, n in shape.linears():
         if setting.optimizer != "poetx":
             worst = max(worst, rb(e * t * n))  # grad input; grad weight is counted
             continue
         nb_in, b_in = num_blocks(n, setting.block_size)
         nb_out, b_out = num_blocks(m, setting.block_size)
-        blocks = 0 if setting.mode == "fast" else (
+        blocks = 0 if setting.mode == "fast" or accum else (
             rb(e * nb_in * b_in * b_in) + rb(e * nb_out * b_out * b_out))
         # v (recomputed in mem mode; its input rotation u alongside), grad_v, grad_u, grad_x
         tokens = rb(e * t * n) * 3 + rb(e * t * m) * 2
         # block Gram gradient (float32) and the six float32 Cayley-Neumann backward buffers
         nb, b = max((nb_in, b_in), (nb_out, b_out), key=lambda x: x[0] * x[1] * x[1])
         cayley = 7 * rb(4 * nb * b * b)
+        if accum:
+            # the step's blocks, differentiated later on the sum (rotation-link): the float32
+            # block gradients waiting for it, the layer's or this linear's
+            held = layer_sides if batched else [(nb_in, b_in), (nb_out, b_out)]
+            cayley = sum(rb(4 * nb * b * b) for nb, b in held)
         weight = 0
         if setting.w0_format != "auto":
             # dequantize: float32 copy of the codes, float32 product, then the bf16 weight that
