@@ -98,7 +98,8 @@ def markdown(records: list[dict[str, Any]], source: str) -> str:
         f"measured: `{source}` (torch.cuda.max_memory_allocated on {', '.join(devices)}); "
         "predicted: `poetx.plan.memory` (no GPU).",
         "command: `python -m bench.plan_check --measured " + source + "` (the last row: "
-        "`bench/results/largest.json`, a 32B-parameter Llama, vocabulary 16384).",
+        "`bench/results/largest.json`, the 32.5B-parameter `llama-30b` training run: int8 "
+        "W0, checkpointing, CUDA-graph step, vocabulary 32000).",
         "Rows of `model.json` (H100) ran the loss before issue 13 (float32 head gradient, "
         "planner setting `loss=token-chunked`); rows of `memory_options.json` (H200) the "
         "current one.",

@@ -13,7 +13,9 @@ timing.
     python -m bench.step --cases llama-130m:16x512 --methods adamw,poetx --launches
 
 ``--launches`` also profiles one step (torch.profiler) and records the GPU kernels per step
-and the kernel/graph launches the host makes per step, each also per POET layer.
+and the kernel/graph launches the host makes per step, each also per POET layer, and where the
+step's GPU time goes: milliseconds per kernel family (``gpu_ms_by_kind``: GEMM, Cayley-Neumann,
+block rotation, optimizer, copies...) and of the 15 costliest kernels.
 ``poet_torch`` is imported from ``--authors-path`` (a git-ignored checkout, never copied here).
 ``--append`` merges into an existing ``--out`` (for a table split over several device calls).
 ``--train-metrics`` instead summarizes ``poetx train`` runs from their metrics.jsonl files.
@@ -28,6 +30,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -103,8 +106,34 @@ def make_step(model, opt, method: str, batch: torch.Tensor, warmup: int):
     return step
 
 
-def count_launches(step, batch: torch.Tensor) -> dict[str, int]:
-    """GPU kernels run and host launches made by one call of ``step`` (torch.profiler)."""
+# Kernel families of a training step, by name (first match wins): where a step's GPU time goes.
+KERNEL_KINDS = (
+    ("cayley-neumann", ("_cn_",)),
+    ("block rotation / gram / permutation", ("_rotate", "_gram", "_permute", "_invert")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "wgmma", "matmul", "sm90_")),
+    ("attention", ("flash", "attention", "fmha", "sdpa")),
+    ("loss", ("cross_entropy", "log_softmax", "softmax", "nll")),
+    ("copy / fill", ("memcpy", "memset", "copy", "fill", "cat", "index", "gather", "scatter")),
+    ("reduction", ("reduce", "norm", "sum")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "pointwise", "triton_")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """The family of a GPU kernel by its name (``other`` where none matches)."""
+    low = name.lower()
+    for kind, keys in KERNEL_KINDS:
+        if any(k in low for k in keys):
+            return kind
+    return "other"
+
+
+def count_launches(step, batch: torch.Tensor) -> dict[str, Any]:
+    """GPU kernels run and host launches made by one call of ``step`` (torch.profiler), and
+    the GPU time by kernel family and of the costliest kernels (milliseconds)."""
+    from collections import Counter
+
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -112,6 +141,8 @@ def count_launches(step, batch: torch.Tensor) -> dict[str, int]:
         step(batch)
         torch.cuda.synchronize()
     kernels = host_kernel = host_graph = memops = 0
+    by_kind: Counter[str] = Counter()
+    by_name: Counter[str] = Counter()
     for e in prof.events():
         name = e.name
         if e.device_type == torch.autograd.DeviceType.CUDA:
@@ -119,13 +150,19 @@ def count_launches(step, batch: torch.Tensor) -> dict[str, int]:
                 memops += 1
             else:
                 kernels += 1
+            ms = e.time_range.elapsed_us() / 1e3
+            by_kind[kernel_kind(name)] += ms
+            by_name[name[:120]] += ms
         elif name in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx",
                       "cudaLaunchKernelExC"):
             host_kernel += 1
         elif name in ("cudaGraphLaunch", "cuGraphLaunch"):
             host_graph += 1
     return {"gpu_kernels": kernels, "gpu_memops": memops, "host_kernel_launches": host_kernel,
-            "host_graph_launches": host_graph}
+            "host_graph_launches": host_graph,
+            "gpu_ms_by_kind": {k: round(v, 3) for k, v in by_kind.most_common()},
+            "gpu_ms_sum": round(sum(by_kind.values()), 3),
+            "top_kernels_ms": [[n, round(v, 3)] for n, v in by_name.most_common(15)]}
 
 
 def worker(args: argparse.Namespace) -> None:

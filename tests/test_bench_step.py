@@ -1,0 +1,32 @@
+"""The step benchmark's kernel families (``bench.step.kernel_kind``), on kernel names seen in
+profiles of H100/H200 training steps."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.step import kernel_kind
+
+
+@pytest.mark.parametrize("name,kind", [
+    ("_cn_fwd_mm_kernel", "cayley-neumann"),
+    ("_cn_bwd_wpack_kernel", "cayley-neumann"),
+    ("_rotate_tma_kernel", "block rotation / gram / permutation"),
+    ("_gram_kernel", "block rotation / gram / permutation"),
+    ("_permute_kernel", "block rotation / gram / permutation"),
+    ("nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNN", "gemm"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "gemm"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>",
+     "optimizer"),
+    ("flash_fwd_kernel", "attention"),
+    ("pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel", "attention"),
+    ("Memcpy DtoD (Device -> Device)", "copy / fill"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>",
+     "copy / fill"),
+    ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float>>", "reduction"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::BinaryFunctor<>>",
+     "elementwise"),
+    ("some_new_kernel", "other"),
+])
+def test_kernel_kind(name: str, kind: str) -> None:
+    assert kernel_kind(name) == kind
