@@ -60,6 +60,10 @@ class CapturedStep:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: Any = None
         self.calls = 0
+        # One side stream for the warm-up steps and the capture: cuBLAS keeps a workspace per
+        # stream it ran on, for the life of the process, so a new stream per warm-up step would
+        # leave one more workspace behind each time.
+        self.side_stream = torch.cuda.Stream(example_batch.device) if self.enabled else None
 
     @property
     def captured(self) -> bool:
@@ -87,7 +91,7 @@ class CapturedStep:
         if self.graph is not None:
             self.graph.replay()
         elif self.calls < self.warmup:
-            side = torch.cuda.Stream()
+            side = self.side_stream
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 self.outputs = self.step_fn(self.static_batch)
@@ -105,7 +109,7 @@ class CapturedStep:
         graph = torch.cuda.CUDAGraph()
         # thread_local: a background thread's CUDA calls (a logger, a data thread) do not
         # invalidate the capture; only this thread's are checked.
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, stream=self.side_stream, capture_error_mode="thread_local"):
             self.outputs = self.step_fn(self.static_batch)
         self.graph = graph
         graph.replay()
