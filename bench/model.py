@@ -2,6 +2,9 @@
 
 Each (model, method) runs in its own process, so one OOM or allocator state does not leak into
 the next; inside it, sequence lengths run from short to long on the same model and optimizer.
+Each step is the step ``poetx train`` runs: replayed as one CUDA graph where it is (torch's
+fused AdamW, capturable), eager for the other optimizers; ``--no-cuda-graphs`` times eager
+steps, as the rows measured before issue 10 did (their ``cuda_graphs`` is absent).
 
     python -m bench.model --models llama-3b,llama-8b,llama-13b --seqs 512,1024,2048 \
         --methods adamw,fast,mem-ckpt,int8,fp8 --out bench/results/model.json
@@ -60,7 +63,7 @@ METHODS = {
 }
 
 
-def build(preset: str, method: Method, block_size: int, device: str):
+def build(preset: str, method: Method, block_size: int, device: str, capturable: bool = False):
     from transformers import LlamaForCausalLM
 
     import poetx
@@ -70,14 +73,15 @@ def build(preset: str, method: Method, block_size: int, device: str):
     if not method.poetx:
         model = build_model(preset, dtype=torch.bfloat16, device=device)
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda")
+        opt = torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda", capturable=capturable)
     else:
         cfg = poetx.POETConfig(block_size=block_size, mode=method.mode, w0_format=method.w0_format)
         model = build_poet_model(lambda: LlamaForCausalLM(llama_config(preset)), cfg, device,
                                  torch.bfloat16, rebuild_buffers=rebuild_hf_rotary)
         opt = poetx.make_optimizer(model, lr=1e-4, poet_lr=1e-4,
                                    dense_optimizer=method.dense_optimizer,
-                                   rotation_8bit=method.rotation_states == "8bit")
+                                   rotation_8bit=method.rotation_states == "8bit",
+                                   capturable=capturable)
     if method.step_in_backward:
         from poetx.optim.in_backward import StepInBackward, embedding_and_head
 
@@ -89,6 +93,23 @@ def build(preset: str, method: Method, block_size: int, device: str):
     return model, opt
 
 
+def capturable(method: Method) -> bool:
+    """Whether ``poetx train`` replays this method's step as a CUDA graph (torch's fused AdamW
+    only; the step in backward is left eager here, as its hook needs ``begin`` per step)."""
+    return (method.dense_optimizer == "adamw" and method.rotation_states == "fp32"
+            and not method.step_in_backward)
+
+
+def make_train_step(model, opt, batch: torch.Tensor, warmup: int, capture: bool):
+    """``batch -> (loss, grad_norm)``: the plain step, or (``capture``, a CUDA batch) its
+    CUDA-graph replay recorded after ``warmup - 1`` eager steps, as ``poetx train`` runs it."""
+    from poetx.model.lm_loss import causal_lm_loss
+    from poetx.train.capture import CapturedStep, train_step
+
+    step = train_step(model, opt, causal_lm_loss)
+    return CapturedStep(step, batch, warmup=max(1, warmup - 1)) if capture else step
+
+
 def worker(args: argparse.Namespace) -> None:
     from poetx.model.lm_loss import causal_lm_loss
 
@@ -96,13 +117,15 @@ def worker(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     cuda = args.device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    model, opt = build(args.models, method, args.block_size, args.device)
+    graphs = args.cuda_graphs and cuda and capturable(method)
+    model, opt = build(args.models, method, args.block_size, args.device, capturable=graphs)
     vocab = model.config.vocab_size
     env = environment()
     for seq in [int(s) for s in args.seqs.split(",")]:
         row = {"model": args.models, "seq_len": seq, "batch": args.batch, "method": args.method,
                "block_size": args.block_size if method.poetx else None,
                "loss_impl": "vocab-chunked",  # poetx.model.lm_loss since issue 13
+               "cuda_graphs": graphs,
                "device": env["device"], "command": " ".join(["python -m bench.model",
                                                               *sys.argv[1:]])}
         try:
@@ -110,15 +133,18 @@ def worker(args: argparse.Namespace) -> None:
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             batch = torch.randint(0, vocab, (args.batch, seq + 1), device=args.device)
+            train_step = make_train_step(model, opt, batch, args.warmup, graphs)
             times = []
             for step in range(args.warmup + args.steps):
                 start = time.perf_counter()
-                loss = causal_lm_loss(model, batch)
                 if method.step_in_backward:
+                    loss = causal_lm_loss(model, batch)
                     model._step_in_backward.begin(loss)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                else:
+                    loss, _ = train_step(batch)
                 sync()
                 if step >= args.warmup:
                     times.append(time.perf_counter() - start)
@@ -148,6 +174,9 @@ def main() -> None:
     parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--timeout", type=int, default=300)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                        help="replay the step as a CUDA graph where poetx train does (torch's "
+                        "fused AdamW); --no-cuda-graphs: eager steps, as rows before issue 10")
     args = parser.parse_args()
     if args.method:
         return worker(args)
@@ -158,7 +187,8 @@ def main() -> None:
             cmd = [sys.executable, "-m", "bench.model", "--models", preset, "--method", method,
                    "--seqs", args.seqs, "--batch", str(args.batch), "--block-size",
                    str(args.block_size), "--warmup", str(args.warmup), "--steps", str(args.steps),
-                   "--device", args.device, "--timeout", str(args.timeout)]
+                   "--device", args.device, "--timeout", str(args.timeout),
+                   "--cuda-graphs" if args.cuda_graphs else "--no-cuda-graphs"]
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
                 out, err = proc.stdout, proc.stderr

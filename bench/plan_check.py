@@ -52,6 +52,7 @@ def setting_of_row(row: dict[str, Any]) -> Setting:
     measured before issue 13, with the token-chunked loss (float32 head gradient)."""
     options = dict(BENCH_METHODS[row["method"]])
     options["loss"] = row.get("loss_impl", "token-chunked")
+    options["cuda_graphs"] = bool(row.get("cuda_graphs", False))  # eager before issue 10
     if row.get("block_size"):
         options["block_size"] = row["block_size"]
     return Setting(**options)

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from bench.common import environment, print_table, write_json
-from bench.model import METHODS, build
+from bench.model import METHODS, build, make_train_step
 
 DEFAULT_CASES = "llama-130m:16x512,llama-8b:1x1024,llama-8b:2x2048"
 DEFAULT_METHODS = "adamw,adamw-compile,poetx-eager,poetx,authors"
@@ -97,13 +97,8 @@ def build_method(preset: str, method: str, block_size: int, authors_path: str):
 
 
 def make_step(model, opt, method: str, batch: torch.Tensor, warmup: int):
-    from poetx.model.lm_loss import causal_lm_loss
-    from poetx.train.capture import CapturedStep, train_step
-
-    step = train_step(model, opt, causal_lm_loss)
-    if method in ("poetx", "poetx-perlayer"):
-        return CapturedStep(step, batch, warmup=max(1, warmup - 1))
-    return step
+    return make_train_step(model, opt, batch, warmup,
+                           capture=method in ("poetx", "poetx-perlayer"))
 
 
 # Kernel families of a training step, by name (first match wins): where a step's GPU time goes.
