@@ -243,6 +243,18 @@ def test_cayley_interpreted_tiles(interp, monkeypatch, b, nb, valid, cap, tile_w
     cfg = cn._fast_config(b, cn._precision("tf32"))
     assert (cfg.tile, cfg.tile_w) == tiles
     assert cfg.storage == (torch.bfloat16 if precision == "bf16" else torch.float32)
+    theta, g, ref, gref, gt = _check_fp32_build_against_reference(cn, nb, b, valid, precision)
+    monkeypatch.delenv("POETX_CAYLEY_PRECISION")
+    d16 = cn.cayley_neumann_delta(theta, b, 3, valid, torch.bfloat16)
+    assert rel_err(d16, ref) < 4e-3  # (the interpreter truncates to bf16: ~2x the rounding)
+    g16 = cn.cayley_neumann_delta_backward(theta, g, b, 3, valid, build_dtype=torch.bfloat16)
+    assert 1e-7 < rel_err(g16, gref) < 3.9e-3
+
+
+def _check_fp32_build_against_reference(cn, nb: int, b: int, valid: int, precision: str):
+    """A float32 build and its backward (into NaN-filled outputs) against float64: exact to
+    float32 with ``tf32`` (float32 products in the interpreter), inside the bf16 bound with
+    ``bf16``. Returns ``(theta, g, ref, gref, grad)``."""
     theta = _theta_with_norm(nb, b, 0.5)
     ref = rotation_delta_reference(theta.double(), b, 3, valid)
     d = cn.cayley_neumann_delta(theta, b, 3, valid, torch.float32,
@@ -255,11 +267,7 @@ def test_cayley_interpreted_tiles(interp, monkeypatch, b, nb, valid, cap, tile_w
         assert rel_err(d, ref) < 1e-6 and rel_err(gt, gref) < 1e-6
     else:
         assert 1e-7 < rel_err(d, ref) < 3.9e-3 and 1e-7 < rel_err(gt, gref) < 3.9e-3
-    monkeypatch.delenv("POETX_CAYLEY_PRECISION")
-    d16 = cn.cayley_neumann_delta(theta, b, 3, valid, torch.bfloat16)
-    assert rel_err(d16, ref) < 4e-3  # (the interpreter truncates to bf16: ~2x the rounding)
-    g16 = cn.cayley_neumann_delta_backward(theta, g, b, 3, valid, build_dtype=torch.bfloat16)
-    assert 1e-7 < rel_err(g16, gref) < 3.9e-3
+    return theta, g, ref, gref, gt
 
 
 @pytest.mark.interpret
@@ -281,18 +289,7 @@ def test_cayley_interpreted_fused(interp, monkeypatch, b, nb, valid, shapes, pre
     cfg = cn._fused_config(b, cn._precision("tf32"))
     assert (cfg.tile, cfg.bn) == shapes
     assert cfg.storage == (torch.bfloat16 if precision == "bf16" else torch.float32)
-    theta = _theta_with_norm(nb, b, 0.5)
-    ref = rotation_delta_reference(theta.double(), b, 3, valid)
-    d = cn.cayley_neumann_delta(theta, b, 3, valid, torch.float32,
-                                out=nan_like((nb, b, b), torch.float32, "cpu"))
-    g = torch.randn(nb, b, b)
-    gref = rotation_delta_backward_reference(theta.double(), g.double(), b, 3, valid)
-    gt = cn.cayley_neumann_delta_backward(theta, g, b, 3, valid,
-                                          out=nan_like(theta.shape, torch.float32, "cpu"))
-    if precision == "tf32":
-        assert rel_err(d, ref) < 1e-6 and rel_err(gt, gref) < 1e-6
-    else:
-        assert 1e-7 < rel_err(d, ref) < 3.9e-3 and 1e-7 < rel_err(gt, gref) < 3.9e-3
+    theta, g, _, _, gt = _check_fp32_build_against_reference(cn, nb, b, valid, precision)
     if b == 64:
         assert torch.equal(cn.cayley_neumann_delta_backward(theta, g, b, 3, valid), gt)
         g16 = cn.cayley_neumann_delta_backward(theta.half(), g, b, 3, valid)

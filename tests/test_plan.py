@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -165,10 +166,9 @@ def test_persistent_parts_are_the_models_tensors(setting):
     assert at_step["overhead"] == 0
 
 
-@pytest.mark.parametrize("setting", SETTINGS[:6], ids=lambda s: s.name)
-def test_saved_activations_are_what_autograd_keeps(setting):
-    """Every floating tensor autograd saves in forward (the loss included), by storage."""
-    model = build(setting)
+def _recording_saved(model) -> tuple[dict[int, int], Any]:
+    """``(saved, hooks)``: inside ``hooks``, every floating tensor autograd saves that is not
+    the model's own lands in ``saved`` (storage pointer -> bytes)."""
     own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     saved: dict[int, int] = {}
 
@@ -178,8 +178,16 @@ def test_saved_activations_are_what_autograd_keeps(setting):
             saved[storage.data_ptr()] = storage.nbytes()
         return t
 
+    return saved, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
+
+@pytest.mark.parametrize("setting", SETTINGS[:6], ids=lambda s: s.name)
+def test_saved_activations_are_what_autograd_keeps(setting):
+    """Every floating tensor autograd saves in forward (the loss included), by storage."""
+    model = build(setting)
+    saved, hooks = _recording_saved(model)
     batch = torch.randint(0, SHAPE.vocab, (BATCH, SEQ + 1))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with hooks:
         loss = causal_lm_loss(model, batch)
     got = sum(saved.values())
 
@@ -438,19 +446,11 @@ def test_saved_activations_under_accumulation_leave_the_blocks_to_the_step(setti
 
     model = build(setting)
     layers = [m for m in model.modules() if isinstance(m, POETLinear)]
-    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    saved: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if t.is_floating_point() and storage.data_ptr() not in own:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
+    saved, hooks = _recording_saved(model)
     batch = torch.randint(0, SHAPE.vocab, (BATCH, SEQ + 1))
     with AccumulatedRotations(layers, setting.grad_accum) as rotations:
         rotations.micro_batch(0)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with hooks:
             loss = causal_lm_loss(model, batch)
         step_blocks = _storages(t for b, _ in rotations.builds.values() for t in b.blocks)
         loss.backward()

@@ -421,6 +421,16 @@ def _panel_ptrs(ptr, base, r0, c0, b, BR: tl.constexpr, BC: tl.constexpr):
 
 
 @triton.jit
+def _panel_origin(b, BM: tl.constexpr):
+    """This row-panel program's block ``k``, first row ``i0`` within it, the block's first row
+    ``kb`` of the stacked ``(nb*b, b)`` operands, and its element offset ``base``."""
+    pid = tl.program_id(0)
+    panels = b // BM
+    k = pid // panels
+    return k, (pid % panels) * BM, k * b, k.to(tl.int64) * b * b
+
+
+@triton.jit
 def _cn_fused_fwd_kernel(
     n_desc, nt_desc, n_ptr, theta_ptr, x2_ptr, a3_ptr, out_ptr, b, nb, vl_last, npar,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
@@ -434,12 +444,7 @@ def _cn_fused_fwd_kernel(
     (``x2_ptr``, ``a3_ptr``: ``(nb*b, b)`` scratch in the operands' storage), so a CTA barrier
     between the phases is all the synchronisation needed; ``2Q`` of the result comes from
     ``theta`` (exact)."""
-    pid = tl.program_id(0)
-    panels = b // BM
-    k = pid // panels
-    i0 = (pid % panels) * BM
-    kb = k * b
-    base = k.to(tl.int64) * b * b
+    k, i0, kb, base = _panel_origin(b, BM)
     for j0 in range(0, b, BN):  # X2 = -(N N^T)[I, J] / 4
         acc = tl.full((BM, BN), 0.0, tl.float32)
         for kk in range(0, b, BK):
@@ -490,12 +495,7 @@ def _cn_fused_bwd_kernel(
     and ``-Y[i, j]`` (``i > j``) into the zeroed float32 ``out`` with atomics. Exactly two
     adds land on each zero, so the result does not depend on their order (deterministic);
     ``2K = 2(G - G^T)`` comes from the float32 ``G`` (exact)."""
-    pid = tl.program_id(0)
-    panels = b // BM
-    k = pid // panels
-    i0 = (pid % panels) * BM
-    kb = k * b
-    base = k.to(tl.int64) * b * b
+    k, i0, kb, base = _panel_origin(b, BM)
     for j0 in range(0, b, BN):  # D = ((-Sy) P^T + P Sy) / 2
         acc = tl.full((BM, BN), 0.0, tl.float32)
         for kk in range(0, b, BK):
