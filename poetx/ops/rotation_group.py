@@ -80,10 +80,8 @@ class Carry:
     :meth:`flush` turns them into skew gradients."""
 
     def __init__(self, thetas: list[Tensor], block: int, out_dtype: torch.dtype) -> None:
-        wide = _handle_dtype(thetas[0].dtype, out_dtype)
-        anchor = thetas[0].new_zeros((), dtype=wide)
-        self.leaves = [anchor.expand(t.shape[0], block, block).detach().requires_grad_(True)
-                       for t in thetas]
+        self.leaves = [h.detach().requires_grad_(True)
+                       for h in _zero_handles(thetas, block, out_dtype)]
         self.taken = False
 
     def grads(self) -> list[Tensor | None]:
@@ -103,9 +101,12 @@ class Carry:
         self.taken = True
 
 
-def _handle_dtype(theta_dtype: torch.dtype, out_dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the block gradients: float64 when either side is, else float32."""
-    return torch.float64 if torch.float64 in (theta_dtype, out_dtype) else torch.float32
+def _zero_handles(thetas, block: int, out_dtype: torch.dtype) -> tuple[Tensor, ...]:
+    """Zero-stride ``(nb_i, b, b)`` tensors, one per side, in the block gradients' dtype
+    (float64 when the skews or the blocks are, else float32); never read, only differentiated."""
+    wide = torch.float64 if torch.float64 in (thetas[0].dtype, out_dtype) else torch.float32
+    anchor = thetas[0].new_zeros((), dtype=wide)
+    return tuple(anchor.expand(t.shape[0], block, block) for t in thetas)
 
 
 class _Link(torch.autograd.Function):
@@ -119,8 +120,7 @@ class _Link(torch.autograd.Function):
         ctx.geometry = (block, terms, valid_last, out_dtype)
         ctx.carry = carry
         ctx.set_materialize_grads(False)
-        anchor = thetas[0].new_zeros((), dtype=_handle_dtype(thetas[0].dtype, out_dtype))
-        return tuple(anchor.expand(t.shape[0], block, block) for t in thetas)
+        return _zero_handles(thetas, block, out_dtype)
 
     @staticmethod
     def backward(ctx, *grad_handles):
