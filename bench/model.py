@@ -100,12 +100,17 @@ def capturable(method: Method) -> bool:
             and not method.step_in_backward)
 
 
-def make_train_step(model, opt, batch: torch.Tensor, warmup: int, capture: bool):
+def make_train_step(model, opt, batch: torch.Tensor, warmup: int, capture: bool,
+                    compile_blocks: bool = True):
     """``batch -> (loss, grad_norm)``: the plain step, or (``capture``, a CUDA batch) its
-    CUDA-graph replay recorded after ``warmup - 1`` eager steps, as ``poetx train`` runs it."""
+    CUDA-graph replay recorded after ``warmup - 1`` eager steps, as ``poetx train`` runs it
+    (with ``compile_blocks``, the decoder blocks compiled around the POET layers)."""
+    from poetx.model.compile_blocks import compile_blocks as compile_around
     from poetx.model.lm_loss import causal_lm_loss
     from poetx.train.capture import CapturedStep, train_step
 
+    if capture and compile_blocks:
+        compile_around(model)
     step = train_step(model, opt, causal_lm_loss)
     return CapturedStep(step, batch, warmup=max(1, warmup - 1)) if capture else step
 

@@ -6,7 +6,8 @@ one process) on the bundled corpus; tokens/s is the median of the per-step value
 of rank 0 (``max_memory_allocated``). Cases (``--cases``, comma list, run in this order):
 
 * ``accum``: one GPU, ``batch`` sequences in one step against ``batch / K`` with
-  ``--grad-accum K`` (the same tokens per step); the target is <= 3 % lost.
+  ``--grad-accum K`` (the same tokens per step); the target is <= 3 % lost. ``accum-adamw``:
+  the same two runs with AdamW, the reference for what smaller passes cost without POET.
 * ``ddp-<preset>-<optimizer>``: ``batch`` sequences per GPU on 1 and on 2 GPUs (``--parallel
   ddp``); efficiency = tokens/s(2) / (2 x tokens/s(1)); target >= 0.95 for poetx.
 * ``fsdp-mem-<preset>``: peak memory per GPU of 2 GPUs with ``--parallel fsdp`` against one
@@ -265,9 +266,12 @@ def ratio(a: dict[str, Any], b: dict[str, Any], key: str, scale: float = 1.0) ->
 
 
 def case_specs(case: str, args: argparse.Namespace) -> list[dict[str, Any]]:
-    if case == "accum":
+    if case in ("accum", "accum-adamw"):
+        # accum-adamw: the same two runs with AdamW, whose fixed cost per forward and backward
+        # pass says what accumulation costs any model at these micro-batch shapes.
         batch, seq = SHAPES[args.accum_preset]
-        base = dict(case=case, preset=args.accum_preset, optimizer="poetx", world=1,
+        optimizer = "adamw" if case == "accum-adamw" else "poetx"
+        base = dict(case=case, preset=args.accum_preset, optimizer=optimizer, world=1,
                     seq_len=seq)
         return [dict(base, batch=batch), dict(base, batch=batch // args.accum,
                                               grad_accum=args.accum)]
@@ -305,7 +309,7 @@ def case_specs(case: str, args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def summarize(case: str, rows: list[dict[str, Any]]) -> None:
     """Fill each case's ``ratio`` (and the match case's loss comparison)."""
-    if case == "accum":
+    if case in ("accum", "accum-adamw"):
         rows[1]["ratio"] = ratio(rows[1], rows[0], "tokens_per_s")
         rows[1]["ratio_is"] = "tokens/s with --grad-accum / tokens/s in one batch"
     elif case.startswith("ddp-"):

@@ -1,5 +1,6 @@
 """Whole training step, side by side: tokens/s and peak memory of AdamW (eager and compiled),
-poetx (eager, and captured as one CUDA graph: its default on CUDA) and the authors' poet_torch.
+poetx (eager, and captured as one CUDA graph with its decoder blocks compiled around the POET
+layers: ``poetx train``'s default on CUDA) and the authors' poet_torch.
 
 Every (model, method) runs in its own process; inside it the cases of that model run in
 order on the same model and optimizer. Same random batch, bf16, b = 256, POET-X fast mode, no
@@ -40,8 +41,11 @@ from bench.model import METHODS, build, make_train_step
 DEFAULT_CASES = "llama-130m:16x512,llama-8b:1x1024,llama-8b:2x2048"
 DEFAULT_METHODS = "adamw,adamw-compile,poetx-eager,poetx,authors"
 # poetx-perlayer: poetx captured with each layer building its own rotation blocks
-# (batch_rotations="off", the code before the batched build), for a before/after row.
-STEP_METHODS = ("adamw", "adamw-compile", "poetx-eager", "poetx", "poetx-perlayer", "authors")
+# (batch_rotations="off", the code before the batched build), for a before/after row;
+# poetx-nocompile: captured, blocks not compiled (poetx train --no-compile-blocks).
+STEP_METHODS = ("adamw", "adamw-compile", "poetx-eager", "poetx", "poetx-perlayer",
+                "poetx-nocompile", "authors")
+CAPTURED = ("poetx", "poetx-perlayer", "poetx-nocompile")
 
 
 def parse_cases(text: str) -> dict[str, list[tuple[int, int]]]:
@@ -89,7 +93,7 @@ def build_method(preset: str, method: str, block_size: int, authors_path: str):
 
         for _, layer in poet_layers(model):
             layer.config = replace(layer.config, batch_rotations="off")
-    if method in ("poetx", "poetx-perlayer"):
+    if method in CAPTURED:
         import poetx
 
         opt = poetx.make_optimizer(model, lr=1e-4, poet_lr=1e-4, capturable=True)
@@ -97,8 +101,8 @@ def build_method(preset: str, method: str, block_size: int, authors_path: str):
 
 
 def make_step(model, opt, method: str, batch: torch.Tensor, warmup: int):
-    return make_train_step(model, opt, batch, warmup,
-                           capture=method in ("poetx", "poetx-perlayer"))
+    return make_train_step(model, opt, batch, warmup, capture=method in CAPTURED,
+                           compile_blocks=method in ("poetx", "poetx-perlayer"))
 
 
 # Kernel families of a training step, by name (first match wins): where a step's GPU time goes.
@@ -108,6 +112,8 @@ KERNEL_KINDS = (
     ("optimizer", ("adam", "multi_tensor", "foreach")),
     ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "wgmma", "matmul", "sm90_")),
     ("attention", ("flash", "attention", "fmha", "sdpa")),
+    # inductor's fused kernels of the compiled blocks (their names list ops like "_to_copy")
+    ("compiled blocks (inductor)", ("triton_poi_", "triton_red_", "triton_per_")),
     ("loss", ("cross_entropy", "log_softmax", "softmax", "nll")),
     ("copy / fill", ("memcpy", "memset", "copy", "fill", "cat", "index", "gather", "scatter")),
     ("reduction", ("reduce", "norm", "sum")),

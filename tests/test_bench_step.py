@@ -26,7 +26,23 @@ from bench.step import kernel_kind
     ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float>>", "reduction"),
     ("void at::native::vectorized_elementwise_kernel<4, at::native::BinaryFunctor<>>",
      "elementwise"),
+    ("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0", "compiled blocks (inductor)"),
+    ("triton_poi_fused_mul_silu_1", "compiled blocks (inductor)"),
     ("some_new_kernel", "other"),
 ])
 def test_kernel_kind(name: str, kind: str) -> None:
     assert kernel_kind(name) == kind
+
+
+def test_scale_accum_cases_compare_the_same_tokens_per_step():
+    import argparse
+
+    from bench.scale import SHAPES, case_specs
+
+    args = argparse.Namespace(accum_preset="llama-130m", accum=4)
+    batch, seq = SHAPES["llama-130m"]
+    for case, optimizer in (("accum", "poetx"), ("accum-adamw", "adamw")):
+        one, accumulated = case_specs(case, args)
+        assert one["optimizer"] == accumulated["optimizer"] == optimizer
+        assert one["batch"] == batch and one.get("grad_accum", 1) == 1
+        assert accumulated["batch"] * accumulated["grad_accum"] == batch

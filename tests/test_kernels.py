@@ -19,7 +19,11 @@ import numpy as np
 import pytest
 import torch
 
-from poetx.kernels.block_rotate_ref import block_gram_reference, block_rotate_reference
+from poetx.kernels.block_rotate_ref import (
+    block_gram_reference,
+    block_rotate_reference,
+    gather_columns,
+)
 from poetx.ortho.cayley import rotation_delta_backward_reference, rotation_delta_reference
 
 KERNELS = pathlib.Path(__file__).resolve().parents[1] / "poetx" / "kernels"
@@ -155,6 +159,33 @@ def test_gram_interpreted(interp, dim, b, gather):
                 ref = block_gram_reference(a.double(), c.double(), a_idx, b_idx, nb, b)
                 assert g.dtype == torch.float32
                 assert rel_err(g, ref) < tol
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dim,b", [(12, 4), (13, 8), (40, 16)])
+@pytest.mark.parametrize("gather", ["direct", "staged"])
+def test_staged_gather_shared_by_products(interp, dim, b, gather):
+    """A tensor gathered once (``staged_gather``) and handed to a rotation and a Gram gives
+    what each product gives from the tensor and its index (the backward's shared gather):
+    bitwise, since the staged products permute the same way inside; ``direct`` leaves the
+    pair unchanged."""
+    br, _ = interp
+    br.OPTIONS["gather"] = gather
+    nb, T = -(-dim // b), 19
+    x, c = torch.randn(T, dim), torch.randn(T, dim)
+    d = 0.3 * torch.randn(nb, b, b)
+    index = padded_index(dim, nb, b)
+    shared, shared_index = br.staged_gather(x, index, nb * b)
+    if gather == "direct":
+        assert shared is x and shared_index is index
+    else:
+        assert shared.shape == (T, nb * b) and shared_index is None
+        assert torch.equal(shared, gather_columns(x, index, nb * b))
+    rotated = br.block_rotate(shared, d, shared_index, None, dim, True)
+    assert torch.equal(rotated, br.block_rotate(x, d, index, None, dim, True))
+    gram = br.block_gram(shared, c, shared_index, None, nb, b)
+    assert torch.equal(gram, br.block_gram(x, c, index, None, nb, b))
+    assert br.staged_gather(x, None, nb * b) == (x, None)
 
 
 @pytest.mark.interpret

@@ -37,6 +37,41 @@ def test_causal_lm_loss_matches_model_loss():
     torch.testing.assert_close(causal_lm_loss(model, batch), full, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk_tokens", [5, None])
+def test_loss_attends_causally_without_a_mask_where_hf_would_build_one(monkeypatch, chunk_tokens):
+    """transformers 5.17 builds an explicit causal mask while a CUDA graph is captured (it
+    counts that as tracing); ``lm_loss`` runs the model with no mask in every mode. Simulated
+    here by making HF refuse its mask-free path: the loss then sees no mask, equals the masked
+    loss (same causality, another kernel), and the config is ``sdpa`` again afterwards."""
+    import transformers.masking_utils as masking
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from poetx.model.causal_attention import unmasked_causal_attention
+
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2,
+                      attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    batch = torch.randint(0, 97, (2, 11))
+    masks = []
+    for layer in model.model.layers:
+        layer.self_attn.register_forward_pre_hook(
+            lambda _m, _a, kw: masks.append(kw.get("attention_mask")), with_kwargs=True)
+    monkeypatch.setattr(masking, "_ignore_causal_mask_sdpa", lambda *a, **k: False)
+    with torch.no_grad():
+        masked = model(input_ids=batch[:, :-1]).logits
+    assert masks and all(m is not None for m in masks)  # what HF does when it thinks it traces
+    masks.clear()
+    loss = causal_lm_loss(model, batch, chunk_tokens=chunk_tokens)
+    assert len(masks) == 2 and all(m is None for m in masks)
+    ref = nn.functional.cross_entropy(masked.flatten(0, 1).float(), batch[:, 1:].flatten())
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    assert model.config._attn_implementation == "sdpa"
+    with unmasked_causal_attention(nn.Linear(2, 2)):  # not an HF model: left alone
+        pass
+
+
 @pytest.mark.gpu
 def test_chunked_cross_entropy_bf16_on_cuda_matches_float32():
     """The CUDA path (16-bit GEMMs with float32 accumulation of the weight gradient) against

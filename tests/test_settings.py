@@ -32,6 +32,7 @@ TRAIN_VALUES = {
     "max_grad_norm": ("2.5", 2.5), "clip_warmup_steps": ("9", 9),
     "clip_warmup_start": ("0.3", 0.3), "skip_nonfinite": (None, True),
     "cuda_graphs": (None, False),
+    "compile_blocks": (None, False),
     "grad_checkpointing": (None, True), "dense_optimizer": ("adamw8bit", "adamw8bit"),
     "rotation_states": ("8bit", "8bit"), "step_in_backward": (None, True),
     "fit_check": (None, False), "gpu_mem": ("12.5", 12.5),

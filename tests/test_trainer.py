@@ -205,12 +205,14 @@ def test_cuda_graphs_setting_falls_back_to_eager_off_cuda():
     t = _trainer()
     assert t.cfg.cuda_graphs and not t.graphs and t.captured is None
     assert t.step_fn == t.train_step
+    assert t.describe_step() == "eager" and t.compiled_blocks == 0
 
 
 def _eager_and_replayed_losses(steps: int = 10, **kw) -> tuple[list[float], list[float]]:
     """Losses of ``steps`` eager steps and of as many captured ones (replayed from the 4th),
     two Trainers of ``_cuda_trainer(**kw)`` from the same seed."""
     losses = {}
+    kw.setdefault("compile_blocks", False)  # compiled blocks round differently: their own test
     for graphs in (False, True):
         t = _cuda_trainer(cuda_graphs=graphs, **kw)
         assert t.graphs == graphs
@@ -254,12 +256,36 @@ def test_cuda_graph_step_with_grad_checkpointing_matches_the_eager_step(w0_forma
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("grad_checkpointing", [False, True])
+def test_compiled_blocks_follow_the_uncompiled_captured_run(grad_checkpointing):
+    """``compile_blocks`` (the default of a captured step): the decoder blocks compiled around
+    their POET layers train as the uncompiled blocks do, through a merge at step 6, to bf16
+    noise (inductor fuses the float32 RMSNorm and SwiGLU, which rounds differently)."""
+    from poetx.model.compile_blocks import compiled_blocks
+
+    losses = {}
+    for compiled in (False, True):
+        t = _cuda_trainer(compile_blocks=compiled, grad_checkpointing=grad_checkpointing,
+                          poet={"merge_every": 6})
+        assert compiled_blocks(t.model) == (len(t.model.model.layers) if compiled else 0)
+        assert ("decoder blocks compiled" in t.describe_step()) == compiled
+        run = []
+        for step in range(10):
+            run.append(float(t.step_fn(t.load_batch(step))["loss"]))
+            t._advance_schedules(step + 1)
+        assert t.captured.captured
+        losses[compiled] = run
+    assert max(abs(c - e) / abs(e) for c, e in zip(losses[True], losses[False],
+                                                    strict=True)) < 1e-2
+
+
+@pytest.mark.gpu
 def test_cuda_graph_step_with_step_in_backward_matches_the_eager_step():
     """The optimizer step in backward (post-accumulate-grad hooks on embedding and lm_head) is
     recorded with the rest of the captured step: a replay updates them as the eager step."""
     losses, heads = {}, {}
     for graphs in (False, True):
-        t = _cuda_trainer(cuda_graphs=graphs, step_in_backward=True)
+        t = _cuda_trainer(cuda_graphs=graphs, step_in_backward=True, compile_blocks=False)
         assert t.graphs == graphs and t.in_backward is not None
         head = t.model.get_output_embeddings().weight
         run = []

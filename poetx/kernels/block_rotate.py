@@ -337,11 +337,22 @@ def _gram_cfg(b: int, dtype: torch.dtype, tma: bool) -> tuple[int, int, int, int
     return min(_p2(b), 64), min(_p2(b), 64), 32, 4, 2
 
 
+def _stage_fits(x: Tensor, *widths: int) -> bool:
+    return all(_p2(w) * x.element_size() <= _MAX_STAGED_BYTES for w in widths)
+
+
 def _gather_mode(x: Tensor, *widths: int) -> str:
     mode = OPTIONS["gather"] or "staged"
-    if mode == "staged" and any(_p2(w) * x.element_size() > _MAX_STAGED_BYTES for w in widths):
-        return "direct"
-    return mode
+    return "direct" if mode == "staged" and not _stage_fits(x, *widths) else mode
+
+
+def staged_gather(x: Tensor, index: Tensor | None, positions: int) -> tuple[Tensor, Tensor | None]:
+    """``(x, index)`` for products that read ``x`` through ``index``, as ``(x permuted into
+    (T, positions), None)`` where the staged strategy applies to them, else unchanged: one
+    permutation pass shared by several products instead of one each."""
+    if index is None or _gather_mode(x, x.shape[1], positions) != "staged":
+        return x, index
+    return permute_columns(x.contiguous(), index, positions), None
 
 
 def _tma_ok(t: Tensor) -> bool:

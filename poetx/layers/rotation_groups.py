@@ -161,26 +161,31 @@ def _installed(module: nn.Module) -> bool:
     return any(h is _pre_hook for h in module._forward_pre_hooks.values())
 
 
+def poet_blocks(model: nn.Module) -> list[nn.Module]:
+    """The outermost ``ModuleList`` elements of ``model`` that hold a ``POETLinear`` (a
+    transformer's decoder blocks), in module order."""
+    found = []
+    for child in model.children():
+        if not any(isinstance(m, POETLinear) for m in child.modules()):
+            continue
+        if isinstance(model, nn.ModuleList):
+            found.append(child)
+        else:
+            found += poet_blocks(child)
+    return found
+
+
 def group_rotations(model: nn.Module) -> int:
-    """Install the batched build on every ``ModuleList`` element of ``model`` that holds a
-    ``POETLinear`` (the outermost such elements; calling again adds nothing). Returns how many
-    groups are installed. Which layers take part is decided per forward by their
-    ``config.batch_rotations``."""
-    count = 0
-    stack = [model]
-    while stack:
-        module = stack.pop()
-        for child in module.children():
-            holds = any(isinstance(m, POETLinear) for m in child.modules())
-            if isinstance(module, nn.ModuleList) and holds:
-                if not _installed(child):
-                    object.__setattr__(child, _GROUP, RotationGroup())
-                    child.register_forward_pre_hook(_pre_hook)
-                    child.register_forward_hook(_post_hook, always_call=True)
-                count += 1
-            elif holds:
-                stack.append(child)
-    return count
+    """Install the batched build on every block of :func:`poet_blocks` (calling again adds
+    nothing). Returns how many groups are installed. Which layers take part is decided per
+    forward by their ``config.batch_rotations``."""
+    blocks = poet_blocks(model)
+    for child in blocks:
+        if not _installed(child):
+            object.__setattr__(child, _GROUP, RotationGroup())
+            child.register_forward_pre_hook(_pre_hook)
+            child.register_forward_hook(_post_hook, always_call=True)
+    return len(blocks)
 
 
 def ungroup_rotations(model: nn.Module) -> None:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from poetx.model.causal_attention import unmasked_causal_attention
+
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
@@ -122,10 +124,12 @@ def lm_loss(model: nn.Module, input_ids: Tensor, labels: Tensor,
     head = getattr(model, "lm_head", None)
     plain_head = isinstance(head, nn.Linear) and head.bias is None
     if chunk_tokens is None or base is None or not plain_head:
-        logits = model(input_ids=input_ids).logits
+        with unmasked_causal_attention(model):
+            logits = model(input_ids=input_ids).logits
         return nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
     # use_cache=False: a training step has no use for the key/value cache HF would fill.
-    hidden = base(input_ids=input_ids, use_cache=False).last_hidden_state
+    with unmasked_causal_attention(model):
+        hidden = base(input_ids=input_ids, use_cache=False).last_hidden_state
     chunk_tokens = chunk_tokens or auto_chunk_tokens(head.weight.shape[0])
     return chunked_cross_entropy(hidden.flatten(0, 1), head.weight, labels.flatten(), chunk_tokens)
 

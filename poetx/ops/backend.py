@@ -29,6 +29,17 @@ def rotate(
     return block_rotate_reference(x, delta, in_index, out_index, out_cols, transpose)
 
 
+def gather(x: Tensor, index: Tensor | None, positions: int) -> tuple[Tensor, Tensor | None]:
+    """``(x, index)`` as several products should read ``x``: on the Triton path permuted once
+    into ``(T, positions)`` (index ``None``) where the kernels would each permute it, else
+    unchanged. Pass the pair on to :func:`rotate` / :func:`gram`."""
+    if index is not None and use_triton(x) and x.dtype != torch.float64:
+        from poetx.kernels.block_rotate import staged_gather
+
+        return staged_gather(x, index, positions)
+    return x, index
+
+
 def gram(
     a: Tensor, b: Tensor, a_index: Tensor | None, b_index: Tensor | None, nb: int, block: int
 ) -> Tensor:

@@ -74,8 +74,10 @@ def _backward_blocks(grad_y, x, v, d_in, d_out, w0, w0_scale, quant_group, index
     weight = dense_w0(w0, w0_scale, quant_group, x.dtype)
     if v.numel() == 0:
         v = backend.rotate(x, d_in, index_in, None, n) @ weight.t()
-    grad_v = backend.rotate(grad_y, d_out, index_out, None, m, transpose=True)
-    grad_d_out = backend.gram(grad_y, v, index_out, None, d_out.shape[0], d_out.shape[1])
+    # Both products read grad_y in the output frame: permute it once.
+    grad_y, index_y = backend.gather(grad_y, index_out, d_out.shape[0] * d_out.shape[1])
+    grad_v = backend.rotate(grad_y, d_out, index_y, None, m, transpose=True)
+    grad_d_out = backend.gram(grad_y, v, index_y, None, d_out.shape[0], d_out.shape[1])
     grad_u = grad_v @ weight
     grad_d_in = backend.gram(grad_u, x, None, index_in, d_in.shape[0], d_in.shape[1])
     grad_x = backend.rotate(grad_u, d_in, None, index_in, n, transpose=True)

@@ -148,6 +148,9 @@ class TrainConfig:
         skip_nonfinite: skip a step with a NaN/inf loss or gradient instead of stopping.
         cuda_graphs: replay the step as one CUDA graph (``poetx.train.capture``) where it
             applies: a CUDA device and a single process; ignored elsewhere.
+        compile_blocks: ``torch.compile`` the code between the POET layers of each decoder
+            block (``poetx.model.compile_blocks``) when the step is a CUDA graph (compiled
+            pieces with graph breaks cost host time per call, paid once at capture).
     Memory (``poetx plan`` predicts each option's effect):
         grad_checkpointing: HF activation checkpointing of the decoder blocks.
         dense_optimizer: update of embedding, lm_head and norms (``poetx.optim.dense_update``):
@@ -243,6 +246,9 @@ class TrainConfig:
     cuda_graphs: bool = setting(
         True, "record the training step as one CUDA graph after 3 eager steps and replay it "
         "(CUDA, one process; off: every step eager)", group="optimization")
+    compile_blocks: bool = setting(
+        True, "torch.compile the code between the POET layers of each decoder block (norms, "
+        "rotary, SwiGLU, residuals) where the step is a CUDA graph", group="optimization")
     grad_checkpointing: bool = setting(False, "activation checkpointing of the decoder blocks",
                                        group="memory")
     dense_optimizer: str = setting(

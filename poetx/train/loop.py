@@ -193,7 +193,7 @@ def _train(cfg: TrainConfig, resume_from: Path | None, ctx: DistContext,
             f"{cfg.steps} steps x {global_batch} x {cfg.seq_len} tokens (global batch "
             f"{global_batch} = batch {cfg.batch_size} x grad accum {cfg.grad_accum} x "
             f"{ctx.world} processes)\n"
-            f"data: {data.description}\nrun dir: {run_dir}"
+            f"data: {data.description}\nstep: {trainer.describe_step()}\nrun dir: {run_dir}"
         )
         print(header, flush=True)
         if resuming:

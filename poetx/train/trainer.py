@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from poetx import MergeSchedule, make_optimizer
 from poetx.layers.rotation_groups import AccumulatedRotations
 from poetx.model.causal_lm import CausalLMWithLoss
+from poetx.model.compile_blocks import compile_blocks
 from poetx.model.wrap import merge_all_, poet_layers, rotation_norm_max
 from poetx.optim.clip import DeviceGradClip
 from poetx.optim.in_backward import StepInBackward, embedding_and_head
@@ -166,6 +167,8 @@ class Trainer:
         capturable_optimizer = cfg.dense_optimizer == "adamw" and cfg.rotation_states == "fp32"
         self.graphs = (cfg.cuda_graphs and device.type == "cuda" and scheme != "fsdp"
                        and capturable_optimizer)
+        self.compiled_blocks = (compile_blocks(model) if self.graphs and cfg.compile_blocks
+                                and cfg.optimizer == "poetx" else 0)
         # Eager CUDA steps use the capturable kernel too: its update rounds differently from
         # the non-capturable one (lr and bias correction as float32 device values), so with
         # it --no-cuda-graphs replays the captured run's numbers (measured: bitwise equal over
@@ -228,6 +231,16 @@ class Trainer:
             self.captured = CapturedStep(self.train_step, self.batch, warmup=3,
                                          share_batch=True)
             self.step_fn = self._replay_step
+
+    def describe_step(self) -> str:
+        """How the step runs, for the run's header."""
+        if not self.graphs:
+            return "eager"
+        text = "one CUDA graph, recorded after 3 eager steps"
+        if self.compiled_blocks:
+            text += (f"; {self.compiled_blocks} decoder blocks compiled around their POET layers "
+                     "(the first step compiles them)")
+        return text
 
     def _replay_step(self, batch: Tensor) -> dict[str, Tensor]:
         metrics = self.captured(batch)
