@@ -43,6 +43,10 @@ for stage in "$@"; do
         --methods "${METHODS:-adamw,adamw-compile,poetx-eager,poetx,authors}" \
         --authors-path "${AUTHORS:-third_party}" ${STEP_FLAGS:-} --out "$OUT/${STEP_JSON:-step.json}" \
         2>&1 | tee "$OUT/step.txt" | tail -30 ;;
+    accum)  # --grad-accum against one batch, poetx and AdamW (issue 11's target)
+      timeout "${ACCUM_TIMEOUT:-300}" python3 -m bench.scale --cases accum,accum-adamw \
+        --accum-preset "${ACCUM_PRESET:-llama-130m}" --out "$OUT/scale_accum.json" 2>&1 \
+        | tail -20 ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done
