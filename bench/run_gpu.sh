@@ -43,10 +43,14 @@ for stage in "$@"; do
         --methods "${METHODS:-adamw,adamw-compile,poetx-eager,poetx,authors}" \
         --authors-path "${AUTHORS:-third_party}" ${STEP_FLAGS:-} --out "$OUT/${STEP_JSON:-step.json}" \
         2>&1 | tee "$OUT/step.txt" | tail -30 ;;
-    accum)  # --grad-accum against one batch, poetx and AdamW (issue 11's target)
-      timeout "${ACCUM_TIMEOUT:-300}" python3 -m bench.scale --cases accum,accum-adamw \
-        --accum-preset "${ACCUM_PRESET:-llama-130m}" --out "$OUT/scale_accum.json" 2>&1 \
-        | tail -20 ;;
+    accum)  # --grad-accum (K = 4) against one batch, poetx and AdamW, at the micro-batch
+      # shapes of the older rows (8 x 256) and at ones that fill the GPU (32 x 256)
+      preset=${ACCUM_PRESET:-llama-130m}
+      for shape in ${ACCUM_SHAPES:-32x256 128x256}; do
+        timeout "${ACCUM_TIMEOUT:-280}" python3 -m bench.scale --cases accum,accum-adamw \
+          --accum-preset "$preset" --shape "$preset=$shape" \
+          --out "$OUT/scale_accum_${preset}_$shape.json" 2>&1 | tail -8
+      done ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done
