@@ -131,6 +131,8 @@ def worker(args: argparse.Namespace) -> None:
                "block_size": args.block_size if method.poetx else None,
                "loss_impl": "vocab-chunked",  # poetx.model.lm_loss since issue 13
                "cuda_graphs": graphs,
+               # make_train_step compiles the decoder blocks of a captured poetx step
+               "compile_blocks": graphs and method.poetx,
                "device": env["device"], "command": " ".join(["python -m bench.model",
                                                               *sys.argv[1:]])}
         try:

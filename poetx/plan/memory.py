@@ -50,6 +50,10 @@ attention output and its log-sum-exp, and four ``T x I`` MLP tensors (gate, its 
 product). POET-X ``mem`` saves the same input per linear as ``nn.Linear``; ``fast`` adds the
 intermediate ``v`` (``T x m``) and the rotation blocks (``nb x b x b``) of each side. Gradient
 checkpointing keeps only each layer's input, and recomputes one layer at a time in backward.
+Blocks compiled by ``poetx.model.compile_blocks`` (``poetx train``'s default for a captured
+step) save less than these eager ones: measured 1.07 GiB less at Llama-8B fast, 1 x 1024, and
+4.0 GiB at 2 x 2048 (about 33 KB per token and layer; H100, ``bench/results/step_h100.json``).
+That is not modelled yet, so predictions for such runs err high by about that much.
 
 Constants that are not shapes (stated, not fitted to the measurements):
 
