@@ -93,3 +93,21 @@ def test_identical_blocks_share_one_compiled_code():
         model(input_ids=ids, labels=ids).loss.backward()
         graphs[layers] = counters["stats"]["unique_graphs"]
     assert graphs[2] > 0 and graphs[4] == graphs[2]
+
+
+def test_a_deep_copy_of_a_compiled_model_computes_with_its_own_parameters():
+    model = _model()
+    compile_blocks(model, backend="aot_eager")
+    twin = copy.deepcopy(model)
+    assert compiled_blocks(twin) == 2
+    with torch.no_grad():
+        for _, layer in poet_layers(twin):
+            layer.theta_out.mul_(-1.0)
+        twin.model.layers[0].input_layernorm.weight.mul_(0.5)
+    reference = copy.deepcopy(twin)
+    uncompile_blocks(reference)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        out, twin_out, ref_out = (m(input_ids=ids).logits for m in (model, twin, reference))
+    torch.testing.assert_close(twin_out, ref_out, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(out, twin_out, rtol=1e-3, atol=1e-4)

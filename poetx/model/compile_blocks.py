@@ -16,6 +16,8 @@ is replayed, and on every call when it is not, so the Trainer compiles only capt
 
 from __future__ import annotations
 
+import types
+
 import torch
 from torch import nn
 
@@ -32,15 +34,23 @@ _MARK = "_poetx_compiled_forward"
 def compile_blocks(model: nn.Module, backend: str = "inductor", **options) -> int:
     """Compile the ``forward`` of every decoder block of ``model`` that holds POET layers
     (``poetx.layers.rotation_groups.poet_blocks``), leaving the POET layers eager. Returns
-    how many blocks are compiled. ``options`` go to ``torch.compile`` (e.g. ``mode``)."""
+    how many blocks are compiled. ``options`` go to ``torch.compile`` (e.g. ``mode``).
+
+    The replaced forwards are the class functions, compiled or disabled, bound to each module
+    (``types.MethodType``), so a ``copy.deepcopy`` of the model binds them to the copies."""
+    eager_poet = torch.compiler.disable(POETLinear.forward)
+    compiled: dict[type, object] = {}
     blocks = poet_blocks(model)
     for block in blocks:
         if _MARK in block.__dict__:
             continue
         for module in block.modules():
             if isinstance(module, POETLinear) and "forward" not in module.__dict__:
-                module.forward = torch.compiler.disable(module.forward)
-        block.forward = torch.compile(block.forward, backend=backend, **options)
+                module.forward = types.MethodType(eager_poet, module)
+        kind = type(block)
+        if kind not in compiled:
+            compiled[kind] = torch.compile(kind.forward, backend=backend, **options)
+        block.forward = types.MethodType(compiled[kind], block)
         block.__dict__[_MARK] = True
     return len(blocks)
 
