@@ -280,6 +280,9 @@ def test_cayley_interpreted_tiles(interp, monkeypatch, b, nb, valid, cap, tile_w
     assert rel_err(d16, ref) < 4e-3  # (the interpreter truncates to bf16: ~2x the rounding)
     g16 = cn.cayley_neumann_delta_backward(theta, g, b, 3, valid, build_dtype=torch.bfloat16)
     assert 1e-7 < rel_err(g16, gref) < 3.9e-3
+    # a half-precision theta gets its gradient in its own dtype
+    gh = cn.cayley_neumann_delta_backward(theta.half(), g, b, 3, valid)
+    assert gh.dtype == torch.float16 and rel_err(gh, gt) < 1e-3
 
 
 def _check_fp32_build_against_reference(cn, nb: int, b: int, valid: int, precision: str):
