@@ -9,12 +9,10 @@ sides (chunks of ``CHUNK_BLOCKS`` blocks). Times are per decoder block and scale
 ``--precisions`` sets the product precision (``POETX_CAYLEY_PRECISION``; bf16 stores the dense
 operands in bf16) and gives each precision's relative error against float64 on the first side
 (blocks and skew gradient); ``--tiles`` caps the kernels' tile (``auto``: the kernels' default).
-``--fused`` times the opt-in row-panel kernels (``OPTIONS["fused"]``, b <= 256) beside the
-default in the same call, for each column chunk in ``--fused-bn`` (``auto``: 128).
+(``bench/results/rotation_build_fused_h100.json`` also has rows of the row-panel kernels, since
+measured slower and removed: ``bench/notes_kernels.md``, runs 7-8.)
 
     python -m bench.rotation_build --out bench/results/rotation_build.json
-    python -m bench.rotation_build --precisions bf16,tf32 --fused --fused-bn auto,64 \
-        --out bench/results/rotation_build_fused.json
 """
 
 from __future__ import annotations
@@ -66,9 +64,7 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def measure(preset: str, block: int, out_dtype: torch.dtype, precision: str,
-            tile: int | None = None, fused_bn: int | None = -1) -> list[dict]:
-    """Rows of both paths for one configuration; ``fused_bn`` -1: the default kernels, else
-    the row-panel kernels with that column-chunk cap (None: theirs)."""
+            tile: int | None = None) -> list[dict]:
     from poetx.kernels import cayley_neumann as cn
     from poetx.ops import backend
     from poetx.ops.rotation_group import build_rotation_group
@@ -80,8 +76,6 @@ def measure(preset: str, block: int, out_dtype: torch.dtype, precision: str,
 
     os.environ["POETX_CAYLEY_PRECISION"] = precision
     cn.OPTIONS["tile"] = tile
-    cn.OPTIONS["fused"] = int(fused_bn != -1)
-    cn.OPTIONS["fused_bn"] = None if fused_bn == -1 else fused_bn
     sizes, layers = block_sides(preset, block)
     npar = num_skew_params(block)
     # ||Q||_F = 0.5 per block: mid-way to the default merge guard (max_q_norm = 1)
@@ -112,7 +106,6 @@ def measure(preset: str, block: int, out_dtype: torch.dtype, precision: str,
             t.grad = None
         rows.append({"model": preset, "block": block, "dtype": str(out_dtype).split(".")[-1],
                      "precision": precision, "tile": tile or "auto",
-                     "fused": "no" if fused_bn == -1 else f"bn {fused_bn or 'auto'}",
                      "blocks_per_decoder_block": sum(sizes),
                      "path": name, "ms_per_decoder_block": ms, "ms_per_step": ms * layers,
                      "extra_mib": extra})
@@ -140,10 +133,6 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--precisions", default="tf32,bf16")
     parser.add_argument("--tiles", default="auto", help="comma list of tile caps or auto")
-    parser.add_argument("--fused", action="store_true",
-                        help="also time the row-panel kernels (OPTIONS['fused'])")
-    parser.add_argument("--fused-bn", default="auto",
-                        help="comma list of their column-chunk caps or auto")
     parser.add_argument("--out", default="bench/results/rotation_build.json")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -151,14 +140,11 @@ def main() -> None:
     rows = []
     for preset in args.presets.split(","):
         for precision in args.precisions.split(","):
-            variants = [(None if t == "auto" else int(t), -1) for t in args.tiles.split(",")]
-            if args.fused:
-                variants += [(None, None if bn == "auto" else int(bn))
-                             for bn in args.fused_bn.split(",")]
-            for cap, fused_bn in variants:
+            for tile in args.tiles.split(","):
+                cap = None if tile == "auto" else int(tile)
                 rows += [{**env, **r} for r in measure(preset, args.block_size, torch.bfloat16,
-                                                       precision, cap, fused_bn)]
-    print_table(rows, ["model", "precision", "tile", "fused", "blocks_per_decoder_block", "path",
+                                                       precision, cap)]
+    print_table(rows, ["model", "precision", "tile", "blocks_per_decoder_block", "path",
                        "ms_per_decoder_block", "ms_per_step", "extra_mib", "bitwise_equal",
                        "rel_err_blocks", "rel_err_grad"])
     write_json(args.out, rows, {})

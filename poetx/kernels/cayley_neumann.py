@@ -37,18 +37,10 @@ Fast path (``b`` a multiple of 16, ``terms = 3``, the default; dense tiles throu
   either way: ``2Q`` is rebuilt from ``theta`` in the last forward epilogue, ``2K`` from the
   fp32 ``G`` in the W epilogue.
 
-Row-panel path (opt-in, ``OPTIONS["fused"]``, ``b <= 256`` a multiple of 16; not yet measured
-on a GPU, so off by default): fewer, longer programs. After the same prep launch, one program
-per block and 64-row panel runs all of the block's products for its rows as chained panel
-products against ``Q`` (and ``K``, ``Sy``), reading back only rows it wrote itself (scratch
-in the operands' storage, a CTA barrier between phases): forward
-``X2 = Q[I,:] Q``, ``A3 = 2Q[I,:] + 2X2 + X2 Q``, ``delta[I,:] = A3 Q + 2Q[I,:]``;
-backward ``D = Sy Q + Q Sy``, ``X = (2K - D) Q + Q K``, ``W - K = (X - 2Sy) Q`` (the closed
-form above with ``U^T = -Q Sy``, ``V^T = Q K``, ``S = Q Q``), packed with float32 atomics
-(two per element onto zero: order-free, deterministic). Same ``b^3`` counts as the fast path,
-2 launches (+ a zero fill) instead of 3 each; ``Q`` is re-read from L2 by every phase (a
-``b x b`` block kept in shared memory is not expressible in Triton, and 128 KB of it would
-leave no room for the pipeline).
+A row-panel variant (one program per block and 64-row panel running all of the block's
+products, 2 launches per direction instead of 3) was built and measured 1.3-1.8x slower on
+H100 (``bench/notes_kernels.md``, runs 7-8; it is in git history at commit ea12ade), so the
+3-launch path stays.
 
 General path (any ``b >= 2``, any ``terms``): ``_cn_matmul_kernel`` builds ``Q`` tiles from
 ``theta`` on the fly (upper part loaded along columns, lower part as the transposed tile, both
@@ -411,134 +403,6 @@ def _cn_bwd_wpack_kernel(
              z.to(out_ptr.dtype.element_ty), mask=r < c)
 
 
-@triton.jit
-def _panel_ptrs(ptr, base, r0, c0, b, BR: tl.constexpr, BC: tl.constexpr):
-    """Pointers of the ``BR x BC`` tile at ``[r0, c0]`` of a row-major ``b x b`` block at
-    ``ptr + base`` (the fused path's tiles divide ``b``: no masks)."""
-    r = r0 + tl.arange(0, BR)
-    c = c0 + tl.arange(0, BC)
-    return ptr + base + r[:, None] * b + c[None, :]
-
-
-@triton.jit
-def _panel_origin(b, BM: tl.constexpr):
-    """This row-panel program's block ``k``, first row ``i0`` within it, the block's first row
-    ``kb`` of the stacked ``(nb*b, b)`` operands, and its element offset ``base``."""
-    pid = tl.program_id(0)
-    panels = b // BM
-    k = pid // panels
-    return k, (pid % panels) * BM, k * b, k.to(tl.int64) * b * b
-
-
-@triton.jit
-def _cn_fused_fwd_kernel(
-    n_desc, nt_desc, n_ptr, theta_ptr, x2_ptr, a3_ptr, out_ptr, b, nb, vl_last, npar,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
-):
-    """Rows ``[i0, i0 + BM)`` of one block's ``delta`` in one program, three chained panel
-    products against ``Q`` (read K-major as ``N^T = 2Q`` from ``N = -2Q``)::
-
-        X2 = Q[I,:] Q;  A3 = 2Q[I,:] + 2 X2 + X2 Q;  delta[I,:] = A3 Q + 2Q[I,:]
-
-    (``= 2Q + 2Q^2 + 2Q^3 + Q^4``). Every product reads its ``A`` from rows this program wrote
-    (``x2_ptr``, ``a3_ptr``: ``(nb*b, b)`` scratch in the operands' storage), so a CTA barrier
-    between the phases is all the synchronisation needed; ``2Q`` of the result comes from
-    ``theta`` (exact)."""
-    k, i0, kb, base = _panel_origin(b, BM)
-    for j0 in range(0, b, BN):  # X2 = -(N N^T)[I, J] / 4
-        acc = tl.full((BM, BN), 0.0, tl.float32)
-        for kk in range(0, b, BK):
-            acc = _mma(n_desc.load([kb + i0, kk]), nt_desc.load([kb + j0, kk]).T, acc, PREC)
-        tl.store(_panel_ptrs(x2_ptr, base, i0, j0, b, BM, BN),
-                 (-0.25 * acc).to(x2_ptr.dtype.element_ty))
-    tl.debug_barrier()  # (global writes of a CTA are visible to the CTA after bar.sync)
-    for j0 in range(0, b, BN):  # A3 = X2 (N^T / 2) + 2 X2 - N
-        acc = tl.full((BM, BN), 0.0, tl.float32)
-        for kk in range(0, b, BK):
-            a = tl.load(_panel_ptrs(x2_ptr, base, i0, kk, b, BM, BK))
-            acc = _mma(a, nt_desc.load([kb + j0, kk]).T, acc, PREC)
-        x2 = tl.load(_panel_ptrs(x2_ptr, base, i0, j0, b, BM, BN)).to(tl.float32)
-        n = tl.load(_panel_ptrs(n_ptr, base, i0, j0, b, BM, BN)).to(tl.float32)
-        tl.store(_panel_ptrs(a3_ptr, base, i0, j0, b, BM, BN),
-                 (0.5 * acc + 2.0 * x2 - n).to(a3_ptr.dtype.element_ty))
-    tl.debug_barrier()
-    vl = tl.where(k == nb - 1, vl_last, b)
-    for j0 in range(0, b, BN):  # delta = A3 (N^T / 2) + 2Q
-        acc = tl.full((BM, BN), 0.0, tl.float32)
-        for kk in range(0, b, BK):
-            a = tl.load(_panel_ptrs(a3_ptr, base, i0, kk, b, BM, BK))
-            acc = _mma(a, nt_desc.load([kb + j0, kk]).T, acc, PREC)
-        q = _q_tile(theta_ptr, k.to(tl.int64) * npar, i0 + tl.arange(0, BM),
-                    j0 + tl.arange(0, BN), b, vl)
-        tl.store(_panel_ptrs(out_ptr, base, i0, j0, b, BM, BN),
-                 (0.5 * acc + 2.0 * q).to(out_ptr.dtype.element_ty))
-
-
-@triton.jit
-def _cn_fused_bwd_kernel(
-    p_desc, pt_desc, sy_desc, syt_desc, k_desc, kt_desc, g_ptr, d_ptr, x_ptr, out_ptr,
-    b, nb, vl_last, npar,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
-):
-    """Rows ``[i0, i0 + BM)`` of one block's backward in one program. With ``S = Q^2``,
-    ``U = Sy Q``, ``V = K Q`` the closed form ``W = K - 2U + (2V + V^T) Q - (U - U^T) S``
-    is rewritten into row-panel products against ``Q``, ``Sy`` and ``K`` only (using
-    ``U^T = -Q Sy``, ``V^T = Q K``)::
-
-        D = U - U^T = Sy Q + Q Sy;  X = 2V + V^T - D Q = (2K - D) Q + Q K;
-        W = K + Y,  Y = (X - 2 Sy) Q
-
-    (five ``b^3`` products per block, as the unfused path). ``Q`` is read as ``P = 2Q``,
-    K-major as ``P^T = -2Q``; ``K^T = -K``, ``Sy^T = Sy``. ``D``, ``X``: scratch rows of this
-    program (CTA barrier between the phases). The packing ``dtheta = (W - W^T)[upper]``
-    needs ``W[j, i]`` of another panel: each program adds ``Y[i, j] + 2K[i, j]`` (``i < j``)
-    and ``-Y[i, j]`` (``i > j``) into the zeroed float32 ``out`` with atomics. Exactly two
-    adds land on each zero, so the result does not depend on their order (deterministic);
-    ``2K = 2(G - G^T)`` comes from the float32 ``G`` (exact)."""
-    k, i0, kb, base = _panel_origin(b, BM)
-    for j0 in range(0, b, BN):  # D = ((-Sy) P^T + P Sy) / 2
-        acc = tl.full((BM, BN), 0.0, tl.float32)
-        for kk in range(0, b, BK):
-            # negated in float32 (exact; the interpreter cannot negate bf16)
-            a = -sy_desc.load([kb + i0, kk]).to(tl.float32)
-            acc = _mma(a, pt_desc.load([kb + j0, kk]).T, acc, PREC)
-            acc = _mma(p_desc.load([kb + i0, kk]), syt_desc.load([kb + j0, kk]).T, acc, PREC)
-        tl.store(_panel_ptrs(d_ptr, base, i0, j0, b, BM, BN),
-                 (0.5 * acc).to(d_ptr.dtype.element_ty))
-    tl.debug_barrier()  # (global writes of a CTA are visible to the CTA after bar.sync)
-    for j0 in range(0, b, BN):  # X = -((2K - D) P^T + P K^T) / 2
-        acc = tl.full((BM, BN), 0.0, tl.float32)
-        for kk in range(0, b, BK):
-            a = (2.0 * k_desc.load([kb + i0, kk]).to(tl.float32)
-                 - tl.load(_panel_ptrs(d_ptr, base, i0, kk, b, BM, BK)).to(tl.float32))
-            acc = _mma(a, pt_desc.load([kb + j0, kk]).T, acc, PREC)
-            acc = _mma(p_desc.load([kb + i0, kk]), kt_desc.load([kb + j0, kk]).T, acc, PREC)
-        tl.store(_panel_ptrs(x_ptr, base, i0, j0, b, BM, BN),
-                 (-0.5 * acc).to(x_ptr.dtype.element_ty))
-    tl.debug_barrier()
-    vl = tl.where(k == nb - 1, vl_last, b)
-    r = i0 + tl.arange(0, BM)[:, None]
-    for j0 in range(0, b, BN):  # Y = -(X - 2 Sy) P^T / 2, then the packing
-        acc = tl.full((BM, BN), 0.0, tl.float32)
-        for kk in range(0, b, BK):
-            a = (tl.load(_panel_ptrs(x_ptr, base, i0, kk, b, BM, BK)).to(tl.float32)
-                 - 2.0 * sy_desc.load([kb + i0, kk]).to(tl.float32))
-            acc = _mma(a, pt_desc.load([kb + j0, kk]).T, acc, PREC)
-        y = -0.5 * acc
-        c = j0 + tl.arange(0, BN)[None, :]
-        upper = r < c
-        g = tl.load(g_ptr + base + r * b + c, mask=upper, other=0.0)
-        # G^T tile, loaded contiguous along its own rows and transposed in registers
-        ct = j0 + tl.arange(0, BN)[:, None]
-        rt = i0 + tl.arange(0, BM)[None, :]
-        gt = tl.trans(tl.load(g_ptr + base + ct * b + rt, mask=ct > rt, other=0.0))
-        val = tl.where(upper, y + 2.0 * (g - gt), -y)
-        lo = tl.minimum(r, c)
-        hi = tl.maximum(r, c)
-        dst = out_ptr + k.to(tl.int64) * npar + (lo * (2 * b - lo - 1)) // 2 + (hi - lo - 1)
-        tl.atomic_add(dst, val, mask=(r != c) & (hi < vl), sem="relaxed")
-
-
 def _tiles(b: int, nb: int) -> tuple[int, int, int, int]:
     """``(BM, BN, BK, num_warps)`` for a ``b x b`` fp32 product over ``nb`` blocks."""
     p2 = max(16, triton.next_power_of_2(b))
@@ -583,10 +447,8 @@ class _Fast(NamedTuple):
 
 
 # Benchmarks and tests: "tile" caps the fast path's tile (None: 64 compiled, 16 interpreted),
-# "tile_w" the W-pair tile (None: as "tile" but at most 64); "fused" (off until measured on
-# a GPU) runs the row-panel kernels for b <= 256, "fused_bn" caps their column chunk
-# (None: 128).
-OPTIONS: dict[str, int | None] = {"tile": None, "tile_w": None, "fused": 0, "fused_bn": None}
+# "tile_w" the W-pair tile (None: as "tile" but at most 64).
+OPTIONS: dict[str, int | None] = {"tile": None, "tile_w": None}
 
 
 def _largest_divisor_tile(b: int, cap: int) -> int | None:
@@ -608,35 +470,6 @@ def _fast_config(b: int, prec: str) -> _Fast | None:
                  bk=min(tile, 64 if half else 32), bk_w=min(tile_w, 32 if half else 16),
                  warps=8 if wide else 4, stages=3,
                  storage=torch.bfloat16 if half else torch.float32)
-
-
-class _Fused(NamedTuple):
-    """Launch shapes of the row-panel (fused) path: one program per ``tile`` rows of a block."""
-
-    tile: int  # panel rows
-    bn: int  # column chunk of each panel product
-    bk: int  # K step
-    warps: int
-    stages: int
-    storage: torch.dtype
-
-
-def _fused_config(b: int, prec: str) -> _Fused | None:
-    """Shapes of the row-panel path, or ``None`` where it does not apply (``OPTIONS["fused"]``
-    off, ``b > 256`` or not a multiple of 16). Tiles divide ``b`` (no masks, TMA boxes inside
-    one block); interpreted, panels of at most 32 rows so that small blocks get several."""
-    if not OPTIONS["fused"] or b > 256:
-        return None
-    tile = _largest_divisor_tile(b, 32 if _interpreting() else 64)
-    if tile is None:
-        return None
-    half = prec.startswith("bf16")
-    bn = _largest_divisor_tile(b, OPTIONS["fused_bn"] or 128)
-    bk = _largest_divisor_tile(b, 64 if half else 32)
-    # 8 warps: no spills at any of these shapes on sm_90 (4 warps spill at 128-wide chunks;
-    # 256-wide chunks spill and the backward's 3 stages would need 258 KB of shared memory)
-    return _Fused(tile=tile, bn=bn, bk=bk, warps=8, stages=3,
-                  storage=torch.bfloat16 if half else torch.float32)
 
 
 @functools.lru_cache(maxsize=16)
@@ -710,33 +543,6 @@ def _fast_backward(theta, g, block, nb, vl, npar, cfg: _Fast, prec, out):
     return out
 
 
-def _fused_delta(theta, block, nb, vl, npar, cfg: _Fused, prec, out):
-    """``terms = 3`` in 2 launches: prep (``N = -2Q``), then one program per row panel
-    (:func:`_cn_fused_fwd_kernel`)."""
-    n, _, _ = _dense_prep(theta, None, block, nb, vl, npar, cfg.storage, scale=-2.0)
-    x2, a3 = torch.empty_like(n), torch.empty_like(n)
-    t, bn, bk = cfg.tile, cfg.bn, cfg.bk
-    _cn_fused_fwd_kernel[(nb * (block // t),)](
-        _desc(n, [t, bk]), _desc(n, [bn, bk]), n, theta, x2, a3, out, block, nb, vl, npar,
-        BM=t, BN=bn, BK=bk, PREC=prec, num_warps=cfg.warps, num_stages=cfg.stages)
-    return out
-
-
-def _fused_backward(theta, g, block, nb, vl, npar, cfg: _Fused, prec, out):
-    """``terms = 3`` backward in 2 launches and a zero fill: prep (``P = 2Q``, ``K``, ``Sy``),
-    then one program per row panel (:func:`_cn_fused_bwd_kernel`) adding into float32."""
-    p, kk, sy = _dense_prep(theta, g, block, nb, vl, npar, cfg.storage)
-    d, x = torch.empty_like(p), torch.empty_like(p)
-    acc = out.zero_() if out.dtype == torch.float32 else torch.zeros_like(out, dtype=torch.float32)
-    t, bn, bk = cfg.tile, cfg.bn, cfg.bk
-    a, bt = [t, bk], [bn, bk]
-    _cn_fused_bwd_kernel[(nb * (block // t),)](
-        _desc(p, a), _desc(p, bt), _desc(sy, a), _desc(sy, bt), _desc(kk, a), _desc(kk, bt),
-        g, d, x, acc, block, nb, vl, npar,
-        BM=t, BN=bn, BK=bk, PREC=prec, num_warps=cfg.warps, num_stages=cfg.stages)
-    return out if acc is out else out.copy_(acc)
-
-
 def _check_theta(theta: Tensor, block: int) -> tuple[int, int]:
     if theta.dim() != 2:
         raise ValueError(f"theta must be (num_blocks, b(b-1)/2), got shape {tuple(theta.shape)}")
@@ -783,9 +589,6 @@ def cayley_neumann_delta(
                    a_from_q=True, b_has_q=True, **mm)
         return out
     fast_cfg = _fast_config(block, prec) if fast else None
-    fused_cfg = _fused_config(block, prec) if fast_cfg is not None else None
-    if fused_cfg is not None:
-        return _fused_delta(theta, block, nb, vl, npar, fused_cfg, prec, out)
     if fast_cfg is not None:
         return _fast_delta(theta, block, nb, vl, npar, fast_cfg, prec, out)
     scratch = torch.empty(nb, block, block, dtype=torch.float32, device=theta.device)
@@ -838,9 +641,6 @@ def cayley_neumann_delta_backward(
     fast = block % 16 == 0
     prec = _precision("bf16" if fast and build_dtype == torch.bfloat16 else "tf32")
     fast_cfg = _fast_config(block, prec) if fast else None
-    fused_cfg = _fused_config(block, prec) if fast_cfg is not None else None
-    if fused_cfg is not None:
-        return _fused_backward(theta, g, block, nb, vl, npar, fused_cfg, prec, out)
     if fast_cfg is not None:
         return _fast_backward(theta, g, block, nb, vl, npar, fast_cfg, prec, out)
     cfg = _tiles(block, nb)
