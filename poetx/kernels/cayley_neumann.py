@@ -39,7 +39,7 @@ Fast path (``b`` a multiple of 16, ``terms = 3``, the default; dense tiles throu
 
 A row-panel variant (one program per block and 64-row panel running all of the block's
 products, 2 launches per direction instead of 3) was built and measured 1.3-1.8x slower on
-H100 (``bench/notes_kernels.md``, runs 7-8; it is in git history at commit ea12ade), so the
+H100 (``bench/notes_kernels.md``, runs 7-8; its last version is at commit 5a03a3e), so the
 3-launch path stays.
 
 General path (any ``b >= 2``, any ``terms``): ``_cn_matmul_kernel`` builds ``Q`` tiles from
