@@ -185,6 +185,10 @@ def test_staged_gather_shared_by_products(interp, dim, b, gather):
     assert torch.equal(rotated, br.block_rotate(x, d, index, None, dim, True))
     gram = br.block_gram(shared, c, shared_index, None, nb, b)
     assert torch.equal(gram, br.block_gram(x, c, index, None, nb, b))
+    gram = br.block_gram(c, shared, None, shared_index, nb, b)  # as the Gram's second operand
+    assert torch.equal(gram, br.block_gram(c, x, None, index, nb, b))
+    forward = br.block_rotate(shared, d, shared_index, None, dim)  # mem mode's recomputed v
+    assert torch.equal(forward, br.block_rotate(x, d, index, None, dim))
     assert br.staged_gather(x, None, nb * b) == (x, None)
 
 
