@@ -72,16 +72,22 @@ def _backward_blocks(grad_y, x, v, d_in, d_out, w0, w0_scale, quant_group, index
     m, n = w0.shape
     grad_y = grad_y.contiguous()
     weight = dense_w0(w0, w0_scale, quant_group, x.dtype)
-    # x (read twice in mem mode: the recomputed v and the Gram) and grad_y (its rotation and
-    # its Gram) are each permuted once into the frame their products read them in.
-    x_in, index_x = backend.gather(x, index_in, d_in.shape[0] * d_in.shape[1])
+    # A tensor two products read in the permuted frame is permuted once (the products would
+    # each permute it): x in mem mode (the recomputed v, then the Gram), grad_y (its rotation
+    # and its Gram). Each (T, m) / (T, n) temporary is dropped after its last use, so fewer of
+    # them are alive at once.
+    x_in, index_x = x, index_in
     if v.numel() == 0:
+        x_in, index_x = backend.gather(x, index_in, d_in.shape[0] * d_in.shape[1])
         v = backend.rotate(x_in, d_in, index_x, None, n) @ weight.t()
     grad_y, index_y = backend.gather(grad_y, index_out, d_out.shape[0] * d_out.shape[1])
     grad_v = backend.rotate(grad_y, d_out, index_y, None, m, transpose=True)
     grad_d_out = backend.gram(grad_y, v, index_y, None, d_out.shape[0], d_out.shape[1])
+    del grad_y, v
     grad_u = grad_v @ weight
+    del grad_v
     grad_d_in = backend.gram(grad_u, x_in, None, index_x, d_in.shape[0], d_in.shape[1])
+    del x_in
     grad_x = backend.rotate(grad_u, d_in, None, index_in, n, transpose=True)
     return grad_x, grad_d_in, grad_d_out
 
