@@ -53,6 +53,7 @@ def setting_of_row(row: dict[str, Any]) -> Setting:
     options = dict(BENCH_METHODS[row["method"]])
     options["loss"] = row.get("loss_impl", "token-chunked")
     options["cuda_graphs"] = bool(row.get("cuda_graphs", False))  # eager before issue 10
+    options["compile_blocks"] = bool(row.get("compile_blocks", False))  # since stop 11
     if row.get("block_size"):
         options["block_size"] = row["block_size"]
     return Setting(**options)
@@ -81,7 +82,8 @@ def compare_largest(rows: list[dict[str, Any]]) -> dict[str, Any]:
     from poetx.train.config import TrainConfig
 
     start = next(r for r in rows if r["kind"] == "start")
-    cfg = TrainConfig.from_dict(start["config"])
+    # runs before --compile-blocks existed ran their blocks eager
+    cfg = TrainConfig.from_dict({"compile_blocks": False, **start["config"]})
     p = plan(cfg.preset, cfg.seq_len, cfg.batch_size, setting_of(cfg), cfg.vocab_size)
     train = [r for r in rows if r["kind"] == "train"]
     measured = max(r["peak_gib"] for r in train)
@@ -113,7 +115,8 @@ def compare_scale(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 or (row["grad_accum"] > 1 and STEP_BUILT_BLOCKS not in row.get("note", ""))):
             continue
         cfg = TrainConfig(preset=row["preset"], batch_size=row["batch"], seq_len=row["seq_len"],
-                          grad_accum=row["grad_accum"], out="unused")
+                          grad_accum=row["grad_accum"], out="unused",
+                          compile_blocks=bool(row.get("compile_blocks", False)))
         p = plan(cfg.preset, cfg.seq_len, cfg.batch_size, setting_of(cfg), cfg.vocab_size)
         phase, step = max(((k, sum(v.values())) for k, v in p.moments.items()
                            if not k.startswith("outside")), key=lambda item: item[1])

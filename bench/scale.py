@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shlex
 import signal
@@ -205,6 +206,9 @@ class Runner:
         row.update(parallel=spec.get("parallel", "auto"), grad_accum=spec.get("grad_accum", 1),
                    global_batch=spec["batch"] * spec.get("grad_accum", 1) * spec["world"],
                    command=shown, wall_s=round(time.perf_counter() - t0, 1))
+        config = out / "config.json"
+        if config.exists():  # what the run decided (the planner check reads it)
+            row["compile_blocks"] = bool(json.loads(config.read_text()).get("compile_blocks"))
         records = read_metrics(out) if (out / "metrics.jsonl").exists() else []
         steps = [r for r in records if r["type"] == "train"]
         row["losses"] = [r["loss"] for r in steps] if spec.get("keep_losses") else None

@@ -206,6 +206,56 @@ def test_saved_activations_are_what_autograd_keeps(setting):
     loss.backward()
 
 
+def test_saved_activations_of_compiled_blocks_are_what_autograd_keeps():
+    """Decoder blocks compiled around their POET layers (``poetx train``'s captured step)
+    through dynamo and AOTAutograd's min-cut partition, inductor's choice of what to keep for
+    backward (with pass-through compilers: the partition is decided before code generation):
+    the same count as the eager blocks less the norms' float32 input copies."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    from poetx.model.compile_blocks import compile_blocks
+
+    setting = Setting(mode="fast", block_size=64, cuda_graphs=True, compile_blocks=True)
+    assert setting.blocks_compiled and setting.name.endswith("-graph-compiled")
+    model = build(setting)
+    torch._dynamo.reset()
+    try:
+        compile_blocks(model, backend=aot_autograd(
+            fw_compiler=lambda gm, _: make_boxed_func(gm),
+            bw_compiler=lambda gm, _: make_boxed_func(gm),
+            partition_fn=min_cut_rematerialization_partition))
+        saved, hooks = _recording_saved(model)
+        batch = torch.randint(0, SHAPE.vocab, (BATCH, SEQ + 1))
+        with hooks:
+            loss = causal_lm_loss(model, batch)
+        loss.backward()
+    finally:
+        torch._dynamo.reset()
+    s = saved_activations(SHAPE, SEQ, BATCH, setting, cuda_allocator=False)
+    assert sum(saved.values()) == (SHAPE.layers * s["kept_layer"] + s["final_norm"]
+                                   + s["loss_lse"] + s["rope"])
+    eager = saved_activations(SHAPE, SEQ, BATCH, Setting(mode="fast", block_size=64),
+                              cuda_allocator=False)
+    assert eager["layer"] - s["layer"] == 2 * 4 * BATCH * SEQ * SHAPE.hidden
+    # compiled only where poetx train compiles: a captured POET-X step
+    for other in (Setting(mode="fast", compile_blocks=True),
+                  Setting(optimizer="adamw", cuda_graphs=True, compile_blocks=True)):
+        assert not other.blocks_compiled
+
+
+def test_train_config_compiles_blocks_and_the_flags_say_when_not():
+    from poetx.plan.fit import flags_of, setting_of
+
+    cfg = TrainConfig(preset="tiny", out="unused")
+    setting = setting_of(cfg)
+    assert setting.compile_blocks and setting.blocks_compiled
+    assert "compile-blocks" not in flags_of(setting)
+    off = setting_of(TrainConfig(preset="tiny", out="unused", compile_blocks=False))
+    assert not off.blocks_compiled and "--no-compile-blocks" in flags_of(off)
+
+
 def test_compensated_scratch_constant_matches_the_optimizer():
     from poetx.optim.dense_update import DEFAULT_CHUNK
 

@@ -41,6 +41,7 @@ def setting_of(cfg: Any) -> Setting:
         and getattr(cfg, "dense_optimizer", "adamw") == "adamw"
         and getattr(cfg, "rotation_states", "fp32") == "fp32",
         grad_accum=getattr(cfg, "grad_accum", 1),
+        compile_blocks=bool(getattr(cfg, "compile_blocks", False)),
     )
 
 
@@ -61,6 +62,8 @@ def flags_of(setting: Setting) -> str:
         flags.append(f"--w0-residual {setting.w0_residual}")
     if not setting.cuda_graphs and setting.dense_optimizer == "adamw":
         flags.append("--no-cuda-graphs")
+    if setting.cuda_graphs and setting.optimizer == "poetx" and not setting.compile_blocks:
+        flags.append("--no-compile-blocks")
     if setting.grad_accum > 1:
         flags.append(f"--grad-accum {setting.grad_accum}")
     return " ".join(flags)
@@ -94,7 +97,7 @@ def fitting_settings(preset: str, seq_len: int, batch_size: int, budget: int,
     keep = {"dense_optimizer": current.dense_optimizer, "rotation_states":
             current.rotation_states, "step_in_backward": current.step_in_backward,
             "w0_residual": current.w0_residual, "cuda_graphs": current.cuda_graphs,
-            "grad_accum": current.grad_accum}
+            "grad_accum": current.grad_accum, "compile_blocks": current.compile_blocks}
     candidates = [replace(s, **keep) for s in standard_settings((current.block_size,))
                   if s.dense_optimizer == "adamw" and not s.step_in_backward]
     candidates.append(replace(current, checkpointing=True))

@@ -51,9 +51,11 @@ product). POET-X ``mem`` saves the same input per linear as ``nn.Linear``; ``fas
 intermediate ``v`` (``T x m``) and the rotation blocks (``nb x b x b``) of each side. Gradient
 checkpointing keeps only each layer's input, and recomputes one layer at a time in backward.
 Blocks compiled by ``poetx.model.compile_blocks`` (``poetx train``'s default for a captured
-step) save less than these eager ones: measured 1.07 GiB less at Llama-8B fast, 1 x 1024, and
-4.0 GiB at 2 x 2048 (about 33 KB per token and layer; H100, ``bench/results/step_h100.json``).
-That is not modelled yet, so predictions for such runs err high by about that much.
+step, ``Setting.compile_blocks``) keep no float32 copy of their two norms' inputs, ``8 d``
+bytes per token and layer less: what AOTAutograd's min-cut partition (inductor's) saves for a
+small Llama on CPU, exactly (``tests/test_plan.py``); measured on an H100 at Llama-8B fast,
+1.07 GiB less at 1 x 1024 and 4.0 GiB at 2 x 2048, 34 and 32 KB per token and layer against
+the 32 KB of ``8 d`` (``bench/results/step_h100.json``).
 
 Constants that are not shapes (stated, not fitted to the measurements):
 
@@ -163,6 +165,9 @@ class Setting:
             code before issue 13, with a float32 head gradient; for recorded rows).
         grad_accum: micro-batches per optimizer step (``--grad-accum``); the batch size
             given to :func:`predict` is one micro-batch's.
+        compile_blocks: the decoder blocks are compiled around their POET layers
+            (``poetx.model.compile_blocks``; ``poetx train`` does it where the step is a CUDA
+            graph, so it counts only with ``cuda_graphs`` and POET-X).
     """
 
     optimizer: str = "poetx"
@@ -178,6 +183,12 @@ class Setting:
     cuda_graphs: bool = False
     loss: str = "vocab-chunked"
     grad_accum: int = 1
+    compile_blocks: bool = False
+
+    @property
+    def blocks_compiled(self) -> bool:
+        """Whether the decoder blocks run compiled (only a captured POET-X step compiles)."""
+        return self.compile_blocks and self.cuda_graphs and self.optimizer == "poetx"
 
     def __post_init__(self) -> None:
         _choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -220,6 +231,8 @@ class Setting:
             parts.append("resdev")
         if self.cuda_graphs:
             parts.append("graph")
+        if self.blocks_compiled:
+            parts.append("compiled")
         if self.grad_accum > 1:
             parts.append(f"accum{self.grad_accum}")
         return "-".join(parts)
@@ -574,11 +587,12 @@ def _lowbit_states(rb: Round, numel: int, elem_bytes: int) -> int:
     return 2 * rb(elem_bytes * numel)
 
 
-def _norm_saved(rb: Round, t: int, d: int, e: int) -> int:
-    """An RMSNorm saves its float32 input copy, the float32 ``rsqrt`` per token and its
+def _norm_saved(rb: Round, t: int, d: int, e: int, float32_copy: bool = True) -> int:
+    """An eager RMSNorm saves its float32 input copy, the float32 ``rsqrt`` per token and its
     normalized value; its output is saved by whatever consumes it (counted here too, as every
-    consumer shares that one tensor)."""
-    return rb(4 * t * d) + rb(4 * t) + 2 * rb(e * t * d)
+    consumer shares that one tensor). Compiled (``float32_copy=False``), the backward recomputes
+    the float32 copy from the input instead of keeping it."""
+    return (rb(4 * t * d) if float32_copy else 0) + rb(4 * t) + 2 * rb(e * t * d)
 
 
 def _saved_layer_bytes(rb: Round, shape: ModelShape, t: int, setting: Setting, e: int) -> int:
@@ -586,7 +600,7 @@ def _saved_layer_bytes(rb: Round, shape: ModelShape, t: int, setting: Setting, e
     d, i = shape.hidden, shape.intermediate
     q = shape.heads * shape.head_dim
     kv = shape.kv_heads * shape.head_dim
-    total = 2 * _norm_saved(rb, t, d, e)
+    total = 2 * _norm_saved(rb, t, d, e, float32_copy=not setting.blocks_compiled)
     # rotated q and k, v, attention output (saved by SDPA and o_proj), float32 log-sum-exp
     total += 2 * rb(e * t * q) + 2 * rb(e * t * kv) + rb(4 * t * shape.heads)
     # gate output, its SiLU, up output, their product (the input of down_proj)
