@@ -59,17 +59,28 @@ def setting_of_row(row: dict[str, Any]) -> Setting:
     return Setting(**options)
 
 
+def step_peak(p) -> tuple[str, float]:
+    """``(moment, GiB)``: the largest moment of a plan but the one outside a CUDA graph (merge,
+    evaluation), for runs whose measured steps never merged or evaluated."""
+    phase, peak = max(((k, sum(v.values())) for k, v in p.moments.items()
+                       if not k.startswith("outside")), key=lambda item: item[1])
+    return phase, peak / GIB
+
+
 def compare(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One record per measured row: measured and predicted GiB, error in percent."""
+    """One record per measured row: measured and predicted GiB, error in percent. bench/model.py
+    times steps only: a captured row is predicted without the moment outside its graph."""
     out = []
     for row in rows:
-        p = plan(row["model"], row["seq_len"], row.get("batch", 1), setting_of_row(row))
+        setting = setting_of_row(row)
+        p = plan(row["model"], row["seq_len"], row.get("batch", 1), setting)
+        phase, predicted = step_peak(p) if setting.cuda_graphs else (p.phase, p.peak_gib)
         measured = row.get("peak_gib") if row.get("status") == "ok" else None
-        err = None if measured is None else 100 * (p.peak_gib - measured) / measured
+        err = None if measured is None else 100 * (predicted - measured) / measured
         out.append({
             "model": row["model"], "seq_len": row["seq_len"], "batch": row.get("batch", 1),
             "method": row["method"], "status": row.get("status"), "measured_gib": measured,
-            "predicted_gib": p.peak_gib, "error_pct": err, "peak_at": p.phase,
+            "predicted_gib": predicted, "error_pct": err, "peak_at": phase,
             "measured_on": row.get("device"), "measured_by": row.get("command"),
         })
     return out
@@ -118,14 +129,43 @@ def compare_scale(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                           grad_accum=row["grad_accum"], out="unused",
                           compile_blocks=bool(row.get("compile_blocks", False)))
         p = plan(cfg.preset, cfg.seq_len, cfg.batch_size, setting_of(cfg), cfg.vocab_size)
-        phase, step = max(((k, sum(v.values())) for k, v in p.moments.items()
-                           if not k.startswith("outside")), key=lambda item: item[1])
-        predicted, measured = step / GIB, row["peak_mem_gib"]
+        phase, predicted = step_peak(p)
+        measured = row["peak_mem_gib"]
         out.append({
             "model": cfg.preset, "seq_len": cfg.seq_len, "batch": cfg.batch_size,
             "method": p.setting.name, "status": "ok", "measured_gib": measured,
             "predicted_gib": predicted, "error_pct": 100 * (predicted - measured) / measured,
             "peak_at": phase, "measured_on": row["device"], "measured_by": row["command"],
+        })
+    return out
+
+
+# bench/step.py methods -> planner setting: bf16, fast mode, the captured poetx step (blocks
+# compiled unless "nocompile"), eager AdamW; the step bench never merges or evaluates.
+STEP_METHODS: dict[str, dict[str, Any]] = {
+    "poetx": {"mode": "fast", "cuda_graphs": True, "compile_blocks": True},
+    "poetx-nocompile": {"mode": "fast", "cuda_graphs": True},
+    "adamw": {"optimizer": "adamw"},
+}
+
+
+def compare_step(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of ``bench/step.py`` whose method the planner knows, as :func:`compare`."""
+    known = [dict(r, method=f"step:{r['method']}", peak_gib=r.get("peak_gib"),
+                  **{"_setting": STEP_METHODS[r["method"]]})
+             for r in rows if r["method"] in STEP_METHODS]
+    out = []
+    for row in known:
+        setting = Setting(block_size=row.get("block_size") or 256, **row["_setting"])
+        p = plan(row["model"], row["seq_len"], row["batch"], setting)
+        phase, predicted = step_peak(p) if setting.cuda_graphs else (p.phase, p.peak_gib)
+        measured = row["peak_gib"] if row.get("status") == "ok" else None
+        err = None if measured is None else 100 * (predicted - measured) / measured
+        out.append({
+            "model": row["model"], "seq_len": row["seq_len"], "batch": row["batch"],
+            "method": setting.name, "status": row.get("status"), "measured_gib": measured,
+            "predicted_gib": predicted, "error_pct": err, "peak_at": phase,
+            "measured_on": row.get("device"), "measured_by": row.get("command"),
         })
     return out
 
@@ -141,7 +181,9 @@ def markdown(records: list[dict[str, Any]], source: str) -> str:
         "`bench/results/largest.json`, the 32.5B-parameter `llama-30b` training run: int8 "
         "W0, checkpointing, CUDA-graph step, vocabulary 32000; after it the `poetx train` "
         "runs of `bench/results/scale.json`, case accum, `--grad-accum K` as `accumK`: the "
-        "step's peak, as no merge or evaluation runs in their measured steps).",
+        "step's peak, as no merge or evaluation runs in their measured steps; last, the rows "
+        "of `bench/results/step_h100.json`, `bench/step.py`: the captured poetx step with "
+        "compiled blocks or without, eager AdamW, also the step's peak).",
         "Rows of `model.json` (H100) ran the loss before issue 13 (float32 head gradient, "
         "planner setting `loss=token-chunked`); rows of `memory_options.json` (H200) the "
         "current one.",
@@ -173,6 +215,8 @@ def main() -> None:
                         help="rows of bench/largest.py ('' to skip)")
     parser.add_argument("--scale", default="bench/results/scale.json",
                         help="rows of bench/scale.py, its accum case ('' to skip)")
+    parser.add_argument("--step", default="bench/results/step_h100.json",
+                        help="rows of bench/step.py ('' to skip)")
     parser.add_argument("--out", default="bench/results/plan_check.json")
     args = parser.parse_args()
     rows = [r for name in args.measured.split(",") for r in json.loads(Path(name).read_text())]
@@ -181,6 +225,8 @@ def main() -> None:
         records.append(compare_largest(json.loads(Path(args.largest).read_text())))
     if args.scale:
         records += compare_scale(json.loads(Path(args.scale).read_text()))
+    if args.step:
+        records += compare_step(json.loads(Path(args.step).read_text()))
     out = Path(args.out)
     out.write_text(json.dumps(records, indent=1) + "\n")
     text = markdown(records, args.measured)
