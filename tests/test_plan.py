@@ -311,6 +311,19 @@ def test_predictions_match_the_recorded_gpu_peaks():
     assert abs(largest["error_pct"]) <= GPU_TOLERANCE_PCT, largest
 
 
+def test_step_predictions_match_the_recorded_gpu_peaks():
+    """``bench/step.py`` on an H100: the captured Llama-8B and 130M steps with compiled blocks,
+    the Llama-8B ones without (1 and 4 GiB apart), and eager AdamW."""
+    from bench.plan_check import compare_step
+
+    records = compare_step(json.loads((REPO / "bench/results/step_h100.json").read_text()))
+    methods = {r["method"] for r in records}
+    assert {"poetx-fast-b256-graph-compiled", "poetx-fast-b256-graph", "adamw"} <= methods
+    for r in records:
+        assert r["status"] == "ok" and abs(r["error_pct"]) <= GPU_TOLERANCE_PCT, r
+        assert "H100" in r["measured_on"] and "step.py" in r["measured_by"]
+
+
 def test_accumulation_predictions_match_the_recorded_gpu_peaks():
     """``poetx train`` at Llama-1B, 8 x 1024 in one batch and 4 x 1024 with ``--grad-accum 2``
     (blocks built once per step), bench/results/scale.json. The Llama-130M rows of the same
