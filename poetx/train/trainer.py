@@ -236,7 +236,7 @@ class Trainer:
         """How the step runs, for the run's header."""
         if not self.graphs:
             return "eager"
-        text = "one CUDA graph, recorded after 3 eager steps"
+        text = f"one CUDA graph, recorded after {self.captured.warmup} eager steps"
         if self.compiled_blocks:
             text += (f"; {self.compiled_blocks} decoder blocks compiled around their POET layers "
                      "(the first step compiles them)")
