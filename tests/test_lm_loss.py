@@ -72,6 +72,27 @@ def test_loss_attends_causally_without_a_mask_where_hf_would_build_one(monkeypat
         pass
 
 
+def test_sliding_window_models_keep_their_masks():
+    from transformers import MistralConfig, Qwen2Config
+
+    from poetx.model.causal_attention import CAUSAL_SDPA, unmasked_causal_attention
+
+    class Holder(nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            self.config = config
+
+    cases = [(MistralConfig(sliding_window=8), "sdpa"),
+             (Qwen2Config(use_sliding_window=False), CAUSAL_SDPA),
+             (Qwen2Config(use_sliding_window=True, sliding_window=8, max_window_layers=0),
+              "sdpa")]
+    for config, inside in cases:
+        config._attn_implementation = "sdpa"
+        with unmasked_causal_attention(Holder(config)):
+            assert config._attn_implementation == inside, config
+        assert config._attn_implementation == "sdpa"
+
+
 @pytest.mark.gpu
 def test_chunked_cross_entropy_bf16_on_cuda_matches_float32():
     """The CUDA path (16-bit GEMMs with float32 accumulation of the weight gradient) against

@@ -32,14 +32,23 @@ def _register() -> None:
         _registered = True
 
 
+def _windowed(config) -> bool:
+    """Whether some layer attends within a sliding window (a mask SDPA's ``is_causal`` does
+    not express): those models keep HF's masks."""
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True):
+        return True
+    return any("sliding" in str(kind) for kind in getattr(config, "layer_types", None) or ())
+
+
 @contextlib.contextmanager
 def unmasked_causal_attention(model: nn.Module) -> Iterator[None]:
     """While inside, a Hugging Face model configured for ``"sdpa"`` attends causally with no
     mask tensor (for batches without padding; the only inputs poetx's losses take). Other
-    models and implementations are left as they are. The implementation is a private config
-    attribute that ``save_pretrained`` does not write."""
+    implementations, and models with sliding-window layers, are left as they are. The
+    implementation is a private config attribute that ``save_pretrained`` does not write."""
     config = getattr(model, "config", None)
-    if getattr(config, "_attn_implementation", None) != "sdpa":
+    if getattr(config, "_attn_implementation", None) != "sdpa" or _windowed(config):
         yield
         return
     _register()
