@@ -67,23 +67,24 @@ def step_peak(p) -> tuple[str, float]:
     return phase, peak / GIB
 
 
+def _record(row: dict[str, Any], setting: Setting, method: str) -> dict[str, Any]:
+    """Measured against predicted GiB of one timed-steps row (a captured row is predicted
+    without the moment outside its graph: the benches never merge or evaluate)."""
+    p = plan(row["model"], row["seq_len"], row.get("batch", 1), setting)
+    phase, predicted = step_peak(p) if setting.cuda_graphs else (p.phase, p.peak_gib)
+    measured = row.get("peak_gib") if row.get("status") == "ok" else None
+    err = None if measured is None else 100 * (predicted - measured) / measured
+    return {
+        "model": row["model"], "seq_len": row["seq_len"], "batch": row.get("batch", 1),
+        "method": method, "status": row.get("status"), "measured_gib": measured,
+        "predicted_gib": predicted, "error_pct": err, "peak_at": phase,
+        "measured_on": row.get("device"), "measured_by": row.get("command"),
+    }
+
+
 def compare(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One record per measured row: measured and predicted GiB, error in percent. bench/model.py
-    times steps only: a captured row is predicted without the moment outside its graph."""
-    out = []
-    for row in rows:
-        setting = setting_of_row(row)
-        p = plan(row["model"], row["seq_len"], row.get("batch", 1), setting)
-        phase, predicted = step_peak(p) if setting.cuda_graphs else (p.phase, p.peak_gib)
-        measured = row.get("peak_gib") if row.get("status") == "ok" else None
-        err = None if measured is None else 100 * (predicted - measured) / measured
-        out.append({
-            "model": row["model"], "seq_len": row["seq_len"], "batch": row.get("batch", 1),
-            "method": row["method"], "status": row.get("status"), "measured_gib": measured,
-            "predicted_gib": predicted, "error_pct": err, "peak_at": phase,
-            "measured_on": row.get("device"), "measured_by": row.get("command"),
-        })
-    return out
+    """One record per ``bench/model.py`` row: measured and predicted GiB, error in percent."""
+    return [_record(row, setting_of_row(row), row["method"]) for row in rows]
 
 
 def compare_largest(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -151,22 +152,12 @@ STEP_METHODS: dict[str, dict[str, Any]] = {
 
 def compare_step(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rows of ``bench/step.py`` whose method the planner knows, as :func:`compare`."""
-    known = [dict(r, method=f"step:{r['method']}", peak_gib=r.get("peak_gib"),
-                  **{"_setting": STEP_METHODS[r["method"]]})
-             for r in rows if r["method"] in STEP_METHODS]
     out = []
-    for row in known:
-        setting = Setting(block_size=row.get("block_size") or 256, **row["_setting"])
-        p = plan(row["model"], row["seq_len"], row["batch"], setting)
-        phase, predicted = step_peak(p) if setting.cuda_graphs else (p.phase, p.peak_gib)
-        measured = row["peak_gib"] if row.get("status") == "ok" else None
-        err = None if measured is None else 100 * (predicted - measured) / measured
-        out.append({
-            "model": row["model"], "seq_len": row["seq_len"], "batch": row["batch"],
-            "method": setting.name, "status": row.get("status"), "measured_gib": measured,
-            "predicted_gib": predicted, "error_pct": err, "peak_at": phase,
-            "measured_on": row.get("device"), "measured_by": row.get("command"),
-        })
+    for row in rows:
+        if row["method"] in STEP_METHODS:
+            setting = Setting(block_size=row.get("block_size") or 256,
+                              **STEP_METHODS[row["method"]])
+            out.append(_record(row, setting, setting.name))
     return out
 
 
