@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from poetx.model.lm_loss import causal_lm_loss, chunked_cross_entropy
+from poetx.model.loss_chunks import auto_chunk_tokens, vocab_chunk
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64])
@@ -22,6 +23,33 @@ def test_chunked_cross_entropy_matches_full_logits(chunk):
     ref.backward()
     torch.testing.assert_close(gh, hidden.grad)
     torch.testing.assert_close(gw, weight.grad)
+
+
+@pytest.mark.parametrize(("vocab", "tokens"), [(128256, 1024), (128256, 4096), (32000, 8192),
+                                               (32000, 16384), (50257, 4096)])
+def test_loss_chunks_are_whole_gemm_tiles(vocab, tokens):
+    # A vocabulary chunk of 8172 rows (Llama-8B, 4096 tokens) made cuBLAS fall back to
+    # 2-byte-aligned kernels for the head's backward GEMMs.
+    chunk = auto_chunk_tokens(vocab)
+    rows = vocab_chunk(chunk, vocab, tokens)
+    assert chunk % 128 == 0 and chunk * vocab <= 1 << 25
+    assert rows % 128 == 0 and rows <= chunk * vocab // tokens
+    assert (rows + 128) > chunk * vocab // tokens  # rounded down by less than one tile
+
+
+def test_rounded_vocabulary_chunks_keep_the_loss_exact():
+    # 300 rows in chunks of 128 (150 rounded down): two whole chunks and a ragged one.
+    assert vocab_chunk(20, 300, 40) == 128
+    hidden = torch.randn(40, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(300, 8, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 300, (40,))
+    loss = chunked_cross_entropy(hidden, weight, targets, 20)
+    ref = nn.functional.cross_entropy(hidden @ weight.T, targets)
+    torch.testing.assert_close(loss.double(), ref)  # the sum is kept in float32
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    ref_grads = torch.autograd.grad(ref, (hidden, weight))
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want)
 
 
 def test_causal_lm_loss_matches_model_loss():

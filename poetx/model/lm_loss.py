@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from poetx.model.causal_attention import unmasked_causal_attention
+from poetx.model.loss_chunks import auto_chunk_tokens, vocab_chunk
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
@@ -74,12 +75,6 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None
 
 
-def vocab_chunk(chunk_tokens: int, vocab: int, tokens: int) -> int:
-    """Head rows per backward chunk: as many logits as a forward chunk of ``chunk_tokens``
-    tokens holds (``chunk_tokens x vocab``), spread over all ``tokens``."""
-    return max(1, min(vocab, chunk_tokens * vocab // max(tokens, 1)))
-
-
 def _accumulate_product_(acc: Tensor, a: Tensor, b: Tensor) -> None:
     """``acc += a @ b`` into a float32 ``acc``. On CUDA with 16-bit ``a``, ``b`` one cuBLAS
     GEMM with 16-bit inputs and float32 output (``out_dtype``); upcasting them first runs a
@@ -102,11 +97,6 @@ def chunked_cross_entropy(
     if hidden.shape[0] != targets.shape[0]:
         raise ValueError(f"hidden has {hidden.shape[0]} rows but targets {targets.shape[0]}")
     return _ChunkedCrossEntropy.apply(hidden, weight, targets, chunk_tokens)
-
-
-def auto_chunk_tokens(vocab_size: int, budget_elements: int = 1 << 25) -> int:
-    """Tokens per chunk so that one chunk of float32 logits stays near 128 MB."""
-    return max(16, budget_elements // max(vocab_size, 1))
 
 
 def lm_loss(model: nn.Module, input_ids: Tensor, labels: Tensor,

@@ -78,6 +78,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from poetx.model.loss_chunks import auto_chunk_tokens, vocab_chunk
+
 Round = Callable[[int], int]
 
 MIB = 1 << 20
@@ -93,9 +95,6 @@ _SMALL_SIZE = 1 * MIB
 _MIN_LARGE_ALLOC = 10 * MIB
 _ROUND_LARGE = 2 * MIB
 _LARGE_BUFFER = 20 * MIB
-
-# poetx.model.lm_loss.auto_chunk_tokens
-_LOSS_CHUNK_BUDGET = 1 << 25
 
 OPTIMIZERS = ("poetx", "adamw")
 MODES = ("fast", "mem")
@@ -307,11 +306,6 @@ def block_bytes(nbytes: int) -> int:
 
 def _exact(nbytes: int) -> int:
     return max(nbytes, 0)
-
-
-def loss_chunk_tokens(vocab: int) -> int:
-    """Tokens per chunk of ``chunked_cross_entropy`` (``auto_chunk_tokens``)."""
-    return max(16, _LOSS_CHUNK_BUDGET // max(vocab, 1))
 
 
 def num_blocks(dim: int, block_size: int) -> tuple[int, int]:
@@ -656,7 +650,7 @@ def _layer_backward_temporaries(rb: Round, shape: ModelShape, t: int, setting: S
 
 def _loss_temporaries(rb: Round, t: int, d: int, vocab: int, e: int) -> tuple[int, int]:
     """Peak scratch of ``chunked_cross_entropy`` in forward and in backward (bytes)."""
-    c = loss_chunk_tokens(vocab)
+    c = auto_chunk_tokens(vocab)
     chunks = [min(c, t - s) for s in range(0, t, c)]
 
     # forward, per chunk of tokens: the model-dtype logits and their float32 copy, then the
@@ -666,7 +660,7 @@ def _loss_temporaries(rb: Round, t: int, d: int, vocab: int, e: int) -> tuple[in
     # float32 probabilities, then their model-dtype copy; for the whole backward the head
     # gradient, the float32 hidden-gradient accumulator and per-token masks and weights; at
     # the end the accumulator is converted to the model dtype
-    vc = max(1, min(vocab, c * vocab // max(t, 1)))
+    vc = vocab_chunk(c, vocab, t)
     rows = [min(vc, vocab - s) for s in range(0, vocab, vc)]
     per_chunk = max(rb(t * r * e) + rb(t * r * 4) for r in rows)
     masks = rb(t) + rb(4 * t) + rb(8 * t) + rb(t)  # valid, weights, local ids, inside
@@ -678,7 +672,7 @@ def _token_chunked_loss_temporaries(rb: Round, t: int, d: int, vocab: int, e: in
                                     ) -> tuple[int, int]:
     """The loss before issue 13 (chunks of tokens in backward too, a float32 head gradient
     and its conversion): what the rows recorded with it used."""
-    c = loss_chunk_tokens(vocab)
+    c = auto_chunk_tokens(vocab)
     chunks = [min(c, t - s) for s in range(0, t, c)]
 
     def per(rows: int, nbytes: int) -> int:
