@@ -78,7 +78,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from poetx.model.loss_chunks import auto_chunk_tokens, vocab_chunk
+from poetx.model.loss_chunks import LOGITS_BUDGET, auto_chunk_tokens, vocab_chunk
 
 Round = Callable[[int], int]
 
@@ -672,7 +672,7 @@ def _token_chunked_loss_temporaries(rb: Round, t: int, d: int, vocab: int, e: in
                                     ) -> tuple[int, int]:
     """The loss before issue 13 (chunks of tokens in backward too, a float32 head gradient
     and its conversion): what the rows recorded with it used."""
-    c = auto_chunk_tokens(vocab)
+    c = max(16, LOGITS_BUDGET // max(vocab, 1))  # its chunks were not yet whole GEMM tiles
     chunks = [min(c, t - s) for s in range(0, t, c)]
 
     def per(rows: int, nbytes: int) -> int:
