@@ -67,12 +67,13 @@ def reference_grads(layer, x, gy):
     """Float64 copy of ``layer`` on the GPU (the PyTorch reference path), same inputs."""
     ref = POETLinear(layer.in_features, layer.out_features, bias=False, config=layer.config,
                      name="ref", device="cuda", dtype=torch.float64)
+    # Every buffer, not only the permutations: the layer keeps derived index buffers
+    # (padded gather index, inverse) that the kernels read instead of ``perm_*``.
+    target = ref.state_dict()
     with torch.no_grad():
-        ref.w0.copy_(layer.w0.double())
-        ref.theta_in.copy_(layer.theta_in.double())
-        ref.theta_out.copy_(layer.theta_out.double())
-        ref.perm_in.copy_(layer.perm_in)
-        ref.perm_out.copy_(layer.perm_out)
+        for name, value in layer.state_dict().items():
+            if name in target:
+                target[name].copy_(value)
     xr = x.detach().double().requires_grad_(True)
     y = ref(xr)
     y.backward(gy.double())
