@@ -112,7 +112,10 @@ def make_train_step(model, opt, batch: torch.Tensor, warmup: int, capture: bool,
     if capture and compile_blocks:
         compile_around(model)
     step = train_step(model, opt, causal_lm_loss)
-    return CapturedStep(step, batch, warmup=max(1, warmup - 1)) if capture else step
+    if not capture:
+        return step
+    return CapturedStep(step, batch, warmup=max(1, warmup - 1),
+                        release=lambda: opt.zero_grad(set_to_none=True))
 
 
 def worker(args: argparse.Namespace) -> None:

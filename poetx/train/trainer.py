@@ -229,7 +229,7 @@ class Trainer:
         self.captured: CapturedStep | None = None
         if self.graphs:
             self.captured = CapturedStep(self.train_step, self.batch, warmup=3,
-                                         share_batch=True)
+                                         share_batch=True, release=self._release_grads)
             self.step_fn = self._replay_step
 
     def describe_step(self) -> str:
@@ -241,6 +241,9 @@ class Trainer:
             text += (f"; {self.compiled_blocks} decoder blocks compiled around their POET layers "
                      "(the first step compiles them)")
         return text
+
+    def _release_grads(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
 
     def _replay_step(self, batch: Tensor) -> dict[str, Tensor]:
         metrics = self.captured(batch)
