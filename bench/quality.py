@@ -24,7 +24,13 @@ Subcommands:
 Preparing here (network): ``poetx data install debian-en`` (about 20 minutes on 2 cores) and
 ``poetx data pack debian-en --out .cache/gpu-corpus`` (30 M training tokens + the validation
 set, xz-compressed token ids, about 20 MiB). Do not unpack there: the carried folder must stay
-small.
+small. Stage the code the runs use (the GPU machine gets the staged copy, not the working
+tree, so that a study keeps one code version)::
+
+    rm -rf .stage/quality && mkdir -p .stage/quality && git archive HEAD | tar x -C .stage/quality \
+        && git rev-parse --short HEAD > .stage/quality/.code-version
+
+and copy ``bench/results/quality.json`` into it. Each row records that commit (``code``).
 
 GPU machine (no network, at most 64 MiB of files a call), from the repository root with
 ``carry: [".stage/quality", ".cache/gpu-corpus"]``, each call (finished runs are skipped, run
@@ -377,6 +383,23 @@ def shown_command(command: list[str], gpu: str) -> str:
     return prefix + " ".join(shlex.quote(show(a)) for a in command)
 
 
+CODE_FILE = ".code-version"  # written when staging a copy without git (see the module notes)
+
+
+def code_version(root: Path = ROOT) -> str:
+    """The commit the runs use: ``git rev-parse --short HEAD`` in ``root``, else the staged copy's
+    ``CODE_FILE``, else ``"unknown"``."""
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    staged = root / CODE_FILE
+    return staged.read_text().strip() if staged.is_file() else "unknown"
+
+
 def make_row(spec: RunSpec, summary: dict[str, Any], command: list[str], device: str,
              gpu: str, status: str, sharing: dict[str, Any] | None = None) -> dict[str, Any]:
     """One row of ``quality.json``; ``sharing`` is :func:`sharing_stats` of the run.
@@ -395,6 +418,7 @@ def make_row(spec: RunSpec, summary: dict[str, Any], command: list[str], device:
         "status": status,
         "command": shown_command(command, gpu),
         "device": device,
+        "code": code_version(),
     }
 
 

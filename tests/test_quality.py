@@ -249,3 +249,15 @@ def test_queue_runs_two_at_once_on_one_device(tiny_packed: Path, tmp_path: Path)
     for row in (first, second):
         assert row["runs_on_gpu_max"] in (1, 2) and row["gpu_share_s"] > 0
         assert row["alone_s"] <= row["gpu_share_s"] + 1e-9
+
+
+def test_code_version_from_git_or_the_staged_file(tmp_path: Path) -> None:
+    """Each row says which commit ran it: this checkout's, or a staged copy's recorded one."""
+    import subprocess
+
+    head = subprocess.run(["git", "-C", str(quality.ROOT), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    assert quality.code_version() == head
+    assert quality.code_version(tmp_path) == "unknown"
+    (tmp_path / quality.CODE_FILE).write_text("abc1234\n")
+    assert quality.code_version(tmp_path) == "abc1234"
