@@ -47,7 +47,8 @@ class CapturedStep:
     recording: it should drop what the last eager step left allocated and the recorded step
     allocates anew, the gradients above all. Memory the caching allocator still holds for the
     regular pool cannot serve the graph's private pool, so without it the capture needs the
-    gradients' size twice over (AdamW at Llama-8B: 15 GiB more, out of memory on 80 GB).
+    gradients' size twice over (15 GiB more for AdamW at Llama-8B, the likely cause of its
+    out-of-memory when captured on 80 GB; not yet confirmed on a GPU).
     """
 
     def __init__(self, step_fn: StepFn, example_batch: Tensor, warmup: int = 3,
