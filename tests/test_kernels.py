@@ -479,3 +479,59 @@ def test_poet_linear_gpu_matches_cpu_float64(n, m, b, mode, dtype):
     assert rel_err(fast.theta_in.grad, ref.theta_in.grad) < tol
     assert rel_err(fast.theta_out.grad, ref.theta_out.grad) < tol
     assert rel_err(fast.bias.grad, ref.bias.grad) < tol
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dim,b", [(12, 4), (13, 8), (40, 16)])
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+def test_fan_out_and_fan_in_interpreted(interp, dim, b, k):
+    """Several permutations of one tensor in one pass, and the summed scatter of their
+    gradients, against the references: exact (a gather moves values; the sum runs in the
+    reference's order), phantom positions zero, a missing gradient counted as zero."""
+    from poetx.kernels.block_rotate_ref import fan_in_reference, fan_out_reference
+
+    br, _ = interp
+    nb, T = -(-dim // b), 11
+    positions = nb * b
+    x = torch.randn(T, dim)
+    indices = torch.stack([padded_index(dim, nb, b) for _ in range(k)])
+    out = br.fan_out(x, indices, positions)
+    assert out.shape == (k, T, positions)
+    assert torch.equal(out, fan_out_reference(x, indices, positions))
+    grads = [torch.randn(T, positions) for _ in range(k)]
+    for i in range(k):  # phantom positions carry no gradient to any column
+        grads[i][:, indices[i] < 0] = 0.0
+    assert torch.equal(br.fan_in(grads, indices, dim), fan_in_reference(grads, indices, dim))
+    if k > 1:
+        grads[1] = None
+        assert torch.equal(br.fan_in(grads, indices, dim),
+                           fan_in_reference(grads, indices, dim))
+    assert br.fan_in([None] * k, indices, dim) is None
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dim,b,k", [(4096, 256, 3), (4096, 256, 2), (14336, 256, 1),
+                                     (2736, 256, 4)])
+def test_fan_out_and_fan_in_gpu(dtype, dim, b, k):
+    """The compiled fan-out / fan-in at model sizes: bitwise equal to the references (one
+    rounding of a float32 sum in order, for up to 3 gradients a launch)."""
+    from poetx.kernels import block_rotate as br
+    from poetx.kernels.block_rotate_ref import fan_in_reference, fan_out_reference
+
+    nb, T = -(-dim // b), 1000
+    positions = nb * b
+    x = torch.randn(T, dim, device="cuda").to(dtype)
+    indices = torch.stack([padded_index(dim, nb, b, "cuda") for _ in range(k)])
+    assert torch.equal(br.fan_out(x, indices, positions), fan_out_reference(x, indices,
+                                                                          positions))
+    grads = [torch.randn(T, positions, device="cuda").to(dtype) for _ in range(k)]
+    for i in range(k):
+        grads[i][:, indices[i] < 0] = 0.0
+    got = br.fan_in(grads, indices, dim)
+    ref = fan_in_reference(grads, indices, dim)
+    if k <= br.FAN_MAX:
+        assert torch.equal(got, ref)
+    else:  # rounded to the dtype between launches
+        assert rel_err(got, ref) < GPU_TOL[dtype]

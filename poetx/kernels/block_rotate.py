@@ -292,6 +292,87 @@ def _permute_kernel(
 
 
 @triton.jit
+def _fan_out_kernel(
+    src_ptr, idx_ptr, dst_ptr, T, src_cols, dst_cols, stride_s, plane, rows_per_prog,
+    K: tl.constexpr, SRC_PAD: tl.constexpr, DST_PAD: tl.constexpr,
+):
+    """``dst[k, t, p] = src[t, idx[k, p]]`` for ``k < K`` (at most 3), zero where
+    ``idx[k, p] < 0``: the staged gather of :func:`_permute_kernel` for several permutations of
+    one tensor, each row read once. ``idx`` is ``(K, dst_cols)`` int32, ``dst`` contiguous
+    ``(K, T, dst_cols)``, ``plane = T * dst_cols``."""
+    pid = tl.program_id(0)
+    p = tl.arange(0, DST_PAD)
+    p_ok = p < dst_cols
+    ind0 = tl.load(idx_ptr + p, mask=p_ok, other=-1)
+    ind1 = ind0
+    ind2 = ind0
+    if K > 1:
+        ind1 = tl.load(idx_ptr + dst_cols + p, mask=p_ok, other=-1)
+    if K > 2:
+        ind2 = tl.load(idx_ptr + 2 * dst_cols + p, mask=p_ok, other=-1)
+    s = tl.arange(0, SRC_PAD)
+    s_ok = s < src_cols
+    r_start = pid * rows_per_prog
+    r_end = tl.minimum(T, r_start + rows_per_prog)
+    src_row = src_ptr + r_start.to(tl.int64) * stride_s
+    dst_row = dst_ptr + r_start.to(tl.int64) * dst_cols
+    for _ in range(r_start, r_end):
+        xs = tl.load(src_row + s, mask=s_ok, other=0.0)
+        g = tl.gather(xs, tl.where(ind0 >= 0, ind0, 0), axis=0)
+        tl.store(dst_row + p, tl.where(ind0 >= 0, g, 0.0), mask=p_ok)
+        if K > 1:
+            g = tl.gather(xs, tl.where(ind1 >= 0, ind1, 0), axis=0)
+            tl.store(dst_row + plane + p, tl.where(ind1 >= 0, g, 0.0), mask=p_ok)
+        if K > 2:
+            g = tl.gather(xs, tl.where(ind2 >= 0, ind2, 0), axis=0)
+            tl.store(dst_row + 2 * plane + p, tl.where(ind2 >= 0, g, 0.0), mask=p_ok)
+        src_row += stride_s
+        dst_row += dst_cols
+
+
+@triton.jit
+def _fan_in_kernel(
+    g0_ptr, g1_ptr, g2_ptr, inv_ptr, out_ptr, T, src_cols, cols, stride_g, stride_o,
+    rows_per_prog,
+    K: tl.constexpr, ADD: tl.constexpr, SRC_PAD: tl.constexpr, DST_PAD: tl.constexpr,
+):
+    """``out[t, c] (+)= sum_k g_k[t, inv[k, c]]`` (float32 sum in order, ``K`` at most 3; ``ADD``:
+    onto ``out``'s values): the backward of :func:`_fan_out_kernel`, each permuted gradient
+    read once and the sum written once. ``inv`` is ``(K, cols)`` int32, every entry a real
+    position."""
+    pid = tl.program_id(0)
+    c = tl.arange(0, DST_PAD)
+    c_ok = c < cols
+    inv0 = tl.load(inv_ptr + c, mask=c_ok, other=0)
+    inv1 = inv0
+    inv2 = inv0
+    if K > 1:
+        inv1 = tl.load(inv_ptr + cols + c, mask=c_ok, other=0)
+    if K > 2:
+        inv2 = tl.load(inv_ptr + 2 * cols + c, mask=c_ok, other=0)
+    s = tl.arange(0, SRC_PAD)
+    s_ok = s < src_cols
+    r_start = pid * rows_per_prog
+    r_end = tl.minimum(T, r_start + rows_per_prog)
+    off = r_start.to(tl.int64) * stride_g
+    out_row = out_ptr + r_start.to(tl.int64) * stride_o
+    for _ in range(r_start, r_end):
+        acc = tl.gather(tl.load(g0_ptr + off + s, mask=s_ok, other=0.0), inv0, axis=0)
+        acc = acc.to(tl.float32)
+        if ADD:
+            acc = tl.load(out_row + c, mask=c_ok, other=0.0).to(tl.float32) + acc
+        if K > 1:
+            g = tl.gather(tl.load(g1_ptr + off + s, mask=s_ok, other=0.0), inv1, axis=0)
+            acc += g.to(tl.float32)
+        if K > 2:
+            g = tl.gather(tl.load(g2_ptr + off + s, mask=s_ok, other=0.0), inv2, axis=0)
+            acc += g.to(tl.float32)
+        tl.store(out_row + c, acc.to(out_ptr.dtype.element_ty), mask=c_ok)
+        off += stride_g
+        out_row += stride_o
+
+
+@triton.jit
 def _invert_kernel(idx_ptr, inv_ptr, P, BLOCK: tl.constexpr):
     """``inv[idx[p]] = p`` for every ``idx[p] >= 0``."""
     p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -380,6 +461,76 @@ def permute_columns(x: Tensor, index: Tensor, out_cols: int, out: Tensor | None 
         x, index, out, T, cols, out_cols, x.stride(0), out.stride(0), rows_per_prog,
         SRC_PAD=src_pad, DST_PAD=dst_pad, num_warps=warps,
     )
+    return out
+
+
+FAN_MAX = 3  # permutations per fan-out launch (the kernels' K)
+
+
+def _row_programs(T: int, x: Tensor) -> int:
+    progs = T if _interpreting() else min(T, 16 * _sms(x))
+    return triton.cdiv(T, triton.cdiv(T, progs))
+
+
+def _fan_warps(k: int, src_pad: int, dst_pad: int) -> int:
+    # Each index vector lives in registers: with 3 of 4096 entries, 4 warps need 232 registers
+    # a thread (sm_90 compile, no spills), 8 warps 126.
+    return max(8 if k > 1 else 4, min(16, max(src_pad, dst_pad) // 1024))
+
+
+def fan_out(x: Tensor, indices: Tensor, positions: int) -> Tensor:
+    """``(T, cols)`` -> ``(K, T, positions)``: ``out[k] = gather_columns(x, indices[k],
+    positions)`` for the ``(K, positions)`` padded indices, ``x`` read once per ``FAN_MAX``
+    of them. Several layers reading the same input get their permuted copies in one pass."""
+    K = indices.shape[0]
+    x = x.contiguous()
+    T, cols = x.shape
+    out = torch.empty(K, T, positions, dtype=x.dtype, device=x.device)
+    if T == 0 or positions == 0 or K == 0:
+        return out
+    idx = indices[:, :positions].to(torch.int32).contiguous()
+    src_pad, dst_pad = _p2(cols, 2), _p2(positions, 2)
+    progs = _row_programs(T, x)
+    rows_per_prog = triton.cdiv(T, progs)
+    for k0 in range(0, K, FAN_MAX):
+        k = min(FAN_MAX, K - k0)
+        _fan_out_kernel[(progs,)](
+            x, idx[k0:], out[k0:], T, cols, positions, x.stride(0), T * positions, rows_per_prog,
+            K=k, SRC_PAD=src_pad, DST_PAD=dst_pad, num_warps=_fan_warps(k, src_pad, dst_pad),
+        )
+    return out
+
+
+def fan_in(grads: list[Tensor | None], indices: Tensor, cols: int) -> Tensor | None:
+    """``sum_k scatter_columns(grads[k], indices[k], cols)`` in float32, returned in the
+    gradients' dtype: the backward of :func:`fan_out`. ``None`` entries (a layer that did not
+    run) count as zero; all ``None`` gives ``None``."""
+    present = [(g.contiguous(), inverse_index(indices[k], cols))
+               for k, g in enumerate(grads) if g is not None]
+    if not present:
+        return None
+    g0 = present[0][0]
+    T, positions = g0.shape
+    out = torch.empty(T, cols, dtype=g0.dtype, device=g0.device)
+    if T == 0 or cols == 0:
+        return out.zero_()
+    src_pad, dst_pad = _p2(positions, 2), _p2(cols, 2)
+    progs = _row_programs(T, g0)
+    rows_per_prog = triton.cdiv(T, progs)
+    # more than FAN_MAX gradients: later launches add onto the first's sum (rounded to the
+    # gradients' dtype in between)
+    for k0 in range(0, len(present), FAN_MAX):
+        chunk = present[k0:k0 + FAN_MAX]
+        if any(g.shape != (T, positions) for g, _ in chunk):
+            raise ValueError("fan_in: the gradients must share one (T, positions) shape")
+        gs = [g for g, _ in chunk]
+        inv = torch.stack([i for _, i in chunk])
+        _fan_in_kernel[(progs,)](
+            gs[0], gs[1 % len(gs)], gs[2 % len(gs)], inv, out, T, positions, cols,
+            g0.stride(0), out.stride(0), rows_per_prog,
+            K=len(gs), ADD=k0 > 0, SRC_PAD=src_pad, DST_PAD=dst_pad,
+            num_warps=_fan_warps(len(gs), src_pad, dst_pad),
+        )
     return out
 
 

@@ -64,3 +64,24 @@ def block_gram_reference(
     ap = gather_columns(a, a_index, nb * block).reshape(-1, nb, block).to(acc)
     bp = gather_columns(b_, b_index, nb * block).reshape(-1, nb, block).to(acc)
     return torch.einsum("tki,tkj->kij", ap, bp)
+
+
+def fan_out_reference(x: Tensor, indices: Tensor, positions: int) -> Tensor:
+    """``(T, cols)`` -> ``(K, T, positions)``: ``x`` gathered by each row of ``indices``
+    ``(K, >= positions)``, the permuted copies that layers reading the same ``x`` compute on."""
+    return torch.stack([gather_columns(x, index[:positions], positions) for index in indices])
+
+
+def fan_in_reference(grads: list[Tensor | None], indices: Tensor, cols: int) -> Tensor | None:
+    """The backward of :func:`fan_out_reference`: ``sum_k scatter_columns(grads[k],
+    indices[k], cols)``, added in order in float32 (float64 for float64), in the gradients'
+    dtype; ``None`` gradients count as zero, all ``None`` gives ``None``."""
+    acc = None
+    for index, g in zip(indices, grads, strict=True):
+        if g is None:
+            continue
+        wide = torch.float64 if g.dtype == torch.float64 else torch.float32
+        part = scatter_columns(g.to(wide), index[: g.shape[1]], cols)
+        acc = part if acc is None else acc + part
+        dtype = g.dtype
+    return None if acc is None else acc.to(dtype)
