@@ -10,7 +10,12 @@ import torch
 from torch import Tensor
 
 from poetx.kernels import use_triton
-from poetx.kernels.block_rotate_ref import block_gram_reference, block_rotate_reference
+from poetx.kernels.block_rotate_ref import (
+    block_gram_reference,
+    block_rotate_reference,
+    fan_in_reference,
+    fan_out_reference,
+)
 from poetx.ortho.cayley import rotation_delta_backward_reference, rotation_delta_reference
 
 
@@ -38,6 +43,25 @@ def gather(x: Tensor, index: Tensor | None, positions: int) -> tuple[Tensor, Ten
 
         return staged_gather(x, index, positions)
     return x, index
+
+
+def fan_out(x: Tensor, indices: Tensor, positions: int) -> Tensor:
+    """``(T, cols) -> (K, T, positions)``: ``x`` gathered by each row of ``indices``."""
+    if use_triton(x) and x.dtype != torch.float64:
+        from poetx.kernels.block_rotate import fan_out as kernel
+
+        return kernel(x, indices, positions)
+    return fan_out_reference(x, indices, positions)
+
+
+def fan_in(grads: list[Tensor | None], indices: Tensor, cols: int) -> Tensor | None:
+    """The backward of :func:`fan_out`: the gradients scattered back and summed."""
+    first = next((g for g in grads if g is not None), None)
+    if first is not None and use_triton(first) and first.dtype != torch.float64:
+        from poetx.kernels.block_rotate import fan_in as kernel
+
+        return kernel(grads, indices, cols)
+    return fan_in_reference(grads, indices, cols)
 
 
 def gram(
