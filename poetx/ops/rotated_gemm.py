@@ -53,22 +53,28 @@ def _deltas(x, theta_in, theta_out, n, m, block_in, block_out, terms):
     return d_in, d_out
 
 
-def _forward_rotated_input(x, w0, w0_scale, quant_group, d_in, index_in):
-    n = x.shape[1]
-    u = backend.rotate(x, d_in, index_in, None, n)
+def _forward_rotated_input(x, w0, w0_scale, quant_group, d_in, index_in, n=None):
+    u = backend.rotate(x, d_in, index_in, None, x.shape[1] if n is None else n)
     return u @ dense_w0(w0, w0_scale, quant_group, x.dtype).t()
 
 
-def _forward_blocks(x, w0, w0_scale, quant_group, d_in, d_out, index_in, index_out):
-    """``(y, v)`` from ready blocks ``d_in`` / ``d_out`` (``R - I``, x's dtype)."""
+def _forward_blocks(x, w0, w0_scale, quant_group, d_in, d_out, index_in, index_out,
+                    x_perm=None):
+    """``(y, v)`` from ready blocks ``d_in`` / ``d_out`` (``R - I``, x's dtype); ``x_perm``:
+    ``x`` already gathered by ``index_in`` (``(T, nb_in * b)``, from ``poetx.ops.fan_out``)."""
     m, n = w0.shape
-    v = _forward_rotated_input(x, w0, w0_scale, quant_group, d_in, index_in)
+    if x_perm is None:
+        v = _forward_rotated_input(x, w0, w0_scale, quant_group, d_in, index_in)
+    else:
+        v = _forward_rotated_input(x_perm, w0, w0_scale, quant_group, d_in, None, n)
     return backend.rotate(v, d_out, None, index_out, m), v
 
 
-def _backward_blocks(grad_y, x, v, d_in, d_out, w0, w0_scale, quant_group, index_in, index_out):
+def _backward_blocks(grad_y, x, v, d_in, d_out, w0, w0_scale, quant_group, index_in, index_out,
+                     permuted_grad=False):
     """``(dx (T, n), grad_d_in, grad_d_out)`` (block gradients float32, float64 for float64
-    inputs); an empty ``v`` is recomputed from ``x``."""
+    inputs); an empty ``v`` is recomputed from ``x``. ``permuted_grad``: ``dx`` in the
+    permuted frame, ``(T, nb_in * b)`` (the gradient of a ``fan_out`` copy)."""
     m, n = w0.shape
     grad_y = grad_y.contiguous()
     weight = dense_w0(w0, w0_scale, quant_group, x.dtype)
@@ -88,6 +94,10 @@ def _backward_blocks(grad_y, x, v, d_in, d_out, w0, w0_scale, quant_group, index
     del grad_v
     grad_d_in = backend.gram(grad_u, x_in, None, index_x, d_in.shape[0], d_in.shape[1])
     del x_in
+    if permuted_grad:
+        positions = d_in.shape[0] * d_in.shape[1]
+        return (backend.rotate(grad_u, d_in, None, None, positions, transpose=True), grad_d_in,
+                grad_d_out)
     grad_x = backend.rotate(grad_u, d_in, None, index_in, n, transpose=True)
     return grad_x, grad_d_in, grad_d_out
 
@@ -220,16 +230,20 @@ def poet_linear_blocks_op(
     index_in: Tensor,
     index_out: Tensor,
     save_intermediate: bool,
+    x_perm: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``x (T, n) -> (y (T, m), v)`` with blocks ``d_in`` ``(nb_in, b, b)``, ``d_out``
-    ``(nb_out, b, b)`` in x's dtype; ``v`` is empty unless ``save_intermediate``."""
-    y, v = _forward_blocks(x, w0, w0_scale, quant_group, d_in, d_out, index_in, index_out)
+    ``(nb_out, b, b)`` in x's dtype; ``v`` is empty unless ``save_intermediate``. With
+    ``x_perm`` (``x`` gathered by ``index_in``) the forward reads it instead of gathering ``x``,
+    and the input gradient goes to ``x_perm``, in the permuted frame."""
+    y, v = _forward_blocks(x, w0, w0_scale, quant_group, d_in, d_out, index_in, index_out,
+                           x_perm)
     return y, (v if save_intermediate else x.new_empty(0))
 
 
 @poet_linear_blocks_op.register_fake
 def _(x, w0, w0_scale, quant_group, d_in, d_out, grad_in, grad_out, index_in, index_out,
-      save_intermediate):
+      save_intermediate, x_perm=None):
     y = x.new_empty(x.shape[0], w0.shape[0])
     return y, (x.new_empty(x.shape[0], w0.shape[0]) if save_intermediate else x.new_empty(0))
 
@@ -246,23 +260,32 @@ def poet_linear_blocks_backward_op(
     quant_group: int,
     index_in: Tensor,
     index_out: Tensor,
+    permuted_grad: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dx (T, n), grad_d_in, grad_d_out)``, block gradients float32 (float64 for float64)."""
+    """``(dx (T, n), grad_d_in, grad_d_out)``, block gradients float32 (float64 for float64);
+    ``permuted_grad``: ``dx`` ``(T, nb_in * b)`` in the permuted frame."""
     return _backward_blocks(grad_y, x, v, d_in, d_out, w0, w0_scale, quant_group, index_in,
-                            index_out)
+                            index_out, permuted_grad)
 
 
 @poet_linear_blocks_backward_op.register_fake
-def _(grad_y, x, v, d_in, d_out, w0, w0_scale, quant_group, index_in, index_out):
+def _(grad_y, x, v, d_in, d_out, w0, w0_scale, quant_group, index_in, index_out,
+      permuted_grad=False):
     wide = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return (torch.empty_like(x), d_in.new_empty(d_in.shape, dtype=wide),
+    dx = (x.new_empty(x.shape[0], d_in.shape[0] * d_in.shape[1]) if permuted_grad
+          else torch.empty_like(x))
+    return (dx, d_in.new_empty(d_in.shape, dtype=wide),
             d_out.new_empty(d_out.shape, dtype=wide))
 
 
 def _setup_blocks_context(ctx, inputs, output):
-    (x, w0, w0_scale, quant_group, d_in, d_out, _gin, _gout, index_in, index_out, _save) = inputs
+    (x, w0, w0_scale, quant_group, d_in, d_out, _gin, _gout, index_in, index_out, _save,
+     x_perm) = inputs
+    # With x_perm the shared, unpermuted x is what stays saved (the Gram gathers it again), so
+    # the layers reading one input keep one saved copy, as without the fan-out.
     ctx.save_for_backward(x, output[1], d_in, d_out, w0, w0_scale, index_in, index_out)
     ctx.quant_group = quant_group
+    ctx.permuted = x_perm is not None
     ctx.set_materialize_grads(False)
 
 
@@ -270,8 +293,10 @@ def _backward_prebuilt(ctx, grad_y, _grad_v):
     x, v, d_in, d_out, w0, w0_scale, index_in, index_out = ctx.saved_tensors
     grad_x, grad_d_in, grad_d_out = poet_linear_blocks_backward_op(
         _zero_grad_y(grad_y, x, w0), x, v, d_in, d_out, w0, w0_scale, ctx.quant_group, index_in,
-        index_out)
-    return grad_x, None, None, None, None, None, grad_d_in, grad_d_out, None, None, None
+        index_out, ctx.permuted)
+    grads_x = (None, grad_x) if ctx.permuted else (grad_x, None)
+    return (grads_x[0], None, None, None, None, None, grad_d_in, grad_d_out, None, None, None,
+            grads_x[1])
 
 
 poet_linear_blocks_op.register_autograd(_backward_prebuilt, setup_context=_setup_blocks_context)
@@ -302,19 +327,22 @@ def poet_linear_prebuilt(
     index_in: Tensor,
     index_out: Tensor,
     save_intermediate: bool,
+    x_perm: Tensor | None = None,
 ) -> Tensor:
     """:func:`poet_linear` with the blocks ``d_in`` / ``d_out`` (``R - I``, in
     ``op_dtype(x)``) given; their gradients flow to the float32 handles ``grad_in`` /
-    ``grad_out`` (same shapes). ``x`` ``(..., n)`` -> ``(..., m)``."""
+    ``grad_out`` (same shapes). ``x`` ``(..., n)`` -> ``(..., m)``. ``x_perm``: ``x`` flattened
+    to ``(T, n)`` and gathered by ``index_in`` (a ``poetx.ops.fan_out`` copy, in the op's
+    dtype); the input gradient then flows to it instead of to ``x``."""
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         with torch.autocast(device_type, enabled=False):
             return poet_linear_prebuilt(x.to(torch.get_autocast_dtype(device_type)), w0,
                                         w0_scale, quant_group, d_in, d_out, grad_in, grad_out,
-                                        index_in, index_out, save_intermediate)
+                                        index_in, index_out, save_intermediate, x_perm)
     lead = x.shape[:-1]
     y = poet_linear_blocks_op(_flat_input(x), w0, w0_scale, quant_group, d_in, d_out, grad_in,
-                              grad_out, index_in, index_out, save_intermediate)[0]
+                              grad_out, index_in, index_out, save_intermediate, x_perm)[0]
     return y.reshape(*lead, w0.shape[0])
 
 
