@@ -43,9 +43,10 @@ DEFAULT_METHODS = "adamw,adamw-compile,poetx-eager,poetx,authors"
 # poetx-perlayer: poetx captured with each layer building its own rotation blocks
 # (batch_rotations="off", the code before the batched build), for a before/after row;
 # poetx-nocompile: captured, blocks not compiled (poetx train --no-compile-blocks).
+# poetx-noshared: as poetx, but every layer gathers its own input (shared_inputs="off").
 STEP_METHODS = ("adamw", "adamw-compile", "poetx-eager", "poetx", "poetx-perlayer",
-                "poetx-nocompile", "authors")
-CAPTURED = ("poetx", "poetx-perlayer", "poetx-nocompile")
+                "poetx-nocompile", "poetx-noshared", "authors")
+CAPTURED = ("poetx", "poetx-perlayer", "poetx-nocompile", "poetx-noshared")
 
 
 def parse_cases(text: str) -> dict[str, list[tuple[int, int]]]:
@@ -86,13 +87,15 @@ def build_method(preset: str, method: str, block_size: int, authors_path: str):
             model.model = torch.compile(model.model)
         return model, opt
     model, opt = build(preset, METHODS["fast"], block_size, "cuda")
-    if method == "poetx-perlayer":
+    changed = {"poetx-perlayer": {"batch_rotations": "off"},
+               "poetx-noshared": {"shared_inputs": "off"}}.get(method)
+    if changed:
         from dataclasses import replace
 
         from poetx.model.wrap import poet_layers
 
         for _, layer in poet_layers(model):
-            layer.config = replace(layer.config, batch_rotations="off")
+            layer.config = replace(layer.config, **changed)
     if method in CAPTURED:
         import poetx
 
@@ -102,7 +105,8 @@ def build_method(preset: str, method: str, block_size: int, authors_path: str):
 
 def make_step(model, opt, method: str, batch: torch.Tensor, warmup: int):
     return make_train_step(model, opt, batch, warmup, capture=method in CAPTURED,
-                           compile_blocks=method in ("poetx", "poetx-perlayer"))
+                           compile_blocks=method in ("poetx", "poetx-perlayer",
+                                                     "poetx-noshared"))
 
 
 # Kernel families of a training step, by name (first match wins): where a step's GPU time goes.

@@ -26,6 +26,7 @@ W0_FORMATS = ("auto", "int8", "fp8")
 W0_RESIDUALS = ("host", "device", "off")
 ADAM_RESTARTS = ("rewarm", "reset")
 BATCH_ROTATIONS = ("auto", "on", "off")
+SHARED_INPUTS = ("auto", "on", "off")
 MAX_NEUMANN_TERMS = 16
 
 
@@ -81,6 +82,10 @@ class POETConfig:
             values; fewer, fuller kernel launches). ``"auto"``: on for CUDA layers in "fast"
             mode. ``"on"`` also batches "mem" mode, which then keeps each layer's blocks for
             backward (``b^2`` values per block in the layer's dtype) instead of rebuilding them.
+        shared_inputs: layers of a decoder block that run one after another on the same
+            input (q/k/v, gate/up) get their permuted copies from one pass over it, and their
+            input gradients go back in one summed scatter (``poetx.layers.shared_inputs``;
+            same values). Needs the batched build. ``"auto"``: on CUDA; ``"on"``: also on CPU.
     """
 
     block_size: int = setting(256, "rotation block size b", check=at_least(2, 8192),
@@ -117,6 +122,9 @@ class POETConfig:
     batch_rotations: str = setting("auto", "build the rotation blocks of a decoder block's "
                                    "layers in one batched call (auto: on CUDA in fast mode)",
                                    choices=BATCH_ROTATIONS, group="POET-X")
+    shared_inputs: str = setting("auto", "permute an input that several layers of a block read "
+                                 "in one pass for all of them (auto: on CUDA)",
+                                 choices=SHARED_INPUTS, group="POET-X")
 
     def __post_init__(self) -> None:
         # TOML and JSON give lists; a lone pattern may come as a string.

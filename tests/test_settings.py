@@ -48,7 +48,7 @@ POET_VALUES = {
     "seed": ("21", 21), "w0_format": ("int8", "int8"), "quant_group_size": ("64", 64),
     "w0_residual": ("device", "device"), "max_q_norm": ("0.5", 0.5),
     "q_norm_check_every": ("5", 5), "adam_restart": ("reset", "reset"),
-    "batch_rotations": ("off", "off"),
+    "batch_rotations": ("off", "off"), "shared_inputs": ("on", "on"),
 }
 
 

@@ -269,9 +269,12 @@ class POETLinear(nn.Module):
         pre = source.blocks_for(self) if source is not None else None
         if pre is not None and pre[0].dtype == op_dtype(x):
             d_in, grad_in, d_out, grad_out = pre
+            group = self.rotation_group
+            copy = (group.shared_input(self, x) if group is not None and x.dtype == pre[0].dtype
+                    else None)
             y = poet_linear_prebuilt(
                 x, self.w0, self.w0_scale, self.config.quant_group_size, d_in, d_out, grad_in,
-                grad_out, self.index_in, self.index_out, self.config.mode == "fast",
+                grad_out, self.index_in, self.index_out, self.config.mode == "fast", copy,
             )
         else:
             y = poet_linear(

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from poetx.layers.poet_linear import POETLinear
+from poetx.layers.shared_inputs import SharedInputs
 from poetx.ops.rotation_group import (
     Carry,
     build_rotation_blocks,
@@ -113,6 +114,7 @@ class RotationGroup:
         self.active = False
         self.blocks: dict[int, tuple] | None = None
         self.stamp: tuple | None = None
+        self.shared = SharedInputs()
 
     def begin(self, layers: list[POETLinear]) -> None:
         for layer in self.layers:
@@ -122,11 +124,22 @@ class RotationGroup:
             layer.rotation_group = self
         self.layers = layers
         self.blocks = None
+        self.shared.begin()
         self.active = True
 
     def end(self) -> None:
         self.blocks = None
+        self.shared.end()
         self.active = False
+
+    def shared_input(self, layer: POETLinear, x: torch.Tensor) -> torch.Tensor | None:
+        """``layer``'s permuted copy of ``x`` from a fan-out shared with the layers that read
+        ``x`` with it (``poetx.layers.shared_inputs``), or ``None``: it gathers ``x`` itself."""
+        mode = layer.config.shared_inputs
+        if (not self.active or torch.compiler.is_compiling() or mode == "off"
+                or (mode == "auto" and not x.is_cuda)):
+            return None
+        return self.shared.copy_for(layer, x)
 
     def _stamp(self) -> tuple:
         return (torch.is_grad_enabled(),

@@ -19,15 +19,16 @@ from poetx.ops import backend
 class _FanOut(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, indices: Tensor, positions: int):
-        ctx.save_for_backward(indices)
+        # Kept on ctx, not saved: a checkpointed recomputation that gathers layer by layer
+        # then saves the same tensors as this forward did.
+        ctx.indices = indices
         ctx.cols = x.shape[1]
         ctx.set_materialize_grads(False)
         return tuple(backend.fan_out(x, indices, positions).unbind(0))
 
     @staticmethod
     def backward(ctx, *grads: Tensor | None):
-        (indices,) = ctx.saved_tensors
-        return backend.fan_in(list(grads), indices, ctx.cols), None, None
+        return backend.fan_in(list(grads), ctx.indices, ctx.cols), None, None
 
 
 def fan_out(x: Tensor, indices: Tensor, positions: int) -> tuple[Tensor, ...]:
