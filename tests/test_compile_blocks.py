@@ -111,3 +111,31 @@ def test_a_deep_copy_of_a_compiled_model_computes_with_its_own_parameters():
         out, twin_out, ref_out = (m(input_ids=ids).logits for m in (model, twin, reference))
     torch.testing.assert_close(twin_out, ref_out, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(out, twin_out, rtol=1e-3, atol=1e-4)
+
+
+def test_compiled_blocks_fan_out_shared_inputs(monkeypatch):
+    """With ``shared_inputs="on"`` the compiled blocks' POET layers (graph breaks) still get
+    one tensor object for q/k/v and for gate/up: after the learning forward they fan out,
+    with the eager model's losses and gradients."""
+    from dataclasses import replace
+
+    import poetx.layers.shared_inputs as shared_module
+
+    eager = _model()
+    compiled = copy.deepcopy(eager)
+    for _, layer in poet_layers(compiled):
+        layer.config = replace(layer.config, shared_inputs="on")
+    compile_blocks(compiled, backend="aot_eager")
+    sizes = []
+    real = shared_module.fan_out
+    monkeypatch.setattr(shared_module, "fan_out",
+                        lambda x, i, p: sizes.append(i.shape[0]) or real(x, i, p))
+    ids = torch.randint(0, VOCAB, (2, 17))
+    for step in range(2):
+        ref_loss, ref_grads = _loss_and_grads(eager, ids)
+        sizes.clear()
+        loss, grads = _loss_and_grads(compiled, ids)
+        assert sorted(sizes) == ([] if step == 0 else [2, 2, 3, 3])
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, ref_grads[name], rtol=1e-5, atol=1e-7, msg=name)
