@@ -188,3 +188,17 @@ def test_shared_inputs_on_cuda_match_own_gathers():
     for name in want[2]:
         torch.testing.assert_close(got[2][name], want[2][name], rtol=1e-4, atol=1e-5, msg=name)
     assert any(block._poetx_rotation_group.shared.runs for block in shared.blocks)
+
+
+def test_a_deep_copy_keeps_fanning_out(fan_outs):
+    """The learned runs travel with a deep copy of the model, pointing at the copy's layers."""
+    ref, shared = _towers("fast")
+    x = torch.randn(2, 3, D, dtype=torch.float64)
+    _run(shared, x)  # learn
+    twin = copy.deepcopy(shared)
+    fan_outs.clear()
+    _assert_same(_run(twin, x), _run(ref, x))
+    assert sorted(fan_outs) == [2, 2, 3, 3]
+    for block in twin.blocks:
+        runs = block._poetx_rotation_group.shared.runs
+        assert all(any(m is layer for layer in block.modules()) for m in runs)

@@ -47,9 +47,11 @@ class SharedInputs:
     """Per decoder block: which of its layers share an input, and this forward's copies."""
 
     def __init__(self) -> None:
-        self.runs: dict[int, tuple] | None = None  # id(layer) -> its run; None: still learning
+        # Keyed by the layers themselves, not their ids, so that a deep copy of the model
+        # (which copies this object with it) maps them to the copy's layers.
+        self.runs: dict[object, tuple] | None = None  # layer -> its run; None: still learning
         self.seen: list[tuple[object, int]] = []
-        self.pending: dict[int, tuple[Tensor, Tensor]] = {}  # id(layer) -> (input, its copy)
+        self.pending: dict[object, tuple[Tensor, Tensor]] = {}  # layer -> (input, its copy)
 
     def begin(self) -> None:
         self.pending.clear()
@@ -58,7 +60,7 @@ class SharedInputs:
     def end(self) -> None:
         self.pending.clear()
         if self.runs is None and self.seen:
-            self.runs = {id(m): run for run in sibling_runs(self.seen) for m in run}
+            self.runs = {m: run for run in sibling_runs(self.seen) for m in run}
         self.seen.clear()
 
     def copy_for(self, layer, x: Tensor) -> Tensor | None:
@@ -67,14 +69,14 @@ class SharedInputs:
         if self.runs is None:
             self.seen.append((layer, id(x)))
             return None
-        hit = self.pending.pop(id(layer), None)
+        hit = self.pending.pop(layer, None)
         if hit is not None:
             return hit[1] if hit[0] is x else None
-        run = self.runs.get(id(layer))
+        run = self.runs.get(layer)
         if run is None or run[0] is not layer:
             return None
         indices = torch.stack([m.index_in for m in run])
         copies = fan_out(x.reshape(-1, x.shape[-1]), indices, layer.layout_in.padded_dim)
         for member, copy in zip(run[1:], copies[1:], strict=True):
-            self.pending[id(member)] = (x, copy)
+            self.pending[member] = (x, copy)
         return copies[0]
