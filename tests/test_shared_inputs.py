@@ -98,7 +98,7 @@ def fan_outs(monkeypatch) -> list[int]:
 def _run(model, x):
     x = x.clone().requires_grad_(True)
     y = model(x)
-    (y * torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype)).sum().backward()
+    (y * torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype, device=y.device)).sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     return y.detach(), x.grad, grads
