@@ -387,8 +387,12 @@ CODE_FILE = ".code-version"  # written when staging a copy without git (see the 
 
 
 def code_version(root: Path = ROOT) -> str:
-    """The commit the runs use: ``git rev-parse --short HEAD`` in ``root``, else the staged copy's
-    ``CODE_FILE``, else ``"unknown"``."""
+    """The commit the runs use: the staged copy's ``CODE_FILE``, else ``git rev-parse --short
+    HEAD`` in ``root``, else ``"unknown"``. The file comes first: a copy staged inside a
+    checkout (``.stage/quality``) would otherwise report the enclosing checkout's commit."""
+    staged = root / CODE_FILE
+    if staged.is_file():
+        return staged.read_text().strip()
     try:
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
                              capture_output=True, text=True, timeout=10)
@@ -396,8 +400,7 @@ def code_version(root: Path = ROOT) -> str:
             return out.stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         pass
-    staged = root / CODE_FILE
-    return staged.read_text().strip() if staged.is_file() else "unknown"
+    return "unknown"
 
 
 def make_row(spec: RunSpec, summary: dict[str, Any], command: list[str], device: str,

@@ -252,12 +252,23 @@ def test_queue_runs_two_at_once_on_one_device(tiny_packed: Path, tmp_path: Path)
 
 
 def test_code_version_from_git_or_the_staged_file(tmp_path: Path) -> None:
-    """Each row says which commit ran it: this checkout's, or a staged copy's recorded one."""
+    """Each row says which commit ran it: this checkout's, or a staged copy's recorded one,
+    also when the copy is staged inside another checkout."""
     import subprocess
 
     head = subprocess.run(["git", "-C", str(quality.ROOT), "rev-parse", "--short", "HEAD"],
                           capture_output=True, text=True, check=True).stdout.strip()
     assert quality.code_version() == head
     assert quality.code_version(tmp_path) == "unknown"
-    (tmp_path / quality.CODE_FILE).write_text("abc1234\n")
-    assert quality.code_version(tmp_path) == "abc1234"
+    # a copy staged inside another checkout: its file, not that checkout's commit
+    checkout = tmp_path / "checkout"
+    stage = checkout / ".stage" / "quality"
+    stage.mkdir(parents=True)
+    git = ["git", "-C", str(checkout), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "x"], check=True)
+    other = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True,
+                           text=True, check=True).stdout.strip()
+    assert quality.code_version(stage) == other
+    (stage / quality.CODE_FILE).write_text("abc1234\n")
+    assert quality.code_version(stage) == "abc1234"
