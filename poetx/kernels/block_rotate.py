@@ -453,9 +453,8 @@ def permute_columns(x: Tensor, index: Tensor, out_cols: int, out: Tensor | None 
         return out
     src_pad, dst_pad = _p2(cols, 2), _p2(out_cols, 2)
     per_row = max(src_pad, dst_pad)
-    progs = T if _interpreting() else min(T, 16 * _sms(x))
+    progs = _row_programs(T, x)
     rows_per_prog = triton.cdiv(T, progs)
-    progs = triton.cdiv(T, rows_per_prog)
     warps = max(4, min(16, per_row // 1024))
     _permute_kernel[(progs,)](
         x, index, out, T, cols, out_cols, x.stride(0), out.stride(0), rows_per_prog,
