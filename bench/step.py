@@ -43,10 +43,14 @@ DEFAULT_METHODS = "adamw,adamw-compile,poetx-eager,poetx,authors"
 # poetx-perlayer: poetx captured with each layer building its own rotation blocks
 # (batch_rotations="off", the code before the batched build), for a before/after row;
 # poetx-nocompile: captured, blocks not compiled (poetx train --no-compile-blocks).
-# poetx-noshared: as poetx, but every layer gathers its own input (shared_inputs="off").
+# poetx-noshared: as poetx, but every layer gathers its own input (shared_inputs="off");
+# poetx-nopermsave: as poetx, but down_proj keeps its input as given (permuted_saves="off").
+VARIANTS = {"poetx-perlayer": {"batch_rotations": "off"},
+            "poetx-noshared": {"shared_inputs": "off"},
+            "poetx-nopermsave": {"permuted_saves": "off"}}
 STEP_METHODS = ("adamw", "adamw-compile", "poetx-eager", "poetx", "poetx-perlayer",
-                "poetx-nocompile", "poetx-noshared", "authors")
-CAPTURED = ("poetx", "poetx-perlayer", "poetx-nocompile", "poetx-noshared")
+                "poetx-nocompile", "poetx-noshared", "poetx-nopermsave", "authors")
+CAPTURED = ("poetx", "poetx-perlayer", "poetx-nocompile", "poetx-noshared", "poetx-nopermsave")
 
 
 def parse_cases(text: str) -> dict[str, list[tuple[int, int]]]:
@@ -87,8 +91,7 @@ def build_method(preset: str, method: str, block_size: int, authors_path: str):
             model.model = torch.compile(model.model)
         return model, opt
     model, opt = build(preset, METHODS["fast"], block_size, "cuda")
-    changed = {"poetx-perlayer": {"batch_rotations": "off"},
-               "poetx-noshared": {"shared_inputs": "off"}}.get(method)
+    changed = VARIANTS.get(method)
     if changed:
         from dataclasses import replace
 
@@ -105,8 +108,7 @@ def build_method(preset: str, method: str, block_size: int, authors_path: str):
 
 def make_step(model, opt, method: str, batch: torch.Tensor, warmup: int):
     return make_train_step(model, opt, batch, warmup, capture=method in CAPTURED,
-                           compile_blocks=method in ("poetx", "poetx-perlayer",
-                                                     "poetx-noshared"))
+                           compile_blocks=method in ("poetx", *VARIANTS))
 
 
 # Kernel families of a training step, by name (first match wins): where a step's GPU time goes.

@@ -27,6 +27,7 @@ W0_RESIDUALS = ("host", "device", "off")
 ADAM_RESTARTS = ("rewarm", "reset")
 BATCH_ROTATIONS = ("auto", "on", "off")
 SHARED_INPUTS = ("auto", "on", "off")
+PERMUTED_SAVES = ("auto", "off")
 MAX_NEUMANN_TERMS = 16
 
 
@@ -86,6 +87,13 @@ class POETConfig:
             input (q/k/v, gate/up) get their permuted copies from one pass over it, and their
             input gradients go back in one summed scatter (``poetx.layers.shared_inputs``;
             same values). Needs the batched build. ``"auto"``: on CUDA; ``"on"``: also on CPU.
+        permuted_saves: which layers keep their input for backward as the forward permuted it
+            rather than as given (same values). Backward then reads it as it is, sparing a
+            permutation pass over it, at no memory cost where nothing else keeps the input: an
+            MLP's down projection, whose input ``act(gate) * up`` no other operation saves.
+            ``"auto"``: layers named ``down_proj``; ``"off"``: none. (Elsewhere the input is
+            usually kept by other operations too, or shared by sibling layers, and would then
+            be kept twice.)
     """
 
     block_size: int = setting(256, "rotation block size b", check=at_least(2, 8192),
@@ -125,6 +133,9 @@ class POETConfig:
     shared_inputs: str = setting("auto", "permute an input that several layers of a block read "
                                  "in one pass for all of them (auto: on CUDA)",
                                  choices=SHARED_INPUTS, group="POET-X")
+    permuted_saves: str = setting("auto", "layers that keep their input permuted for backward "
+                                  "(auto: down_proj, whose input nothing else keeps)",
+                                  choices=PERMUTED_SAVES, group="POET-X")
 
     def __post_init__(self) -> None:
         # TOML and JSON give lists; a lone pattern may come as a string.

@@ -275,16 +275,24 @@ class POETLinear(nn.Module):
             y = poet_linear_prebuilt(
                 x, self.w0, self.w0_scale, self.config.quant_group_size, d_in, d_out, grad_in,
                 grad_out, self.index_in, self.index_out, self.config.mode == "fast", copy,
+                self.saves_permuted_input,
             )
         else:
             y = poet_linear(
                 x, self.w0, self.w0_scale, self.config.quant_group_size, self.theta_in,
                 self.theta_out, self.index_in, self.index_out, self.layout_in.block,
                 self.layout_out.block, self.config.neumann_terms, self.config.mode == "fast",
+                self.saves_permuted_input,
             )
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
+
+    @property
+    def saves_permuted_input(self) -> bool:
+        """Whether backward keeps the input as the forward permuted it (``permuted_saves``)."""
+        return (self.config.permuted_saves == "auto"
+                and self.layer_name.rsplit(".", 1)[-1] == "down_proj")
 
     # dense views and merging --------------------------------------------------------------------
     def _label(self) -> str:

@@ -15,6 +15,7 @@ from poetx.kernels.block_rotate_ref import (
     block_rotate_reference,
     fan_in_reference,
     fan_out_reference,
+    gather_columns,
 )
 from poetx.ortho.cayley import rotation_delta_backward_reference, rotation_delta_reference
 
@@ -43,6 +44,18 @@ def gather(x: Tensor, index: Tensor | None, positions: int) -> tuple[Tensor, Ten
 
         return staged_gather(x, index, positions)
     return x, index
+
+
+def permute(x: Tensor, index: Tensor, positions: int) -> Tensor:
+    """``x`` ``(T, cols)`` gathered by ``index`` into ``(T, positions)`` (zero where
+    ``index < 0``), on every path: a copy the op keeps, unlike :func:`gather`'s."""
+    if use_triton(x) and x.dtype != torch.float64:
+        from poetx.kernels.block_rotate import staged_gather
+
+        permuted, left = staged_gather(x, index, positions)
+        if left is None:
+            return permuted
+    return gather_columns(x, index[:positions], positions)
 
 
 def fan_out(x: Tensor, indices: Tensor, positions: int) -> Tensor:

@@ -9,6 +9,9 @@
 Backward needs one large GEMM (``gu = gv @ W0s``; W0 is frozen, so no weight gradient) and small
 block products. ``save_intermediate=True`` ("fast") keeps ``v`` and the rotation blocks for
 backward; ``False`` ("mem") recomputes them, so only the input is saved, as in a dense layer.
+``save_permuted`` saves the input as the forward permuted it instead of as given: for a layer
+whose input nothing else keeps for backward (an MLP's down projection) it costs no memory and
+spares backward the permutation pass its Gram (and in "mem" mode its recomputed ``v``) needs.
 
 Being a ``torch.library`` custom op, it is opaque to ``torch.compile`` and safe under
 activation checkpointing; on CUDA the kernels behind ``poetx.ops.backend`` are Triton.
@@ -71,10 +74,11 @@ def _forward_blocks(x, w0, w0_scale, quant_group, d_in, d_out, index_in, index_o
 
 
 def _backward_blocks(grad_y, x, v, d_in, d_out, w0, w0_scale, quant_group, index_in, index_out,
-                     permuted_grad=False):
+                     permuted_grad=False, x_permuted=False):
     """``(dx (T, n), grad_d_in, grad_d_out)`` (block gradients float32, float64 for float64
     inputs); an empty ``v`` is recomputed from ``x``. ``permuted_grad``: ``dx`` in the
-    permuted frame, ``(T, nb_in * b)`` (the gradient of a ``fan_out`` copy)."""
+    permuted frame, ``(T, nb_in * b)`` (the gradient of a ``fan_out`` copy). ``x_permuted``:
+    ``x`` is already gathered by ``index_in``, ``(T, nb_in * b)``."""
     m, n = w0.shape
     grad_y = grad_y.contiguous()
     weight = dense_w0(w0, w0_scale, quant_group, x.dtype)
@@ -82,9 +86,10 @@ def _backward_blocks(grad_y, x, v, d_in, d_out, w0, w0_scale, quant_group, index
     # each permute it): x in mem mode (the recomputed v, then the Gram), grad_y (its rotation
     # and its Gram). Each (T, m) / (T, n) temporary is dropped after its last use, so fewer of
     # them are alive at once.
-    x_in, index_x = x, index_in
+    x_in, index_x = x, (None if x_permuted else index_in)
     if v.numel() == 0:
-        x_in, index_x = backend.gather(x, index_in, d_in.shape[0] * d_in.shape[1])
+        if not x_permuted:
+            x_in, index_x = backend.gather(x, index_in, d_in.shape[0] * d_in.shape[1])
         v = backend.rotate(x_in, d_in, index_x, None, n) @ weight.t()
     grad_y, index_y = backend.gather(grad_y, index_out, d_out.shape[0] * d_out.shape[1])
     grad_v = backend.rotate(grad_y, d_out, index_y, None, m, transpose=True)
@@ -116,27 +121,34 @@ def poet_linear_op(
     block_out: int,
     terms: int,
     save_intermediate: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``x (T, n) -> (y (T, m), v, d_in, d_out)``; ``v`` ``(T, m)`` and the blocks ``R - I``
-    are returned for backward when ``save_intermediate``, else empty."""
+    save_permuted: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``x (T, n) -> (y (T, m), v, d_in, d_out, x_perm)``; ``v`` ``(T, m)`` and the blocks
+    ``R - I`` are returned for backward when ``save_intermediate``, ``x_perm`` (``x`` gathered
+    by ``index_in``, ``(T, nb_in * b)``) when ``save_permuted``, else empty."""
     m, n = w0.shape
     d_in, d_out = _deltas(x, theta_in, theta_out, n, m, block_in, block_out, terms)
-    y, v = _forward_blocks(x, w0, w0_scale, quant_group, d_in, d_out, index_in, index_out)
+    x_perm = _permuted_input(x, index_in, d_in) if save_permuted else None
+    y, v = _forward_blocks(x, w0, w0_scale, quant_group, d_in, d_out, index_in, index_out,
+                           x_perm)
+    kept = x.new_empty(0) if x_perm is None else x_perm
     if not save_intermediate:
-        return y, x.new_empty(0), x.new_empty(0), x.new_empty(0)
-    return y, v, d_in, d_out
+        return y, x.new_empty(0), x.new_empty(0), x.new_empty(0), kept
+    return y, v, d_in, d_out, kept
 
 
 @poet_linear_op.register_fake
 def _(x, w0, w0_scale, quant_group, theta_in, theta_out, index_in, index_out, block_in, block_out,
-      terms, save_intermediate):
+      terms, save_intermediate, save_permuted=False):
     m, n = w0.shape
     y = x.new_empty(x.shape[0], m)
+    kept = (x.new_empty(x.shape[0], theta_in.shape[0] * block_in) if save_permuted
+            else x.new_empty(0))
     if not save_intermediate:
-        return y, x.new_empty(0), x.new_empty(0), x.new_empty(0)
+        return y, x.new_empty(0), x.new_empty(0), x.new_empty(0), kept
     d_in = x.new_empty(theta_in.shape[0], block_in, block_in)
     d_out = x.new_empty(theta_out.shape[0], block_out, block_out)
-    return y, x.new_empty(x.shape[0], m), d_in, d_out
+    return y, x.new_empty(x.shape[0], m), d_in, d_out, kept
 
 
 @torch.library.custom_op("poetx::poet_linear_backward", mutates_args=())
@@ -156,13 +168,16 @@ def poet_linear_backward_op(
     block_in: int,
     block_out: int,
     terms: int,
+    x_permuted: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients ``(dx (T, n), dtheta_in, dtheta_out)``; empty ``v``/blocks are recomputed."""
+    """Gradients ``(dx (T, n), dtheta_in, dtheta_out)``; empty ``v``/blocks are recomputed.
+    ``x_permuted``: ``x`` is the forward's permuted copy ``(T, nb_in * b)``."""
     m, n = w0.shape
     if d_in.numel() == 0:
         d_in, d_out = _deltas(x, theta_in, theta_out, n, m, block_in, block_out, terms)
     grad_x, grad_d_in, grad_d_out = _backward_blocks(grad_y, x, v, d_in, d_out, w0, w0_scale,
-                                                     quant_group, index_in, index_out)
+                                                     quant_group, index_in, index_out,
+                                                     x_permuted=x_permuted)
     nb_in, nb_out = theta_in.shape[0], theta_out.shape[0]
     t = _terms(terms)
     grad_theta_in = backend.rotation_delta_backward(
@@ -176,16 +191,18 @@ def poet_linear_backward_op(
 
 @poet_linear_backward_op.register_fake
 def _(grad_y, x, v, d_in, d_out, w0, w0_scale, quant_group, theta_in, theta_out, index_in,
-      index_out, block_in, block_out, terms):
-    return torch.empty_like(x), torch.empty_like(theta_in), torch.empty_like(theta_out)
+      index_out, block_in, block_out, terms, x_permuted=False):
+    dx = x.new_empty(x.shape[0], w0.shape[1])
+    return dx, torch.empty_like(theta_in), torch.empty_like(theta_out)
 
 
 def _setup_context(ctx, inputs, output):
     (x, w0, w0_scale, quant_group, theta_in, theta_out, index_in, index_out, block_in, block_out,
-     terms, _save) = inputs
-    _, v, d_in, d_out = output
-    ctx.save_for_backward(x, v, d_in, d_out, w0, w0_scale, theta_in, theta_out, index_in,
-                          index_out)
+     terms, _save, save_permuted) = inputs
+    _, v, d_in, d_out, x_perm = output
+    ctx.save_for_backward(x_perm if save_permuted else x, v, d_in, d_out, w0, w0_scale,
+                          theta_in, theta_out, index_in, index_out)
+    ctx.x_permuted = save_permuted
     ctx.quant_group = quant_group
     ctx.geometry = (block_in, block_out, terms)
     # The extra outputs only carry saved state: don't zero-fill gradients for them.
@@ -196,14 +213,18 @@ def _zero_grad_y(grad_y, x, w0):
     return x.new_zeros(x.shape[0], w0.shape[0]) if grad_y is None else grad_y
 
 
+def _permuted_input(x: Tensor, index_in: Tensor, d_in: Tensor) -> Tensor:
+    return backend.permute(x, index_in, d_in.shape[0] * d_in.shape[1])
+
+
 def _backward(ctx, grad_y, *_unused_grads):
     x, v, d_in, d_out, w0, w0_scale, *rest = ctx.saved_tensors
     grad_x, grad_theta_in, grad_theta_out = poet_linear_backward_op(
         _zero_grad_y(grad_y, x, w0), x, v, d_in, d_out, w0, w0_scale, ctx.quant_group, *rest,
-        *ctx.geometry
+        *ctx.geometry, ctx.x_permuted
     )
     return (grad_x, None, None, None, grad_theta_in, grad_theta_out, None, None, None, None, None,
-            None)
+            None, None)
 
 
 poet_linear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -231,21 +252,29 @@ def poet_linear_blocks_op(
     index_out: Tensor,
     save_intermediate: bool,
     x_perm: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """``x (T, n) -> (y (T, m), v)`` with blocks ``d_in`` ``(nb_in, b, b)``, ``d_out``
+    save_permuted: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``x (T, n) -> (y (T, m), v, kept)`` with blocks ``d_in`` ``(nb_in, b, b)``, ``d_out``
     ``(nb_out, b, b)`` in x's dtype; ``v`` is empty unless ``save_intermediate``. With
     ``x_perm`` (``x`` gathered by ``index_in``) the forward reads it instead of gathering ``x``,
-    and the input gradient goes to ``x_perm``, in the permuted frame."""
+    and the input gradient goes to ``x_perm``, in the permuted frame. ``save_permuted``:
+    backward keeps the permuted input, ``x_perm`` or, without it, the op's own gather, returned
+    as ``kept`` ``(T, nb_in * b)`` (else ``kept`` is empty)."""
+    own = (_permuted_input(x, index_in, d_in) if save_permuted and x_perm is None else None)
     y, v = _forward_blocks(x, w0, w0_scale, quant_group, d_in, d_out, index_in, index_out,
-                           x_perm)
-    return y, (v if save_intermediate else x.new_empty(0))
+                           x_perm if own is None else own)
+    return (y, (v if save_intermediate else x.new_empty(0)),
+            x.new_empty(0) if own is None else own)
 
 
 @poet_linear_blocks_op.register_fake
 def _(x, w0, w0_scale, quant_group, d_in, d_out, grad_in, grad_out, index_in, index_out,
-      save_intermediate, x_perm=None):
+      save_intermediate, x_perm=None, save_permuted=False):
     y = x.new_empty(x.shape[0], w0.shape[0])
-    return y, (x.new_empty(x.shape[0], w0.shape[0]) if save_intermediate else x.new_empty(0))
+    v = x.new_empty(x.shape[0], w0.shape[0]) if save_intermediate else x.new_empty(0)
+    own = save_permuted and x_perm is None
+    kept = x.new_empty(x.shape[0], d_in.shape[0] * d_in.shape[1]) if own else x.new_empty(0)
+    return y, v, kept
 
 
 @torch.library.custom_op("poetx::poet_linear_blocks_backward", mutates_args=())
@@ -261,42 +290,45 @@ def poet_linear_blocks_backward_op(
     index_in: Tensor,
     index_out: Tensor,
     permuted_grad: bool = False,
+    x_permuted: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dx (T, n), grad_d_in, grad_d_out)``, block gradients float32 (float64 for float64);
-    ``permuted_grad``: ``dx`` ``(T, nb_in * b)`` in the permuted frame."""
+    ``permuted_grad``: ``dx`` ``(T, nb_in * b)`` in the permuted frame; ``x_permuted``: ``x``
+    is the forward's permuted input ``(T, nb_in * b)``."""
     return _backward_blocks(grad_y, x, v, d_in, d_out, w0, w0_scale, quant_group, index_in,
-                            index_out, permuted_grad)
+                            index_out, permuted_grad, x_permuted)
 
 
 @poet_linear_blocks_backward_op.register_fake
 def _(grad_y, x, v, d_in, d_out, w0, w0_scale, quant_group, index_in, index_out,
-      permuted_grad=False):
+      permuted_grad=False, x_permuted=False):
     wide = torch.float64 if x.dtype == torch.float64 else torch.float32
-    dx = (x.new_empty(x.shape[0], d_in.shape[0] * d_in.shape[1]) if permuted_grad
-          else torch.empty_like(x))
+    dx = x.new_empty(x.shape[0], d_in.shape[0] * d_in.shape[1] if permuted_grad else w0.shape[1])
     return (dx, d_in.new_empty(d_in.shape, dtype=wide),
             d_out.new_empty(d_out.shape, dtype=wide))
 
 
 def _setup_blocks_context(ctx, inputs, output):
     (x, w0, w0_scale, quant_group, d_in, d_out, _gin, _gout, index_in, index_out, _save,
-     x_perm) = inputs
+     x_perm, save_permuted) = inputs
     # With x_perm the shared, unpermuted x is what stays saved (the Gram gathers it again), so
     # the layers reading one input keep one saved copy, as without the fan-out.
-    ctx.save_for_backward(x, output[1], d_in, d_out, w0, w0_scale, index_in, index_out)
+    kept = (x_perm if x_perm is not None else output[2]) if save_permuted else x
+    ctx.save_for_backward(kept, output[1], d_in, d_out, w0, w0_scale, index_in, index_out)
     ctx.quant_group = quant_group
     ctx.permuted = x_perm is not None
+    ctx.x_permuted = save_permuted
     ctx.set_materialize_grads(False)
 
 
-def _backward_prebuilt(ctx, grad_y, _grad_v):
+def _backward_prebuilt(ctx, grad_y, _grad_v, _grad_kept):
     x, v, d_in, d_out, w0, w0_scale, index_in, index_out = ctx.saved_tensors
     grad_x, grad_d_in, grad_d_out = poet_linear_blocks_backward_op(
         _zero_grad_y(grad_y, x, w0), x, v, d_in, d_out, w0, w0_scale, ctx.quant_group, index_in,
-        index_out, ctx.permuted)
+        index_out, ctx.permuted, ctx.x_permuted)
     grads_x = (None, grad_x) if ctx.permuted else (grad_x, None)
     return (grads_x[0], None, None, None, None, None, grad_d_in, grad_d_out, None, None, None,
-            grads_x[1])
+            grads_x[1], None)
 
 
 poet_linear_blocks_op.register_autograd(_backward_prebuilt, setup_context=_setup_blocks_context)
@@ -328,21 +360,25 @@ def poet_linear_prebuilt(
     index_out: Tensor,
     save_intermediate: bool,
     x_perm: Tensor | None = None,
+    save_permuted: bool = False,
 ) -> Tensor:
     """:func:`poet_linear` with the blocks ``d_in`` / ``d_out`` (``R - I``, in
     ``op_dtype(x)``) given; their gradients flow to the float32 handles ``grad_in`` /
     ``grad_out`` (same shapes). ``x`` ``(..., n)`` -> ``(..., m)``. ``x_perm``: ``x`` flattened
     to ``(T, n)`` and gathered by ``index_in`` (a ``poetx.ops.fan_out`` copy, in the op's
-    dtype); the input gradient then flows to it instead of to ``x``."""
+    dtype); the input gradient then flows to it instead of to ``x``. ``save_permuted``: as in
+    :func:`poet_linear`."""
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         with torch.autocast(device_type, enabled=False):
             return poet_linear_prebuilt(x.to(torch.get_autocast_dtype(device_type)), w0,
                                         w0_scale, quant_group, d_in, d_out, grad_in, grad_out,
-                                        index_in, index_out, save_intermediate, x_perm)
+                                        index_in, index_out, save_intermediate, x_perm,
+                                        save_permuted)
     lead = x.shape[:-1]
     y = poet_linear_blocks_op(_flat_input(x), w0, w0_scale, quant_group, d_in, d_out, grad_in,
-                              grad_out, index_in, index_out, save_intermediate, x_perm)[0]
+                              grad_out, index_in, index_out, save_intermediate, x_perm,
+                              save_permuted)[0]
     return y.reshape(*lead, w0.shape[0])
 
 
@@ -359,6 +395,7 @@ def poet_linear(
     block_out: int,
     terms: int | None,
     save_intermediate: bool,
+    save_permuted: bool = False,
 ) -> Tensor:
     """Functional POET-X linear map (no bias) for ``x`` of shape ``(..., n)``; returns ``(..., m)``.
 
@@ -369,6 +406,9 @@ def poet_linear(
         theta_in / theta_out: ``(nb, b(b-1)/2)`` skew parameters of ``P`` / ``R``.
         index_in / index_out: padded permutations ``(nb*b,)``, ``-1`` for phantom coordinates.
         terms: Neumann terms, ``None`` for the exact Cayley map.
+        save_intermediate: keep ``v`` and the blocks for backward ("fast" mode).
+        save_permuted: backward keeps ``x`` as the forward permuted it, ``(T, nb_in * b)``,
+            instead of ``x``; worth it only where nothing else keeps ``x`` alive.
     """
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
@@ -378,10 +418,11 @@ def poet_linear(
         with torch.autocast(device_type, enabled=False):
             return poet_linear(x.to(torch.get_autocast_dtype(device_type)), w0, w0_scale,
                                quant_group, theta_in, theta_out, index_in, index_out, block_in,
-                               block_out, terms, save_intermediate)
+                               block_out, terms, save_intermediate, save_permuted)
     lead = x.shape[:-1]
     y = poet_linear_op(
         _flat_input(x), w0, w0_scale, quant_group, theta_in, theta_out, index_in, index_out,
         block_in, block_out, EXACT_CAYLEY if terms is None else terms, save_intermediate,
+        save_permuted,
     )[0]
     return y.reshape(*lead, w0.shape[0])

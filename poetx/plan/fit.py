@@ -42,6 +42,7 @@ def setting_of(cfg: Any) -> Setting:
         and getattr(cfg, "rotation_states", "fp32") == "fp32",
         grad_accum=getattr(cfg, "grad_accum", 1),
         compile_blocks=bool(getattr(cfg, "compile_blocks", False)),
+        permuted_saves=getattr(poet, "permuted_saves", "auto"),
     )
 
 

@@ -74,10 +74,12 @@ This module imports neither torch nor transformers.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from poetx.config import PERMUTED_SAVES
 from poetx.model.loss_chunks import LOGITS_BUDGET, auto_chunk_tokens, vocab_chunk
 
 Round = Callable[[int], int]
@@ -167,6 +169,8 @@ class Setting:
         compile_blocks: the decoder blocks are compiled around their POET layers
             (``poetx.model.compile_blocks``; ``poetx train`` does it where the step is a CUDA
             graph, so it counts only with ``cuda_graphs`` and POET-X).
+        permuted_saves: ``"auto"``: POET-X's ``down_proj`` keeps its input permuted, padded to
+            whole blocks (``POETConfig.permuted_saves``); ``"off"``: as given.
     """
 
     optimizer: str = "poetx"
@@ -183,6 +187,7 @@ class Setting:
     loss: str = "vocab-chunked"
     grad_accum: int = 1
     compile_blocks: bool = False
+    permuted_saves: str = "auto"
 
     @property
     def blocks_compiled(self) -> bool:
@@ -197,6 +202,7 @@ class Setting:
         _choice("rotation_states", self.rotation_states, ROTATION_STATES)
         _choice("w0_residual", self.w0_residual, W0_RESIDUALS)
         _choice("loss", self.loss, LOSSES)
+        _choice("permuted_saves", self.permuted_saves, PERMUTED_SAVES)
         for name in ("block_size", "quant_group_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 2:
@@ -597,8 +603,12 @@ def _saved_layer_bytes(rb: Round, shape: ModelShape, t: int, setting: Setting, e
     total = 2 * _norm_saved(rb, t, d, e, float32_copy=not setting.blocks_compiled)
     # rotated q and k, v, attention output (saved by SDPA and o_proj), float32 log-sum-exp
     total += 2 * rb(e * t * q) + 2 * rb(e * t * kv) + rb(4 * t * shape.heads)
-    # gate output, its SiLU, up output, their product (the input of down_proj)
-    total += 4 * rb(e * t * i)
+    # gate output, its SiLU, up output, their product (the input of down_proj, which POET-X's
+    # down_proj may keep permuted, padded to whole blocks, instead)
+    product = i
+    if setting.optimizer == "poetx" and setting.permuted_saves == "auto":
+        product = math.prod(num_blocks(i, setting.block_size))
+    total += 3 * rb(e * t * i) + rb(e * t * product)
     if setting.optimizer == "poetx" and setting.mode == "fast":
         for _, m, n in shape.linears():
             total += rb(e * t * m)
