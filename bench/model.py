@@ -33,6 +33,7 @@ class Method:
     dense_optimizer: str = "adamw"
     rotation_states: str = "fp32"
     step_in_backward: bool = False
+    mlp_permutations: str = "independent"
 
 
 _LEAN = {"dense_optimizer": "adamw8bit", "step_in_backward": True}
@@ -75,7 +76,8 @@ def build(preset: str, method: Method, block_size: int, device: str, capturable:
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda", capturable=capturable)
     else:
-        cfg = poetx.POETConfig(block_size=block_size, mode=method.mode, w0_format=method.w0_format)
+        cfg = poetx.POETConfig(block_size=block_size, mode=method.mode, w0_format=method.w0_format,
+                               mlp_permutations=method.mlp_permutations)
         model = build_poet_model(lambda: LlamaForCausalLM(llama_config(preset)), cfg, device,
                                  torch.bfloat16, rebuild_buffers=rebuild_hf_rotary)
         opt = poetx.make_optimizer(model, lr=1e-4, poet_lr=1e-4,

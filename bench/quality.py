@@ -169,6 +169,9 @@ def study() -> list[RunSpec]:
         ("exact", (("--neumann-terms", "exact"),), rot_lr),
         ("int8", (("--w0-format", "int8"),), rot_lr),
         ("fp8", (("--w0-format", "fp8"),), rot_lr),
+        # one permutation for each MLP's gate/up outputs and down input (a sampling variant
+        # that spares permutation passes): does it train as well?
+        ("sharedmlp", (("--mlp-permutations", "shared"),), rot_lr),
     ]
     for tag, flags, poet_lr in ablations:
         runs.append(RunSpec(f"60m-poetx-{tag}", "ablation", "llama-60m", "poetx", lr, poet_lr,
@@ -798,7 +801,8 @@ def render_doc(rows: list[dict[str, Any]], plots: list[Path]) -> str:
         "1e-2/1e-3, 2e-2/2e-3; 130M 2.5e-3/5e-4, 5e-3/1e-3, 1e-2/2e-3.",
         "- Ablations on 60M at the centre of the POET-X grid (lr 1e-2, poet_lr 1e-3; b = 512 "
         "with poet_lr 5e-4 by the convention): block 128 / 256 / 512, merge interval 50 / 200 "
-        "/ 1000, Neumann terms 3 vs exact, W0 bf16 / int8 / fp8.",
+        "/ 1000, Neumann terms 3 vs exact, W0 bf16 / int8 / fp8, and one permutation shared "
+        "by each MLP's gate/up outputs and down input (`--mlp-permutations shared`).",
         f"- Loss spikes: steps whose training loss exceeds {SPIKE_FACTOR} x the median of the "
         f"{SPIKE_WINDOW} steps before it.",
         f"- Evaluation: the first {EVAL_BATCHES} batches of the validation set "

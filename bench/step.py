@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +45,18 @@ DEFAULT_METHODS = "adamw,adamw-compile,poetx-eager,poetx,authors"
 # (batch_rotations="off", the code before the batched build), for a before/after row;
 # poetx-nocompile: captured, blocks not compiled (poetx train --no-compile-blocks).
 # poetx-noshared: as poetx, but every layer gathers its own input (shared_inputs="off");
-# poetx-nopermsave: as poetx, but down_proj keeps its input as given (permuted_saves="off").
+# poetx-nopermsave: as poetx, but down_proj keeps its input as given (permuted_saves="off");
+# poetx-sharedmlp: as poetx, with one permutation for an MLP's gate/up outputs and down input
+# (mlp_permutations="shared", chosen when the model is built).
 VARIANTS = {"poetx-perlayer": {"batch_rotations": "off"},
             "poetx-noshared": {"shared_inputs": "off"},
             "poetx-nopermsave": {"permuted_saves": "off"}}
 STEP_METHODS = ("adamw", "adamw-compile", "poetx-eager", "poetx", "poetx-perlayer",
-                "poetx-nocompile", "poetx-noshared", "poetx-nopermsave", "authors")
-CAPTURED = ("poetx", "poetx-perlayer", "poetx-nocompile", "poetx-noshared", "poetx-nopermsave")
+                "poetx-nocompile", "poetx-noshared", "poetx-nopermsave", "poetx-sharedmlp",
+                "authors")
+BUILT = {"poetx-sharedmlp": {"mlp_permutations": "shared"}}
+CAPTURED = ("poetx", "poetx-perlayer", "poetx-nocompile", "poetx-noshared", "poetx-nopermsave",
+            "poetx-sharedmlp")
 
 
 def parse_cases(text: str) -> dict[str, list[tuple[int, int]]]:
@@ -90,11 +96,10 @@ def build_method(preset: str, method: str, block_size: int, authors_path: str):
             # causal_lm_loss calls the base model and the chunked loss on lm_head's weight.
             model.model = torch.compile(model.model)
         return model, opt
-    model, opt = build(preset, METHODS["fast"], block_size, "cuda")
+    model, opt = build(preset, replace(METHODS["fast"], **BUILT.get(method, {})), block_size,
+                       "cuda")
     changed = VARIANTS.get(method)
     if changed:
-        from dataclasses import replace
-
         from poetx.model.wrap import poet_layers
 
         for _, layer in poet_layers(model):
@@ -108,7 +113,7 @@ def build_method(preset: str, method: str, block_size: int, authors_path: str):
 
 def make_step(model, opt, method: str, batch: torch.Tensor, warmup: int):
     return make_train_step(model, opt, batch, warmup, capture=method in CAPTURED,
-                           compile_blocks=method in ("poetx", *VARIANTS))
+                           compile_blocks=method in ("poetx", *VARIANTS, *BUILT))
 
 
 # Kernel families of a training step, by name (first match wins): where a step's GPU time goes.

@@ -28,6 +28,7 @@ ADAM_RESTARTS = ("rewarm", "reset")
 BATCH_ROTATIONS = ("auto", "on", "off")
 SHARED_INPUTS = ("auto", "on", "off")
 PERMUTED_SAVES = ("auto", "off")
+MLP_PERMUTATIONS = ("independent", "shared")
 MAX_NEUMANN_TERMS = 16
 
 
@@ -94,6 +95,15 @@ class POETConfig:
             ``"auto"``: layers named ``down_proj``; ``"off"``: none. (Elsewhere the input is
             usually kept by other operations too, or shared by sibling layers, and would then
             be kept twice.)
+        mlp_permutations: ``"independent"`` (the method as published): every layer draws its
+            own permutations. ``"shared"``: in each MLP with ``gate_proj``, ``up_proj`` and
+            ``down_proj`` (a Llama MLP: ``down(act(gate(x)) * up(x))``), the gate and up
+            outputs and the down input share one permutation, redrawn at each merge, so the
+            intermediate activation stays in the permuted order between them, which spares
+            six permutation passes over it per step (same function for given permutations; a
+            variant of the method's sampling of them). Needs the intermediate width a
+            multiple of the block size and only elementwise operations between the three
+            layers; MLPs that do not qualify keep independent permutations. Set at wrap time.
     """
 
     block_size: int = setting(256, "rotation block size b", check=at_least(2, 8192),
@@ -136,6 +146,10 @@ class POETConfig:
     permuted_saves: str = setting("auto", "layers that keep their input permuted for backward "
                                   "(auto: down_proj, whose input nothing else keeps)",
                                   choices=PERMUTED_SAVES, group="POET-X")
+    mlp_permutations: str = setting("independent", "permutations of an MLP's gate/up outputs "
+                                    "and down input: independent (as published) or shared (one "
+                                    "for the three, fewer permutation passes)",
+                                    choices=MLP_PERMUTATIONS, group="POET-X")
 
     def __post_init__(self) -> None:
         # TOML and JSON give lists; a lone pattern may come as a string.

@@ -55,7 +55,7 @@ def test_summarize_reads_resumed_runs() -> None:
 def test_study_grid() -> None:
     runs = quality.study()
     names = [r.name for r in runs]
-    assert len(names) == len(set(names)) == 19
+    assert len(names) == len(set(names)) == 20
     # the 60M sweep of both methods comes first
     assert [r.preset for r in runs[:6]] == ["llama-60m"] * 6
     assert {r.optimizer for r in runs[:6]} == {"poetx", "adamw"}
@@ -219,7 +219,7 @@ def test_queue_runs_on_cpu_skips_finished_runs_and_reports(
     doc = tmp_path / "results.md"
     quality.report(results, doc, tmp_path)
     text = doc.read_text()
-    assert "1 of 19 runs done" in text and "60m-poetx-lr0.01" in text
+    assert "1 of 20 runs done" in text and "60m-poetx-lr0.01" in text
     assert (tmp_path / "quality_ppl_tokens.png").stat().st_size > 0
 
 
@@ -227,7 +227,7 @@ def test_report_without_results_says_pending(tmp_path: Path) -> None:
     doc = tmp_path / "results.md"
     quality.report(tmp_path / "none.json", doc, tmp_path)
     text = doc.read_text()
-    assert "pending a GPU session" in text and "0 of 19 runs done" in text
+    assert "pending a GPU session" in text and "0 of 20 runs done" in text
     assert not list(tmp_path.glob("*.png"))
 
 

@@ -49,7 +49,7 @@ POET_VALUES = {
     "w0_residual": ("device", "device"), "max_q_norm": ("0.5", 0.5),
     "q_norm_check_every": ("5", 5), "adam_restart": ("reset", "reset"),
     "batch_rotations": ("off", "off"), "shared_inputs": ("on", "on"),
-    "permuted_saves": ("off", "off"),
+    "permuted_saves": ("off", "off"), "mlp_permutations": ("shared", "shared"),
 }
 
 

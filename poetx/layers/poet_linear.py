@@ -61,6 +61,12 @@ class POETLinear(nn.Module):
         step_rotations: while the Trainer accumulates micro-batches, the step's blocks
             (``poetx.layers.rotation_groups.AccumulatedRotations``), ahead of
             ``rotation_group``; else ``None``.
+        frame_in / frame_out: ``""``, or the key of a permutation this side shares with other
+            layers' sides (``poetx.model.wrap`` gives an MLP's gate/up outputs and down input
+            one, ``POETConfig.mlp_permutations="shared"``). A shared side draws its
+            permutation from the key, so the layers sharing it hold equal ones as long as they
+            merge together, and its activation travels in the permuted order: the input is
+            taken, or the output returned, as ``x[..., perm]`` rather than ``x``.
     """
 
     def __init__(
@@ -73,9 +79,12 @@ class POETLinear(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         weight: Tensor | None = None,
+        frame_in: str = "",
+        frame_out: str = "",
     ) -> None:
         """``weight`` ``(out, in)``: starting ``W0`` in the original frame; ``None`` draws the
-        normalized Gaussian init (on ``device``, seeded from ``config.seed`` and ``name``)."""
+        normalized Gaussian init (on ``device``, seeded from ``config.seed`` and ``name``).
+        ``frame_in`` / ``frame_out``: keys of shared permutations (see the class notes)."""
         super().__init__()
         self.config = config or POETConfig()
         self.in_features = in_features
@@ -85,6 +94,14 @@ class POETLinear(nn.Module):
         self.step_rotations = None
         self.layout_in = BlockLayout.for_dim(in_features, self.config.block_size)
         self.layout_out = BlockLayout.for_dim(out_features, self.config.block_size)
+        for side, key, layout in (("in", frame_in, self.layout_in),
+                                  ("out", frame_out, self.layout_out)):
+            if key and layout.padded_dim != layout.dim:
+                raise ValueError(
+                    f"POETLinear {name!r}: a shared permutation on the {side} side needs whole "
+                    f"blocks ({layout.dim} is not a multiple of block size {layout.block})")
+        self.frame_in = frame_in
+        self.frame_out = frame_out
         dtype = dtype or torch.get_default_dtype()
         self.compute_dtype = dtype
         # Skew parameters stay float32 under a bf16 model: their updates are far below bf16's
@@ -178,15 +195,17 @@ class POETLinear(nn.Module):
     # construction -----------------------------------------------------------------------------
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: POETConfig | None = None,
-                    name: str = "") -> POETLinear:
-        """Convert ``linear``; with ``config.init == "keep"`` its function is unchanged."""
+                    name: str = "", frame_in: str = "", frame_out: str = "") -> POETLinear:
+        """Convert ``linear``; with ``config.init == "keep"`` its function is unchanged
+        (on a shared side, up to the permuted order the activation travels in)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects nn.Linear, got {type(linear).__name__}")
         config = config or POETConfig()
         weight = linear.weight
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                     config=config, name=name, device=weight.device, dtype=weight.dtype,
-                    weight=weight.detach() if config.init == "keep" else None)
+                    weight=weight.detach() if config.init == "keep" else None,
+                    frame_in=frame_in, frame_out=frame_out)
         if linear.bias is not None:
             with torch.no_grad():
                 layer.bias.copy_(linear.bias)
@@ -245,8 +264,9 @@ class POETLinear(nn.Module):
     def _draw_permutations(self) -> None:
         count = int(self.merge_count)
         for side, layout in (("in", self.layout_in), ("out", self.layout_out)):
-            perm = draw_permutation(layout.dim, layer_seed(self.config.seed, self.layer_name,
-                                                           count, side))
+            frame = getattr(self, f"frame_{side}")
+            key, tag = (frame, "frame") if frame else (self.layer_name, side)
+            perm = draw_permutation(layout.dim, layer_seed(self.config.seed, key, count, tag))
             getattr(self, f"perm_{side}").copy_(perm)
             index = getattr(self, f"index_{side}")
             index.fill_(-1)
@@ -274,13 +294,13 @@ class POETLinear(nn.Module):
                     else None)
             y = poet_linear_prebuilt(
                 x, self.w0, self.w0_scale, self.config.quant_group_size, d_in, d_out, grad_in,
-                grad_out, self.index_in, self.index_out, self.config.mode == "fast", copy,
+                grad_out, *self._op_indices(), self.config.mode == "fast", copy,
                 self.saves_permuted_input,
             )
         else:
             y = poet_linear(
                 x, self.w0, self.w0_scale, self.config.quant_group_size, self.theta_in,
-                self.theta_out, self.index_in, self.index_out, self.layout_in.block,
+                self.theta_out, *self._op_indices(), self.layout_in.block,
                 self.layout_out.block, self.config.neumann_terms, self.config.mode == "fast",
                 self.saves_permuted_input,
             )
@@ -288,10 +308,16 @@ class POETLinear(nn.Module):
             y = y + self.bias.to(y.dtype)
         return y
 
+    def _op_indices(self) -> tuple[Tensor | None, Tensor | None]:
+        # A shared side's activation already travels permuted: no gather, no scatter.
+        return (None if self.frame_in else self.index_in,
+                None if self.frame_out else self.index_out)
+
     @property
     def saves_permuted_input(self) -> bool:
-        """Whether backward keeps the input as the forward permuted it (``permuted_saves``)."""
-        return (self.config.permuted_saves == "auto"
+        """Whether backward keeps the input as the forward permuted it (``permuted_saves``;
+        an input arriving permuted, on a shared side, is kept as it comes anyway)."""
+        return (self.config.permuted_saves == "auto" and not self.frame_in
                 and self.layer_name.rsplit(".", 1)[-1] == "down_proj")
 
     # dense views and merging --------------------------------------------------------------------
@@ -384,5 +410,7 @@ class POETLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, block_size={self.config.block_size}, "
             f"mode={self.config.mode}, w0={self.w0.dtype}"
+            + (f", frame_in={self.frame_in!r}" if self.frame_in else "")
+            + (f", frame_out={self.frame_out!r}" if self.frame_out else "")
         )
 

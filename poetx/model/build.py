@@ -17,7 +17,7 @@ from torch import nn
 from poetx.config import POETConfig
 from poetx.layers.poet_linear import POETLinear
 from poetx.layers.rotation_groups import group_rotations
-from poetx.model.wrap import _set_submodule, eligible_linears
+from poetx.model.wrap import _set_submodule, eligible_linears, shared_mlp_frames
 
 
 def _materialize_leftovers(model: nn.Module, device: torch.device, dtype: torch.dtype,
@@ -63,9 +63,14 @@ def build_poet_model(
     device = torch.device(device)
     with torch.device("meta"):
         model = make_model()
-    for name, linear in list(eligible_linears(model, config)):
+    targets = list(eligible_linears(model, config))
+    frames = (shared_mlp_frames(targets, config.block_size)
+              if config.mlp_permutations == "shared" else {})
+    for name, linear in targets:
+        frame_in, frame_out = frames.get(name, ("", ""))
         layer = POETLinear(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                           config=config, name=name, device=device, dtype=dtype)
+                           config=config, name=name, device=device, dtype=dtype,
+                           frame_in=frame_in, frame_out=frame_out)
         _set_submodule(model, name, layer)
     if rebuild_buffers is not None:
         rebuild_buffers(model, device)

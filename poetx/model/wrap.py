@@ -101,23 +101,79 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+MLP_TRIPLE = ("gate_proj", "up_proj", "down_proj")
+
+
+def shared_mlp_frames(targets: list[tuple[str, nn.Linear]],
+                      block_size: int) -> dict[str, tuple[str, str]]:
+    """``{name: (frame_in, frame_out)}`` for the layers of every MLP whose ``gate_proj``,
+    ``up_proj`` and ``down_proj`` are all in ``targets`` with one intermediate width, a
+    multiple of ``block_size``: the gate and up outputs and the down input share the key
+    ``"<mlp>.intermediate"`` (``POETConfig.mlp_permutations="shared"``)."""
+    by_parent: dict[str, dict[str, nn.Linear]] = {}
+    for name, linear in targets:
+        parent, _, child = name.rpartition(".")
+        if child in MLP_TRIPLE:
+            by_parent.setdefault(parent, {})[child] = linear
+    frames: dict[str, tuple[str, str]] = {}
+    for parent, found in by_parent.items():
+        if len(found) < 3:
+            continue
+        gate, up, down = (found[c] for c in MLP_TRIPLE)
+        width = gate.out_features
+        if up.out_features != width or down.in_features != width or width % block_size:
+            continue
+        key = f"{parent}.intermediate" if parent else "intermediate"
+        prefix = f"{parent}." if parent else ""
+        frames[prefix + "gate_proj"] = ("", key)
+        frames[prefix + "up_proj"] = ("", key)
+        frames[prefix + "down_proj"] = (key, "")
+    return frames
+
+
+def check_shared_frames(model: nn.Module) -> None:
+    """Raise if layers that share a permutation (``frame_in`` / ``frame_out``) hold different
+    ones: they were merged apart (``merge_all_`` merges them together). Reads the devices."""
+    held: dict[str, tuple[str, torch.Tensor]] = {}
+    for name, layer in poet_layers(model):
+        for side in ("in", "out"):
+            key = getattr(layer, f"frame_{side}")
+            if not key:
+                continue
+            perm = getattr(layer, f"perm_{side}")
+            if key not in held:
+                held[key] = (name, perm)
+            elif not torch.equal(held[key][1].cpu(), perm.cpu()):
+                raise RuntimeError(
+                    f"{name} and {held[key][0]} share the permutation {key!r} but hold "
+                    "different ones: layers sharing a permutation must be merged together "
+                    "(poetx merge_all_)")
+
+
 def wrap(model: nn.Module, config: POETConfig | None = None) -> nn.Module:
     """Replace every eligible ``nn.Linear`` of ``model`` by a ``POETLinear``; returns ``model``.
 
     Hugging Face ``Conv1D`` projections (GPT-2) are wrapped too and come back as ``Conv1D`` on
     ``unwrap``. ``lm_head``, layers tied to embeddings and names matching ``config.exclude``
     stay dense.
-    Each layer's permutations are seeded from ``config.seed`` and its module name. Every
-    ``ModuleList`` element holding POET layers (a decoder block) gets the batched rotation
-    build (``poetx.layers.rotation_groups``; used as ``config.batch_rotations`` says).
+    Each layer's permutations are seeded from ``config.seed`` and its module name (an MLP's
+    shared one, with ``config.mlp_permutations="shared"``, from the MLP's name: see
+    :func:`shared_mlp_frames`). Every ``ModuleList`` element holding POET layers (a decoder
+    block) gets the batched rotation build (``poetx.layers.rotation_groups``; used as
+    ``config.batch_rotations`` says).
     """
     config = config or POETConfig()
     targets = list(eligible_linears(model, config))
     convs = list(eligible_conv1d(model, config))
     if not targets and not convs:
         raise ValueError("wrap: the model has no nn.Linear layer to reparameterize")
+    frames = (shared_mlp_frames(targets, config.block_size)
+              if config.mlp_permutations == "shared" else {})
     for name, linear in targets:
-        _set_submodule(model, name, POETLinear.from_linear(linear, config, name=name))
+        frame_in, frame_out = frames.get(name, ("", ""))
+        _set_submodule(model, name, POETLinear.from_linear(linear, config, name=name,
+                                                           frame_in=frame_in,
+                                                           frame_out=frame_out))
     for name, conv in convs:
         layer = POETLinear.from_linear(_conv1d_as_linear(conv), config, name=name)
         setattr(layer, FROM_CONV1D, True)
@@ -172,4 +228,5 @@ def merge_all_(model: nn.Module) -> int:
     layers = [layer for _, layer in poet_layers(model)]
     for layer in layers:
         layer.merge_()
+    check_shared_frames(model)
     return len(layers)

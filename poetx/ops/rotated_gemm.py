@@ -115,8 +115,8 @@ def poet_linear_op(
     quant_group: int,
     theta_in: Tensor,
     theta_out: Tensor,
-    index_in: Tensor,
-    index_out: Tensor,
+    index_in: Tensor | None,
+    index_out: Tensor | None,
     block_in: int,
     block_out: int,
     terms: int,
@@ -128,7 +128,8 @@ def poet_linear_op(
     by ``index_in``, ``(T, nb_in * b)``) when ``save_permuted``, else empty."""
     m, n = w0.shape
     d_in, d_out = _deltas(x, theta_in, theta_out, n, m, block_in, block_out, terms)
-    x_perm = _permuted_input(x, index_in, d_in) if save_permuted else None
+    x_perm = (_permuted_input(x, index_in, d_in) if save_permuted and index_in is not None
+              else None)
     y, v = _forward_blocks(x, w0, w0_scale, quant_group, d_in, d_out, index_in, index_out,
                            x_perm)
     kept = x.new_empty(0) if x_perm is None else x_perm
@@ -163,8 +164,8 @@ def poet_linear_backward_op(
     quant_group: int,
     theta_in: Tensor,
     theta_out: Tensor,
-    index_in: Tensor,
-    index_out: Tensor,
+    index_in: Tensor | None,
+    index_out: Tensor | None,
     block_in: int,
     block_out: int,
     terms: int,
@@ -200,9 +201,10 @@ def _setup_context(ctx, inputs, output):
     (x, w0, w0_scale, quant_group, theta_in, theta_out, index_in, index_out, block_in, block_out,
      terms, _save, save_permuted) = inputs
     _, v, d_in, d_out, x_perm = output
-    ctx.save_for_backward(x_perm if save_permuted else x, v, d_in, d_out, w0, w0_scale,
-                          theta_in, theta_out, index_in, index_out)
-    ctx.x_permuted = save_permuted
+    kept = x_perm if save_permuted and index_in is not None else x
+    ctx.save_for_backward(kept, v, d_in, d_out, w0, w0_scale, theta_in, theta_out, index_in,
+                          index_out)
+    ctx.x_permuted = kept is not x
     ctx.quant_group = quant_group
     ctx.geometry = (block_in, block_out, terms)
     # The extra outputs only carry saved state: don't zero-fill gradients for them.
@@ -248,8 +250,8 @@ def poet_linear_blocks_op(
     d_out: Tensor,
     grad_in: Tensor,
     grad_out: Tensor,
-    index_in: Tensor,
-    index_out: Tensor,
+    index_in: Tensor | None,
+    index_out: Tensor | None,
     save_intermediate: bool,
     x_perm: Tensor | None = None,
     save_permuted: bool = False,
@@ -260,7 +262,8 @@ def poet_linear_blocks_op(
     and the input gradient goes to ``x_perm``, in the permuted frame. ``save_permuted``:
     backward keeps the permuted input, ``x_perm`` or, without it, the op's own gather, returned
     as ``kept`` ``(T, nb_in * b)`` (else ``kept`` is empty)."""
-    own = (_permuted_input(x, index_in, d_in) if save_permuted and x_perm is None else None)
+    own = (_permuted_input(x, index_in, d_in)
+           if save_permuted and x_perm is None and index_in is not None else None)
     y, v = _forward_blocks(x, w0, w0_scale, quant_group, d_in, d_out, index_in, index_out,
                            x_perm if own is None else own)
     return (y, (v if save_intermediate else x.new_empty(0)),
@@ -287,8 +290,8 @@ def poet_linear_blocks_backward_op(
     w0: Tensor,
     w0_scale: Tensor | None,
     quant_group: int,
-    index_in: Tensor,
-    index_out: Tensor,
+    index_in: Tensor | None,
+    index_out: Tensor | None,
     permuted_grad: bool = False,
     x_permuted: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -313,11 +316,16 @@ def _setup_blocks_context(ctx, inputs, output):
      x_perm, save_permuted) = inputs
     # With x_perm the shared, unpermuted x is what stays saved (the Gram gathers it again), so
     # the layers reading one input keep one saved copy, as without the fan-out.
-    kept = (x_perm if x_perm is not None else output[2]) if save_permuted else x
+    if save_permuted and x_perm is not None:
+        kept = x_perm
+    elif save_permuted and index_in is not None:
+        kept = output[2]  # the op's own gather
+    else:
+        kept = x
     ctx.save_for_backward(kept, output[1], d_in, d_out, w0, w0_scale, index_in, index_out)
     ctx.quant_group = quant_group
     ctx.permuted = x_perm is not None
-    ctx.x_permuted = save_permuted
+    ctx.x_permuted = kept is not x
     ctx.set_materialize_grads(False)
 
 
@@ -356,8 +364,8 @@ def poet_linear_prebuilt(
     d_out: Tensor,
     grad_in: Tensor,
     grad_out: Tensor,
-    index_in: Tensor,
-    index_out: Tensor,
+    index_in: Tensor | None,
+    index_out: Tensor | None,
     save_intermediate: bool,
     x_perm: Tensor | None = None,
     save_permuted: bool = False,
@@ -389,8 +397,8 @@ def poet_linear(
     quant_group: int,
     theta_in: Tensor,
     theta_out: Tensor,
-    index_in: Tensor,
-    index_out: Tensor,
+    index_in: Tensor | None,
+    index_out: Tensor | None,
     block_in: int,
     block_out: int,
     terms: int | None,

@@ -106,7 +106,7 @@ assert set(PRESET_DEFAULTS) == set(PRESETS)
 RESUME_LOCKED = ("preset", "optimizer", "data", "vocab_size", "seq_len", "seed", "dtype",
                  "init_from", "dense_optimizer", "rotation_states")
 RESUME_LOCKED_POET = ("block_size", "neumann_terms", "init", "exclude", "seed", "w0_format",
-                      "quant_group_size", "w0_residual")
+                      "quant_group_size", "w0_residual", "mlp_permutations")
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from poetx.layers.poet_linear import POETLinear
+from poetx.model.wrap import check_shared_frames
 
 _SHARDED_NAMES = ("w0", "w0_scale", "theta_in", "theta_out", "bias")
 
@@ -127,4 +128,5 @@ def merge_sharded_(model: nn.Module) -> int:
             with gathered(layer):
                 layer.merge_()
             count += 1
+    check_shared_frames(model)
     return count
