@@ -101,9 +101,9 @@ class POETConfig:
             outputs and the down input share one permutation, redrawn at each merge, so the
             intermediate activation stays in the permuted order between them, which spares
             six permutation passes over it per step (same function for given permutations; a
-            variant of the method's sampling of them). Needs the intermediate width a
-            multiple of the block size and only elementwise operations between the three
-            layers; MLPs that do not qualify keep independent permutations. Set at wrap time.
+            variant of the method's sampling of them). Needs only elementwise operations
+            between the three layers; MLPs without all three (one excluded, say) keep
+            independent permutations. Set at wrap time.
     """
 
     block_size: int = setting(256, "rotation block size b", check=at_least(2, 8192),

@@ -206,9 +206,11 @@ def test_both_optimizers_run_through_the_same_loop(corpus, tmp_path):
     assert start["poetx"]["parameters"] != start["adamw"]["parameters"]
 
 
-@pytest.mark.parametrize("optimizer", ["poetx", "adamw"])
+@pytest.mark.parametrize("optimizer", ["poetx", "adamw", "poetx-sharedmlp"])
 def test_resume_matches_an_unbroken_run_bitwise(corpus, tmp_path, optimizer, capsys):
     kw = {"optimizer": optimizer, "poet": {"merge_every": 2}}
+    if optimizer == "poetx-sharedmlp":  # the MLPs' shared permutations, redrawn at merges
+        kw = {"optimizer": "poetx", "poet": {"merge_every": 2, "mlp_permutations": "shared"}}
     train(small(corpus, tmp_path / "a", **kw))
     b = tmp_path / "b"
     train(small(corpus, b, **kw))

@@ -25,9 +25,10 @@ def gather_columns(x: Tensor, index: Tensor | None, positions: int) -> Tensor:
 
 
 def scatter_columns(r: Tensor, index: Tensor | None, cols: int) -> Tensor:
-    """``(T, positions) -> (T, cols)``: position ``p`` to column ``index[p]``; phantoms dropped."""
+    """``(T, positions) -> (T, cols)``: position ``p`` to column ``index[p]``; phantoms dropped.
+    A new tensor, as the kernels write (not a view keeping the phantom columns' memory)."""
     if index is None:
-        return r[:, :cols]
+        return r[:, :cols].contiguous()
     out = r.new_zeros(r.shape[0], cols)
     valid = index >= 0
     out[:, index[valid]] = r[:, valid]

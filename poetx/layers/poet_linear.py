@@ -94,12 +94,6 @@ class POETLinear(nn.Module):
         self.step_rotations = None
         self.layout_in = BlockLayout.for_dim(in_features, self.config.block_size)
         self.layout_out = BlockLayout.for_dim(out_features, self.config.block_size)
-        for side, key, layout in (("in", frame_in, self.layout_in),
-                                  ("out", frame_out, self.layout_out)):
-            if key and layout.padded_dim != layout.dim:
-                raise ValueError(
-                    f"POETLinear {name!r}: a shared permutation on the {side} side needs whole "
-                    f"blocks ({layout.dim} is not a multiple of block size {layout.block})")
         self.frame_in = frame_in
         self.frame_out = frame_out
         dtype = dtype or torch.get_default_dtype()

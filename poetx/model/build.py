@@ -64,8 +64,7 @@ def build_poet_model(
     with torch.device("meta"):
         model = make_model()
     targets = list(eligible_linears(model, config))
-    frames = (shared_mlp_frames(targets, config.block_size)
-              if config.mlp_permutations == "shared" else {})
+    frames = shared_mlp_frames(targets) if config.mlp_permutations == "shared" else {}
     for name, linear in targets:
         frame_in, frame_out = frames.get(name, ("", ""))
         layer = POETLinear(linear.in_features, linear.out_features, bias=linear.bias is not None,

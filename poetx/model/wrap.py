@@ -104,12 +104,13 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 MLP_TRIPLE = ("gate_proj", "up_proj", "down_proj")
 
 
-def shared_mlp_frames(targets: list[tuple[str, nn.Linear]],
-                      block_size: int) -> dict[str, tuple[str, str]]:
+def shared_mlp_frames(targets: list[tuple[str, nn.Linear]]) -> dict[str, tuple[str, str]]:
     """``{name: (frame_in, frame_out)}`` for the layers of every MLP whose ``gate_proj``,
-    ``up_proj`` and ``down_proj`` are all in ``targets`` with one intermediate width, a
-    multiple of ``block_size``: the gate and up outputs and the down input share the key
-    ``"<mlp>.intermediate"`` (``POETConfig.mlp_permutations="shared"``)."""
+    ``up_proj`` and ``down_proj`` are all in ``targets`` with one intermediate width: the gate
+    and up outputs and the down input share the key ``"<mlp>.intermediate"``
+    (``POETConfig.mlp_permutations="shared"``). A width that is not a multiple of the block
+    size is fine: the phantom positions of the last block come after the real ones in the
+    permuted order, which is where a side without an index puts them too."""
     by_parent: dict[str, dict[str, nn.Linear]] = {}
     for name, linear in targets:
         parent, _, child = name.rpartition(".")
@@ -121,7 +122,7 @@ def shared_mlp_frames(targets: list[tuple[str, nn.Linear]],
             continue
         gate, up, down = (found[c] for c in MLP_TRIPLE)
         width = gate.out_features
-        if up.out_features != width or down.in_features != width or width % block_size:
+        if up.out_features != width or down.in_features != width:
             continue
         key = f"{parent}.intermediate" if parent else "intermediate"
         prefix = f"{parent}." if parent else ""
@@ -167,8 +168,7 @@ def wrap(model: nn.Module, config: POETConfig | None = None) -> nn.Module:
     convs = list(eligible_conv1d(model, config))
     if not targets and not convs:
         raise ValueError("wrap: the model has no nn.Linear layer to reparameterize")
-    frames = (shared_mlp_frames(targets, config.block_size)
-              if config.mlp_permutations == "shared" else {})
+    frames = shared_mlp_frames(targets) if config.mlp_permutations == "shared" else {}
     for name, linear in targets:
         frame_in, frame_out = frames.get(name, ("", ""))
         _set_submodule(model, name, POETLinear.from_linear(linear, config, name=name,

@@ -43,6 +43,7 @@ def setting_of(cfg: Any) -> Setting:
         grad_accum=getattr(cfg, "grad_accum", 1),
         compile_blocks=bool(getattr(cfg, "compile_blocks", False)),
         permuted_saves=getattr(poet, "permuted_saves", "auto"),
+        mlp_permutations=getattr(poet, "mlp_permutations", "independent"),
     )
 
 

@@ -79,7 +79,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from poetx.config import PERMUTED_SAVES
+from poetx.config import MLP_PERMUTATIONS, PERMUTED_SAVES
 from poetx.model.loss_chunks import LOGITS_BUDGET, auto_chunk_tokens, vocab_chunk
 
 Round = Callable[[int], int]
@@ -171,6 +171,8 @@ class Setting:
             graph, so it counts only with ``cuda_graphs`` and POET-X).
         permuted_saves: ``"auto"``: POET-X's ``down_proj`` keeps its input permuted, padded to
             whole blocks (``POETConfig.permuted_saves``); ``"off"``: as given.
+        mlp_permutations: ``POETConfig.mlp_permutations``; ``"shared"``: ``down_proj``'s input
+            arrives permuted and is kept as it comes, unpadded.
     """
 
     optimizer: str = "poetx"
@@ -188,6 +190,7 @@ class Setting:
     grad_accum: int = 1
     compile_blocks: bool = False
     permuted_saves: str = "auto"
+    mlp_permutations: str = "independent"
 
     @property
     def blocks_compiled(self) -> bool:
@@ -203,6 +206,7 @@ class Setting:
         _choice("w0_residual", self.w0_residual, W0_RESIDUALS)
         _choice("loss", self.loss, LOSSES)
         _choice("permuted_saves", self.permuted_saves, PERMUTED_SAVES)
+        _choice("mlp_permutations", self.mlp_permutations, MLP_PERMUTATIONS)
         for name in ("block_size", "quant_group_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 2:
@@ -606,7 +610,8 @@ def _saved_layer_bytes(rb: Round, shape: ModelShape, t: int, setting: Setting, e
     # gate output, its SiLU, up output, their product (the input of down_proj, which POET-X's
     # down_proj may keep permuted, padded to whole blocks, instead)
     product = i
-    if setting.optimizer == "poetx" and setting.permuted_saves == "auto":
+    if (setting.optimizer == "poetx" and setting.permuted_saves == "auto"
+            and setting.mlp_permutations != "shared"):
         product = math.prod(num_blocks(i, setting.block_size))
     total += 3 * rb(e * t * i) + rb(e * t * product)
     if setting.optimizer == "poetx" and setting.mode == "fast":
