@@ -167,9 +167,12 @@ def test_fan_out_copies_kept_for_backward_give_the_same_gradients(mode):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("prebuilt", [False, True])
 @pytest.mark.parametrize("mode", ["fast", "mem"])
-def test_saving_the_permuted_input_on_cuda_is_bitwise_the_same(prebuilt, mode):
+def test_saving_the_permuted_input_on_cuda_is_the_same(prebuilt, mode):
     """On the Triton path the op gathers with the same permutation kernel whether it keeps
-    the copy or not, and the products read the same values: identical bits in bf16."""
+    the copy or not: identical bits in bf16 for the output and the input gradient. The Grams
+    read the same values but, from the contiguous copy, may take the TMA kernel where the
+    indexed input took the gathering one (other tiles, so another order of the float32 token
+    sum): the block and skew gradients agree to float32 rounding."""
     n, m = 1000, 768  # 1000 -> 1024: a padded last block
     torch.manual_seed(0)
     layer = POETLinear(n, m, bias=False, config=POETConfig(block_size=256, mode=mode),
@@ -199,5 +202,7 @@ def test_saving_the_permuted_input_on_cuda_is_bitwise_the_same(prebuilt, mode):
             wrt = [x, layer.theta_in, layer.theta_out]
         results.append([y.detach(), *torch.autograd.grad((y.float() * weight.float()).sum(),
                                                          wrt)])
-    for got, want in zip(results[1], results[0], strict=True):
-        assert torch.equal(got, want)
+    (y1, gx1, *rest1), (y0, gx0, *rest0) = results[1], results[0]
+    assert torch.equal(y1, y0) and torch.equal(gx1, gx0)
+    for got, want in zip(rest1, rest0, strict=True):
+        assert ((got.double() - want.double()).norm() / want.double().norm()).item() < 1e-5
