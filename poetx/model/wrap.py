@@ -144,7 +144,7 @@ def check_shared_frames(model: nn.Module) -> None:
             perm = getattr(layer, f"perm_{side}")
             if key not in held:
                 held[key] = (name, perm)
-            elif not torch.equal(held[key][1].cpu(), perm.cpu()):
+            elif not torch.equal(held[key][1], perm):
                 raise RuntimeError(
                     f"{name} and {held[key][0]} share the permutation {key!r} but hold "
                     "different ones: layers sharing a permutation must be merged together "

@@ -143,8 +143,8 @@ def _(x, w0, w0_scale, quant_group, theta_in, theta_out, index_in, index_out, bl
       terms, save_intermediate, save_permuted=False):
     m, n = w0.shape
     y = x.new_empty(x.shape[0], m)
-    kept = (x.new_empty(x.shape[0], theta_in.shape[0] * block_in) if save_permuted
-            else x.new_empty(0))
+    kept = (x.new_empty(x.shape[0], theta_in.shape[0] * block_in)
+            if save_permuted and index_in is not None else x.new_empty(0))
     if not save_intermediate:
         return y, x.new_empty(0), x.new_empty(0), x.new_empty(0), kept
     d_in = x.new_empty(theta_in.shape[0], block_in, block_in)
@@ -275,7 +275,7 @@ def _(x, w0, w0_scale, quant_group, d_in, d_out, grad_in, grad_out, index_in, in
       save_intermediate, x_perm=None, save_permuted=False):
     y = x.new_empty(x.shape[0], w0.shape[0])
     v = x.new_empty(x.shape[0], w0.shape[0]) if save_intermediate else x.new_empty(0)
-    own = save_permuted and x_perm is None
+    own = save_permuted and x_perm is None and index_in is not None
     kept = x.new_empty(x.shape[0], d_in.shape[0] * d_in.shape[1]) if own else x.new_empty(0)
     return y, v, kept
 
