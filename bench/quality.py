@@ -634,21 +634,30 @@ def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def alone_speed(row: dict[str, Any], rows: list[dict[str, Any]]) -> tuple[float | None, str]:
-    """Tokens/s of ``row``'s run alone on its GPU, and where the number comes from.
+def alone_speed(row: dict[str, Any], rows: list[dict[str, Any]],
+                device: str | None = None) -> tuple[float | None, str]:
+    """Tokens/s of ``row``'s run alone on a GPU, and where the number comes from.
 
-    In this order: its own speed measured alone (``"alone"``); the median of those of runs of
-    the same preset, optimizer, POET flags and device (``"alike"``); its tokens/s when it never
-    shared the GPU (``"alone"``); its tokens over its share of the GPU's time, which assumes
-    that sharing neither adds nor loses throughput (``"share"``); ``(None, "")``.
+    ``device`` (default: the run's own) names the GPU the speed is wanted on, so that runs
+    made on different GPUs are compared at one GPU's speed. In this order: its own speed
+    measured alone, if it ran there (``"alone"``); the median of those of runs of the same
+    preset, optimizer and POET flags on that device (``"alike"``); and, on its own device
+    only, its tokens/s when it never shared the GPU (``"alone"``) or its tokens over its share
+    of the GPU's time, which assumes that sharing neither adds nor loses throughput
+    (``"share"``); else ``(None, "")``.
     """
-    if row.get("tokens_per_s_alone"):
+    device = device or row.get("device")
+    own = row.get("device") == device
+    if own and row.get("tokens_per_s_alone"):
         return float(row["tokens_per_s_alone"]), "alone"
-    key = ("preset", "optimizer", "poet_flags", "device")
+    key = ("preset", "optimizer", "poet_flags")
     alike = [float(r["tokens_per_s_alone"]) for r in rows
-             if r.get("tokens_per_s_alone") and all(r.get(k) == row.get(k) for k in key)]
+             if r.get("tokens_per_s_alone") and r.get("device") == device
+             and all(r.get(k) == row.get(k) for k in key)]
     if alike:
         return statistics.median(alike), "alike"
+    if not own:
+        return None, ""
     if row.get("runs_on_gpu_max", 1) <= 1 and row.get("tokens_per_s"):
         return float(row["tokens_per_s"]), "alone"
     if row.get("gpu_share_s") and row.get("tokens_seen"):
@@ -656,12 +665,25 @@ def alone_speed(row: dict[str, Any], rows: list[dict[str, Any]]) -> tuple[float 
     return None, ""
 
 
+def speed_device(rows: list[dict[str, Any]], preset: str) -> str | None:
+    """The GPU on which a preset's sweep is compared: the one with the most sweep runs that
+    have a speed measured alone, among those where both optimizers have one."""
+    measured = [r for r in rows if r.get("preset") == preset and r.get("group") == "sweep"
+                and r.get("tokens_per_s_alone")]
+    both = [d for d in {r["device"] for r in measured}
+            if {r["optimizer"] for r in measured if r["device"] == d} >= {"poetx", "adamw"}]
+    if not both:
+        return None
+    return max(sorted(both), key=lambda d: sum(r["device"] == d for r in measured))
+
+
 def plot(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     """``quality_ppl_tokens.png`` and ``quality_ppl_wallclock.png`` of the sweep runs.
 
     Runs that shared a GPU ran slower than alone, so the wall-clock plot does not use the
-    shared clock: its time is tokens / :func:`alone_speed` (training steps only, evaluations
-    left out); a run without a speed measured alone is left out of it.
+    shared clock: its time is tokens / :func:`alone_speed` on the preset's
+    :func:`speed_device` (training steps only, evaluations left out), so runs made on other
+    GPUs are placed at that GPU's speed; a run without such a speed is left out of it.
     """
     import matplotlib
 
@@ -680,13 +702,15 @@ def plot(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
                                 (True, wall_label, "quality_ppl_wallclock.png")):
         fig, axes = plt.subplots(1, len(presets), figsize=(6 * len(presets), 4.5), squeeze=False)
         for ax, preset in zip(axes[0], presets, strict=True):
-            devices = set()
+            device = speed_device(rows, preset)
+            devices = {device.split(" (")[0]} if wall and device else set()
             for row in sorted((r for r in sweep if r["preset"] == preset),
                               key=lambda r: (r["optimizer"], r["lr"])):
-                speed, source = alone_speed(row, rows) if wall else (1e6, "")
+                speed, source = alone_speed(row, rows, device) if wall else (1e6, "")
                 if speed is None:
                     continue
-                devices.add(row["device"].split(" (")[0])
+                if not wall:
+                    devices.add(row["device"].split(" (")[0])
                 points = [c for c in row["curve"] if c[0] > 0]
                 xs = [c[1] / speed for c in points]
                 ys = [c[3] for c in points]
@@ -861,6 +885,7 @@ def render_doc(rows: list[dict[str, Any]], plots: list[Path]) -> str:
     if ablation:
         out += ["The first row is the reference (block 256, T = 200, 3 Neumann terms, bf16 W0).",
                 "", _table(centre + ablation, _COLUMNS), ""]
+        out += ablation_summary(centre, ablation)
     else:
         out += ["Pending: no ablation run has been made yet.", ""]
     out += ["## Plots", ""]
@@ -875,6 +900,26 @@ def render_doc(rows: list[dict[str, Any]], plots: list[Path]) -> str:
     out += sharing_section(rows)
     out += ["## Where POET-X loses", "", *comparison(rows), ""]
     return "\n".join(out)
+
+
+def ablation_summary(centre: list[dict[str, Any]], ablation: list[dict[str, Any]]) -> list[str]:
+    """Each finished ablation's best validation perplexity against the reference run's, and
+    the W0 formats against their target (within 2 % of bf16)."""
+    ref = next((r for r in centre if r.get("best_val_ppl")), None)
+    if ref is None:
+        return []
+    lines = []
+    for row in ablation:
+        if row.get("status") != "done" or not row.get("best_val_ppl"):
+            continue
+        change = row["best_val_ppl"] / ref["best_val_ppl"] - 1
+        line = (f"- `{row['poet_flags']}`: {row['best_val_ppl']:.2f} against "
+                f"{ref['best_val_ppl']:.2f} ({change:+.1%})")
+        if "--w0-format" in row["poet_flags"]:
+            line += (": within 2 % of bf16 W0 (target)" if abs(change) <= 0.02
+                     else ": not within 2 % of bf16 W0 (target)")
+        lines.append(line + ".")
+    return [*lines, ""] if lines else []
 
 
 def share_ratios(rows: list[dict[str, Any]]) -> list[float]:
@@ -955,8 +1000,9 @@ def comparison(rows: list[dict[str, Any]]) -> list[str]:
             leader = "AdamW" if mid["adamw"][half] < mid["poetx"][half] else "POET-X"
             line += (f" Halfway (step {half}) {leader} leads: AdamW {mid['adamw'][half]:.2f}, "
                      f"POET-X {mid['poetx'][half]:.2f}.")
-        speeds = {opt: alone_speed(best[opt], rows) for opt in best}
-        if speeds["poetx"][0] and speeds["adamw"][0]:
+        device = speed_device(rows, preset)
+        speeds = {opt: alone_speed(best[opt], rows, device) for opt in best}
+        if device and speeds["poetx"][0] and speeds["adamw"][0]:
             (ps, p_src), (as_, a_src) = speeds["poetx"], speeds["adamw"]
             shared = ""
             if "share" in (p_src, a_src):
@@ -964,8 +1010,8 @@ def comparison(rows: list[dict[str, Any]]) -> list[str]:
                 shared = " (from GPU shares, not measured alone" + (
                     f"; in the same study a GPU share gave {min(ratios):.2f}-{max(ratios):.2f}"
                     " of the speed alone" if ratios else "") + ")"
-            line += (f" Alone on the GPU POET-X trains at {ps:,.0f} tokens/s, AdamW at "
-                     f"{as_:,.0f} ({ps / as_:.2f} x){shared}.")
+            line += (f" Alone on one {device.split(' (')[0]} POET-X trains at {ps:,.0f} "
+                     f"tokens/s, AdamW at {as_:,.0f} ({ps / as_:.2f} x){shared}.")
             # POET-X's perplexity when AdamW's run is over, at the speeds above
             at = a["tokens_seen"] / as_ * ps
             curve = [(c[1], c[3]) for c in p["curve"] if c[0] > 0]
@@ -981,6 +1027,12 @@ def comparison(rows: list[dict[str, Any]]) -> list[str]:
         if missing:
             line += (f" Incomplete sweep (not done: {', '.join(missing)}), so an optimum at "
                      "an untried learning rate is not excluded.")
+        for opt, label in (("poetx", "POET-X"), ("adamw", "AdamW")):
+            grid = sorted({r["lr"] for r in by_opt[opt]})
+            if len(grid) > 1 and best[opt]["lr"] in (grid[0], grid[-1]):
+                side = "largest" if best[opt]["lr"] == grid[-1] else "smallest"
+                line += (f" {label}'s best is at the {side} learning rate of its grid "
+                         f"({best[opt]['lr']:g}), so its optimum may lie beyond it.")
         lines.append(line)
     return lines
 

@@ -167,6 +167,24 @@ def test_alone_speed_falls_back_to_alike_runs() -> None:
     assert quality.alone_speed(share, [share]) == (250.0, "share")
 
 
+def test_speeds_are_compared_on_one_device() -> None:
+    h100 = {"preset": "llama-130m", "poet_flags": "", "group": "sweep", "device": "H100"}
+    rows = [{**h100, "optimizer": "poetx", "tokens_per_s_alone": 180.0},
+            {**h100, "optimizer": "poetx", "tokens_per_s_alone": 200.0},
+            {**h100, "optimizer": "adamw", "tokens_per_s_alone": 220.0},
+            {**h100, "optimizer": "poetx", "device": "H200", "tokens_per_s_alone": 197.0},
+            {**h100, "optimizer": "adamw", "device": "H200", "tokens_per_s_alone": 255.0}]
+    assert quality.speed_device(rows, "llama-130m") == "H100"  # more runs measured there
+    on_h200 = rows[3]
+    assert quality.alone_speed(on_h200, rows) == (197.0, "alone")
+    # on the H100, its speed is that of the alike runs there, not its own H200 speed
+    assert quality.alone_speed(on_h200, rows, "H100") == (190.0, "alike")
+    assert quality.alone_speed(rows[0], rows, "H200") == (197.0, "alike")
+    # a device where only one optimizer was measured cannot compare them
+    assert quality.speed_device(rows[:2] + rows[3:4], "llama-130m") is None
+    assert quality.alone_speed({**rows[2], "preset": "llama-60m"}, rows, "H200") == (None, "")
+
+
 @pytest.fixture(scope="module")
 def tiny_packed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A packed corpus in the layout of ``poetx data pack``, made from random words."""
