@@ -171,8 +171,14 @@ def test_saving_the_permuted_input_on_cuda_is_the_same(prebuilt, mode):
     """On the Triton path the op gathers with the same permutation kernel whether it keeps
     the copy or not: identical bits in bf16 for the output and the input gradient. The Grams
     read the same values but, from the contiguous copy, may take the TMA kernel where the
-    indexed input took the gathering one (other tiles, so another order of the float32 token
-    sum): the block and skew gradients agree to float32 rounding."""
+    indexed input took the gathering one (other tiles, another order of the float32 token
+    sum; split sums add atomically in any order anyway). So the two block gradients are two
+    computations of one value, each to the Gram kernels' tested accuracy against float64
+    (``test_gram_gpu``: 1e-5 relative in bf16), and agree within twice that. The skew
+    gradients pass through the Cayley-Neumann backward, whose tf32 / bf16 products round the
+    Grams (``test_cayley_gpu``: 2e-3 against float64), so a last-bit difference in a Gram can
+    move them by a rounding step of those products: they agree within twice 2e-3. A wrong
+    frame or a stale saved buffer would be off by O(1)."""
     n, m = 1000, 768  # 1000 -> 1024: a padded last block
     torch.manual_seed(0)
     layer = POETLinear(n, m, bias=False, config=POETConfig(block_size=256, mode=mode),
@@ -204,5 +210,6 @@ def test_saving_the_permuted_input_on_cuda_is_the_same(prebuilt, mode):
                                                          wrt)])
     (y1, gx1, *rest1), (y0, gx0, *rest0) = results[1], results[0]
     assert torch.equal(y1, y0) and torch.equal(gx1, gx0)
+    tol = 2 * 1e-5 if prebuilt else 2 * 2e-3
     for got, want in zip(rest1, rest0, strict=True):
-        assert ((got.double() - want.double()).norm() / want.double().norm()).item() < 1e-5
+        assert ((got.double() - want.double()).norm() / want.double().norm()).item() < tol
