@@ -8,6 +8,10 @@ of rank 0 (``max_memory_allocated``). Cases (``--cases``, comma list, run in thi
 * ``accum``: one GPU, ``batch`` sequences in one step against ``batch / K`` with
   ``--grad-accum K`` (the same tokens per step); the target is <= 3 % lost. ``accum-adamw``:
   the same two runs with AdamW, the reference for what smaller passes cost without POET.
+  ``--repeats N`` runs the pair N times, alternating (one batch, accumulated, one batch,
+  ...), and compares the medians over the repeats: one process's median can sit several
+  percent from another's of the same configuration on the same GPU (6.5 % once at 130M on
+  an H200), more than the effect measured.
 * ``ddp-<preset>-<optimizer>``: ``batch`` sequences per GPU on 1 and on 2 GPUs (``--parallel
   ddp``); efficiency = tokens/s(2) / (2 x tokens/s(1)); target >= 0.95 for poetx.
 * ``fsdp-mem-<preset>``: peak memory per GPU of 2 GPUs with ``--parallel fsdp`` against one
@@ -206,6 +210,8 @@ class Runner:
         row.update(parallel=spec.get("parallel", "auto"), grad_accum=spec.get("grad_accum", 1),
                    global_batch=spec["batch"] * spec.get("grad_accum", 1) * spec["world"],
                    command=shown, wall_s=round(time.perf_counter() - t0, 1))
+        if "repeat" in spec:
+            row["repeat"] = spec["repeat"]
         config = out / "config.json"
         if config.exists():  # what the run decided (the planner check reads it)
             row["compile_blocks"] = bool(json.loads(config.read_text()).get("compile_blocks"))
@@ -277,8 +283,10 @@ def case_specs(case: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         optimizer = "adamw" if case == "accum-adamw" else "poetx"
         base = dict(case=case, preset=args.accum_preset, optimizer=optimizer, world=1,
                     seq_len=seq)
-        return [dict(base, batch=batch), dict(base, batch=batch // args.accum,
+        pair = [dict(base, batch=batch), dict(base, batch=batch // args.accum,
                                               grad_accum=args.accum)]
+        repeats = getattr(args, "repeats", 1)
+        return [dict(spec, repeat=r) for r in range(repeats) for spec in pair]
     if case.startswith("ddp-"):
         preset, optimizer = case[4:].rsplit("-", 1)
         batch, seq = SHAPES[preset]
@@ -314,8 +322,20 @@ def case_specs(case: str, args: argparse.Namespace) -> list[dict[str, Any]]:
 def summarize(case: str, rows: list[dict[str, Any]]) -> None:
     """Fill each case's ``ratio`` (and the match case's loss comparison)."""
     if case in ("accum", "accum-adamw"):
-        rows[1]["ratio"] = ratio(rows[1], rows[0], "tokens_per_s")
-        rows[1]["ratio_is"] = "tokens/s with --grad-accum / tokens/s in one batch"
+        # rows alternate: one batch, accumulated, one batch, ... (one pair per repeat)
+        one, accumulated = rows[0::2], rows[1::2]
+        runs = {name: [r["tokens_per_s"] for r in group if r.get("tokens_per_s")]
+                for name, group in (("one", one), ("accum", accumulated))}
+        last = rows[-1]
+        if len(rows) > 2:
+            last["tokens_per_s_repeats"] = runs
+            if runs["one"] and runs["accum"]:
+                last["ratio"] = statistics.median(runs["accum"]) / statistics.median(runs["one"])
+            last["ratio_is"] = ("median tokens/s with --grad-accum / median tokens/s in one "
+                                f"batch, over {len(one)} alternating repeats")
+        else:
+            last["ratio"] = ratio(last, rows[0], "tokens_per_s")
+            last["ratio_is"] = "tokens/s with --grad-accum / tokens/s in one batch"
     elif case.startswith("ddp-"):
         rows[1]["ratio"] = ratio(rows[1], rows[0], "tokens_per_s", 2.0)
         rows[1]["ratio_is"] = "scaling efficiency: tokens/s(2 GPUs) / (2 x tokens/s(1 GPU))"
@@ -343,6 +363,8 @@ def main(argv: list[str] | None = None) -> None:
                    "ddp-llama-8b-poetx,fsdp-mem-llama-8b,fsdp-llama-13b,match")
     p.add_argument("--accum-preset", default="llama-130m")
     p.add_argument("--accum", type=int, default=4, help="K of the accumulation case")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs of each accumulation pair, alternating; medians compared")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=10, help="steps left out of the median")
     p.add_argument("--match-preset", default="llama-130m")

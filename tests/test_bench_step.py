@@ -46,3 +46,23 @@ def test_scale_accum_cases_compare_the_same_tokens_per_step():
         assert one["optimizer"] == accumulated["optimizer"] == optimizer
         assert one["batch"] == batch and one.get("grad_accum", 1) == 1
         assert accumulated["batch"] * accumulated["grad_accum"] == batch
+
+
+def test_scale_accum_repeats_alternate_and_compare_medians():
+    import argparse
+
+    from bench.scale import case_specs, summarize
+
+    args = argparse.Namespace(accum_preset="llama-130m", accum=4, repeats=3)
+    specs = case_specs("accum", args)
+    assert [s.get("grad_accum", 1) for s in specs] == [1, 4, 1, 4, 1, 4]
+    assert [s["repeat"] for s in specs] == [0, 0, 1, 1, 2, 2]
+    speeds = [100.0, 90.0, 110.0, 95.0, 80.0, 99.0]  # one batch 80/100/110, accumulated 90/95/99
+    rows = [{"tokens_per_s": v} for v in speeds]
+    summarize("accum", rows)
+    assert rows[-1]["ratio"] == 95.0 / 100.0
+    assert rows[-1]["tokens_per_s_repeats"] == {"one": [100.0, 110.0, 80.0],
+                                                "accum": [90.0, 95.0, 99.0]}
+    pair = [{"tokens_per_s": 100.0}, {"tokens_per_s": 97.0}]
+    summarize("accum", pair)  # one repeat: the two runs' ratio, as before
+    assert pair[1]["ratio"] == 0.97
