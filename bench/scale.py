@@ -285,8 +285,7 @@ def case_specs(case: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                     seq_len=seq)
         pair = [dict(base, batch=batch), dict(base, batch=batch // args.accum,
                                               grad_accum=args.accum)]
-        repeats = getattr(args, "repeats", 1)
-        return [dict(spec, repeat=r) for r in range(repeats) for spec in pair]
+        return [dict(spec, repeat=r) for r in range(args.repeats) for spec in pair]
     if case.startswith("ddp-"):
         preset, optimizer = case[4:].rsplit("-", 1)
         batch, seq = SHAPES[preset]
@@ -327,15 +326,12 @@ def summarize(case: str, rows: list[dict[str, Any]]) -> None:
         runs = {name: [r["tokens_per_s"] for r in group if r.get("tokens_per_s")]
                 for name, group in (("one", one), ("accum", accumulated))}
         last = rows[-1]
-        if len(rows) > 2:
+        if runs["one"] and runs["accum"]:
+            last["ratio"] = statistics.median(runs["accum"]) / statistics.median(runs["one"])
+        last["ratio_is"] = "tokens/s with --grad-accum / tokens/s in one batch"
+        if len(one) > 1:
+            last["ratio_is"] += f" (medians over {len(one)} alternating repeats)"
             last["tokens_per_s_repeats"] = runs
-            if runs["one"] and runs["accum"]:
-                last["ratio"] = statistics.median(runs["accum"]) / statistics.median(runs["one"])
-            last["ratio_is"] = ("median tokens/s with --grad-accum / median tokens/s in one "
-                                f"batch, over {len(one)} alternating repeats")
-        else:
-            last["ratio"] = ratio(last, rows[0], "tokens_per_s")
-            last["ratio_is"] = "tokens/s with --grad-accum / tokens/s in one batch"
     elif case.startswith("ddp-"):
         rows[1]["ratio"] = ratio(rows[1], rows[0], "tokens_per_s", 2.0)
         rows[1]["ratio_is"] = "scaling efficiency: tokens/s(2 GPUs) / (2 x tokens/s(1 GPU))"

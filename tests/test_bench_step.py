@@ -39,7 +39,7 @@ def test_scale_accum_cases_compare_the_same_tokens_per_step():
 
     from bench.scale import SHAPES, case_specs
 
-    args = argparse.Namespace(accum_preset="llama-130m", accum=4)
+    args = argparse.Namespace(accum_preset="llama-130m", accum=4, repeats=1)
     batch, seq = SHAPES["llama-130m"]
     for case, optimizer in (("accum", "poetx"), ("accum-adamw", "adamw")):
         one, accumulated = case_specs(case, args)
