@@ -113,3 +113,33 @@ def test_kernels_gpu(dtype, cols, b, T):
     refs = swiglu_frames_backward_reference(grad_h.double(), gate.double(), up.double(), maps)
     for got, want in zip(grads, refs, strict=True):
         assert rel_err(got, want) < tol
+
+
+@pytest.mark.parametrize("cols,b", SHAPES)
+def test_autograd_node_is_the_unfused_path(cols, b):
+    """The node (reference path on CPU) in float64: output and gradients equal autograd's
+    through scatter -> SwiGLU -> gather, and gradcheck holds."""
+    from poetx.ops.frame_swiglu import swiglu_frames
+
+    torch.manual_seed(3)
+    positions, indices, maps = _frames(cols, b)
+    gate = torch.randn(4, positions, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(4, positions, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, positions, dtype=torch.float64)
+    got = swiglu_frames(gate, up, maps)
+    want = _unfused(gate, up, indices, cols, positions)
+    assert torch.equal(got, want)
+    grads = torch.autograd.grad((got * weight).sum(), (gate, up))
+    refs = torch.autograd.grad((want * weight).sum(), (gate, up))
+    for g, r in zip(grads, refs, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-13, atol=1e-15)
+    if cols <= 150:
+        assert torch.autograd.gradcheck(lambda g, u: swiglu_frames(g, u, maps), (gate, up))
+
+
+def test_autograd_node_names_mismatched_maps():
+    from poetx.ops.frame_swiglu import swiglu_frames
+
+    _, _, maps = _frames(96, 32)
+    with pytest.raises(ValueError, match="do not fit"):
+        swiglu_frames(torch.randn(3, 64), torch.randn(3, 96), maps)
