@@ -196,3 +196,29 @@ def test_built_models_fuse_too():
     model = build_poet_model(lambda: LlamaForCausalLM(_hf_config()), config, "cpu",
                              torch.float32, rebuild_buffers=rebuild_hf_rotary)
     assert len(list(fused_mlps(model))) == 2 and _maps_match(model)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("intermediate", [160, 150])  # 150: a padded last block
+def test_fused_mlps_on_cuda_match_the_unfused_model(intermediate):
+    """The Triton path (frame-SwiGLU kernels, batched builds, fan-outs) in float32 against the
+    unfused twin. The values differ only by rounding: the order of the Gram kernels'
+    split-token sums, and the kernels' exp-based sigmoid against torch's; tolerances as for
+    the shared frames (``test_mlp_frames``)."""
+    torch.manual_seed(0)
+    config = POETConfig(block_size=32, mlp_frames="fused")
+    model = poetx.wrap(LlamaForCausalLM(_hf_config(intermediate)).cuda(), config)
+    with torch.no_grad():
+        for _, layer in poet_layers(model):
+            layer.theta_in.normal_(0, 0.02)
+            layer.theta_out.normal_(0, 0.02)
+    assert len(list(fused_mlps(model))) == 2
+    twin = _unfused_twin(model)
+    ids = torch.randint(0, VOCAB, (4, 64), device="cuda")
+    for _ in range(2):
+        logits, loss, grads = _loss_and_grads(model, ids)
+        ref_logits, ref_loss, ref_grads = _loss_and_grads(twin, ids)
+        torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -82,9 +82,9 @@ def swiglu_frames_backward_reference(grad_h: Tensor, gate: Tensor, up: Tensor,
     phantom positions of each frame."""
     wide = _wide(grad_h)
     gh, g, u = grad_h.to(wide), gate.to(wide), up.to(wide)
-    sig = torch.sigmoid(g)
-    dsilu = sig * (1 + g * (1 - sig))
-    grad_gate = read_frame(gh, maps.h_from_gate) * read_frame(u, maps.up_from_gate) * dsilu
+    # silu_backward: the rounding autograd's unfused path does, so CPU runs match it bitwise
+    grad_gate = torch.ops.aten.silu_backward(
+        read_frame(gh, maps.h_from_gate) * read_frame(u, maps.up_from_gate), g)
     grad_gate = torch.where(maps.h_from_gate >= 0, grad_gate, 0)
     g_up = read_frame(g, maps.gate_from_up)
     grad_up = read_frame(gh, maps.h_from_up) * torch.nn.functional.silu(g_up)
