@@ -9,7 +9,12 @@ import torch
 from torch import Tensor, nn
 
 from poetx.config import POETConfig
-from poetx.layers.framed_mlp import fuse_mlp_frames, refresh_mlp_frames, unfuse_mlp_frames
+from poetx.layers.framed_mlp import (
+    MLP_TRIPLE,
+    fuse_mlp_frames,
+    refresh_mlp_frames,
+    unfuse_mlp_frames,
+)
 from poetx.layers.poet_linear import POETLinear
 from poetx.layers.rotation_groups import group_rotations, ungroup_rotations
 
@@ -100,9 +105,6 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
-
-
-MLP_TRIPLE = ("gate_proj", "up_proj", "down_proj")
 
 
 def shared_mlp_frames(targets: list[tuple[str, nn.Linear]]) -> dict[str, tuple[str, str]]:
