@@ -16,6 +16,8 @@ input-gradient scatter and the gathers of gate's and up's output gradients.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -40,12 +42,16 @@ def _p2(n: int) -> int:
     return max(2, triton.next_power_of_2(n))
 
 
+@functools.lru_cache(maxsize=8)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _programs(x: Tensor) -> int:
     T = x.shape[0]
     if _interpreting() or not x.is_cuda:
         return T
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    return min(T, 16 * sms)
+    return min(T, 16 * _num_sms(x.device.index or 0))
 
 
 def _warps(width: int) -> int:
