@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import poetx
 from poetx import POETConfig
@@ -17,50 +17,23 @@ from poetx.kernels.frame_swiglu_ref import frame_maps
 from poetx.layers.framed_mlp import fused_mlps, unfuse_mlp_frames
 from poetx.model.build import build_poet_model, rebuild_hf_rotary
 from poetx.model.wrap import merge_all_, poet_layers
-
-VOCAB = 61
-
-
-def _hf_config(intermediate: int = 160) -> LlamaConfig:
-    return LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=intermediate,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                       use_cache=False, tie_word_embeddings=False)
+from tests.tiny_llama import (
+    VOCAB,
+    assert_twin_matches,
+    hf_config,
+    wrapped_llama,
+)
 
 
 def _model(intermediate: int = 160, seed: int = 0, **settings) -> torch.nn.Module:
-    torch.manual_seed(0)
     config = POETConfig(block_size=32, mlp_frames="fused", seed=seed, **settings)
-    model = poetx.wrap(LlamaForCausalLM(_hf_config(intermediate)).double(), config)
-    with torch.no_grad():
-        for _, layer in poet_layers(model):
-            layer.theta_in.normal_(0, 0.05)
-            layer.theta_out.normal_(0, 0.05)
-    return model
+    return wrapped_llama(config, intermediate)
 
 
 def _unfused_twin(model: torch.nn.Module) -> torch.nn.Module:
     twin = copy.deepcopy(model)
     unfuse_mlp_frames(twin)
     return twin
-
-
-def _loss_and_grads(model, ids):
-    model.zero_grad(set_to_none=True)
-    out = model(input_ids=ids, labels=ids)
-    out.loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return out.logits.detach(), out.loss.detach(), grads
-
-
-def _assert_same(model, twin, ids):
-    logits, loss, grads = _loss_and_grads(model, ids)
-    ref_logits, ref_loss, ref_grads = _loss_and_grads(twin, ids)
-    torch.testing.assert_close(logits, ref_logits, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
-    assert grads.keys() == ref_grads.keys()
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-11, atol=1e-13, msg=name)
-    return logits
 
 
 def _ids(seed: int) -> torch.Tensor:
@@ -87,7 +60,7 @@ def test_fused_mlps_compute_what_the_unfused_model_computes(settings, intermedia
     twin = _unfused_twin(model)
     assert not list(fused_mlps(twin)) and "forward" not in twin.model.layers[0].mlp.__dict__
     for _ in range(2):
-        logits = _assert_same(model, twin, _ids(1))
+        logits = assert_twin_matches(model, twin, _ids(1))
     dense = poetx.unwrap(copy.deepcopy(model))
     with torch.no_grad():
         torch.testing.assert_close(dense(input_ids=_ids(1)).logits, logits, rtol=1e-9,
@@ -143,7 +116,7 @@ def test_merges_rewrite_the_maps_in_place():
         for m in (model, twin):
             for _, layer in poet_layers(m):
                 layer.theta_out.normal_(0, 0.05, generator=torch.Generator().manual_seed(5))
-    _assert_same(model, twin, _ids(2))
+    assert_twin_matches(model, twin, _ids(2))
 
 
 def test_a_loaded_state_dict_brings_its_permutations_and_the_maps_follow():
@@ -170,7 +143,7 @@ def test_fused_mlps_under_activation_checkpointing():
     for m in (model, twin):
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         m.train()
-    _assert_same(model, twin, _ids(6))
+    assert_twin_matches(model, twin, _ids(6))
 
 
 def test_fused_mlps_in_compiled_blocks():
@@ -179,7 +152,7 @@ def test_fused_mlps_in_compiled_blocks():
     model = _model()
     twin = _unfused_twin(model)
     assert compile_blocks(model, backend="aot_eager") == 2
-    _assert_same(model, twin, _ids(7))
+    assert_twin_matches(model, twin, _ids(7))
 
 
 def test_what_is_not_a_silu_mlp_of_three_poet_layers_stays_unfused():
@@ -187,13 +160,13 @@ def test_what_is_not_a_silu_mlp_of_three_poet_layers_stays_unfused():
     assert not list(fused_mlps(shared))  # shared permutations need no moving between orders
     excluded = _model(exclude=("*.1.mlp.down_proj",))
     assert len(list(fused_mlps(excluded))) == 1
-    plain = poetx.wrap(LlamaForCausalLM(_hf_config()), POETConfig(block_size=32))
+    plain = poetx.wrap(LlamaForCausalLM(hf_config()), POETConfig(block_size=32))
     assert not list(fused_mlps(plain))
 
 
 def test_built_models_fuse_too():
     config = POETConfig(block_size=32, mlp_frames="fused")
-    model = build_poet_model(lambda: LlamaForCausalLM(_hf_config()), config, "cpu",
+    model = build_poet_model(lambda: LlamaForCausalLM(hf_config()), config, "cpu",
                              torch.float32, rebuild_buffers=rebuild_hf_rotary)
     assert len(list(fused_mlps(model))) == 2 and _maps_match(model)
 
@@ -206,19 +179,9 @@ def test_fused_mlps_on_cuda_match_the_unfused_model(intermediate):
     unfused twin. The values differ only by rounding: the order of the Gram kernels'
     split-token sums, and the kernels' exp-based sigmoid against torch's; tolerances as for
     the shared frames (``test_mlp_frames``)."""
-    torch.manual_seed(0)
     config = POETConfig(block_size=32, mlp_frames="fused")
-    model = poetx.wrap(LlamaForCausalLM(_hf_config(intermediate)).cuda(), config)
-    with torch.no_grad():
-        for _, layer in poet_layers(model):
-            layer.theta_in.normal_(0, 0.02)
-            layer.theta_out.normal_(0, 0.02)
+    model = wrapped_llama(config, intermediate, theta_std=0.02, dtype=torch.float32,
+                          device="cuda")
     assert len(list(fused_mlps(model))) == 2
-    twin = _unfused_twin(model)
     ids = torch.randint(0, VOCAB, (4, 64), device="cuda")
-    for _ in range(2):
-        logits, loss, grads = _loss_and_grads(model, ids)
-        ref_logits, ref_loss, ref_grads = _loss_and_grads(twin, ids)
-        torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
-        for name, grad in grads.items():
-            torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert_twin_matches(model, _unfused_twin(model), ids, steps=2)
