@@ -18,9 +18,11 @@ from poetx.layers.framed_mlp import fused_mlps, unfuse_mlp_frames
 from poetx.model.build import build_poet_model, rebuild_hf_rotary
 from poetx.model.wrap import merge_all_, poet_layers
 from tests.tiny_llama import (
+    LAYER_SETTINGS,
     VOCAB,
     assert_twin_matches,
     hf_config,
+    settings_id,
     wrapped_llama,
 )
 
@@ -41,12 +43,7 @@ def _ids(seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("intermediate", [160, 150])  # 150: a padded last block of 32
-@pytest.mark.parametrize("settings", [
-    dict(mode="fast", batch_rotations="on", shared_inputs="on"),
-    dict(mode="fast", batch_rotations="off", shared_inputs="off"),
-    dict(mode="mem", batch_rotations="off", shared_inputs="off"),
-    dict(mode="mem", batch_rotations="on", shared_inputs="on"),
-], ids=lambda s: "-".join(str(v) for v in s.values()))
+@pytest.mark.parametrize("settings", LAYER_SETTINGS, ids=settings_id)
 def test_fused_mlps_compute_what_the_unfused_model_computes(settings, intermediate):
     """Logits, loss and every gradient equal those of the same layers and permutations
     gathering and scattering on every side (float64), over two steps; the dense model that

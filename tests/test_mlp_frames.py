@@ -16,10 +16,12 @@ from poetx import POETConfig
 from poetx.model.build import build_poet_model, rebuild_hf_rotary
 from poetx.model.wrap import check_shared_frames, merge_all_, poet_layers
 from tests.tiny_llama import (
+    LAYER_SETTINGS,
     VOCAB,
     assert_twin_matches,
     hf_config,
     loss_and_grads,
+    settings_id,
     wrapped_llama,
 )
 
@@ -63,12 +65,7 @@ def test_the_three_layers_of_each_mlp_share_one_permutation():
 
 
 @pytest.mark.parametrize("intermediate", [160, 150])  # 150: a padded last block of 32
-@pytest.mark.parametrize("settings", [
-    dict(mode="fast", batch_rotations="on", shared_inputs="on"),
-    dict(mode="fast", batch_rotations="off", shared_inputs="off"),
-    dict(mode="mem", batch_rotations="off", shared_inputs="off"),
-    dict(mode="mem", batch_rotations="on", shared_inputs="on"),
-], ids=lambda s: "-".join(str(v) for v in s.values()))
+@pytest.mark.parametrize("settings", LAYER_SETTINGS, ids=settings_id)
 def test_shared_frames_compute_what_the_same_permutations_compute_the_usual_way(settings,
                                                                                intermediate):
     """Logits, loss and every gradient equal those of the same model gathering and scattering

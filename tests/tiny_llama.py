@@ -12,6 +12,19 @@ from poetx.model.wrap import poet_layers
 
 VOCAB = 61
 
+# The layer paths a whole-model test should cover: both modes, batched builds and fan-outs on
+# and off (in the combinations that differ in what the op computes on).
+LAYER_SETTINGS = [
+    dict(mode="fast", batch_rotations="on", shared_inputs="on"),
+    dict(mode="fast", batch_rotations="off", shared_inputs="off"),
+    dict(mode="mem", batch_rotations="off", shared_inputs="off"),
+    dict(mode="mem", batch_rotations="on", shared_inputs="on"),
+]
+
+
+def settings_id(settings: dict) -> str:
+    return "-".join(str(v) for v in settings.values())
+
 
 def hf_config(intermediate: int = 160) -> LlamaConfig:
     """Hidden 64, 4 heads (2 KV), MLP width ``intermediate`` (150 leaves a padded block of 32)."""

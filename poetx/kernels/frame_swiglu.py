@@ -73,19 +73,23 @@ def _read(row, from_ptr, pos, pos_ok):
 
 
 @triton.jit
+def _row_span(T, rows_per_prog):
+    """This program's rows ``[start, end)`` and ``start`` as int64 (for pointer offsets)."""
+    start = tl.program_id(0) * rows_per_prog
+    return start, tl.minimum(T, start + rows_per_prog), start.to(tl.int64)
+
+
+@triton.jit
 def _swiglu_frames_kernel(
     gate_ptr, up_ptr, h_ptr, gate_from_h, up_from_h, T, P_gate, P_up, P_h,
     stride_g, stride_u, stride_h, rows_per_prog,
     G_PAD: tl.constexpr, U_PAD: tl.constexpr, H_PAD: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    r_start, r_end, first = _row_span(T, rows_per_prog)
     g_pos = tl.arange(0, G_PAD)
     u_pos = tl.arange(0, U_PAD)
     h_pos = tl.arange(0, H_PAD)
     h_ok = h_pos < P_h
-    r_start = pid * rows_per_prog
-    r_end = tl.minimum(T, r_start + rows_per_prog)
-    first = r_start.to(tl.int64)
     gate_ptr += first * stride_g
     up_ptr += first * stride_u
     h_ptr += first * stride_h
@@ -108,15 +112,12 @@ def _swiglu_frames_backward_kernel(
     stride_gh, stride_g, stride_u, stride_gg, stride_gu, rows_per_prog,
     G_PAD: tl.constexpr, U_PAD: tl.constexpr, H_PAD: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    r_start, r_end, first = _row_span(T, rows_per_prog)
     g_pos = tl.arange(0, G_PAD)
     g_ok = g_pos < P_gate
     u_pos = tl.arange(0, U_PAD)
     u_ok = u_pos < P_up
     h_pos = tl.arange(0, H_PAD)
-    r_start = pid * rows_per_prog
-    r_end = tl.minimum(T, r_start + rows_per_prog)
-    first = r_start.to(tl.int64)
     grad_h_ptr += first * stride_gh
     gate_ptr += first * stride_g
     up_ptr += first * stride_u
