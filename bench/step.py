@@ -47,16 +47,19 @@ DEFAULT_METHODS = "adamw,adamw-compile,poetx-eager,poetx,authors"
 # poetx-noshared: as poetx, but every layer gathers its own input (shared_inputs="off");
 # poetx-nopermsave: as poetx, but down_proj keeps its input as given (permuted_saves="off");
 # poetx-sharedmlp: as poetx, with one permutation for an MLP's gate/up outputs and down input
-# (mlp_permutations="shared", chosen when the model is built).
+# (mlp_permutations="shared", chosen when the model is built); poetx-fusedmlp: as poetx, each
+# MLP's activations handed over in its layers' own permuted orders (mlp_frames="fused", same
+# permutations and values as poetx).
 VARIANTS = {"poetx-perlayer": {"batch_rotations": "off"},
             "poetx-noshared": {"shared_inputs": "off"},
             "poetx-nopermsave": {"permuted_saves": "off"}}
 STEP_METHODS = ("adamw", "adamw-compile", "poetx-eager", "poetx", "poetx-perlayer",
                 "poetx-nocompile", "poetx-noshared", "poetx-nopermsave", "poetx-sharedmlp",
-                "authors")
-BUILT = {"poetx-sharedmlp": {"mlp_permutations": "shared"}}
+                "poetx-fusedmlp", "authors")
+BUILT = {"poetx-sharedmlp": {"mlp_permutations": "shared"},
+         "poetx-fusedmlp": {"mlp_frames": "fused"}}
 CAPTURED = ("poetx", "poetx-perlayer", "poetx-nocompile", "poetx-noshared", "poetx-nopermsave",
-            "poetx-sharedmlp")
+            "poetx-sharedmlp", "poetx-fusedmlp")
 
 
 def parse_cases(text: str) -> dict[str, list[tuple[int, int]]]:

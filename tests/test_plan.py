@@ -65,7 +65,8 @@ def build(setting: Setting) -> torch.nn.Module:
                          w0_format=setting.w0_format, quant_group_size=setting.quant_group_size,
                          w0_residual=setting.w0_residual,
                          permuted_saves=setting.permuted_saves,
-                         mlp_permutations=setting.mlp_permutations)
+                         mlp_permutations=setting.mlp_permutations,
+                         mlp_frames=setting.mlp_frames)
         model = build_poet_model(lambda: LlamaForCausalLM(hf_config(SHAPE)), cfg, "cpu",
                                  torch.bfloat16, rebuild_buffers=rebuild_hf_rotary)
     if setting.checkpointing:
@@ -186,11 +187,14 @@ def _recording_saved(model) -> tuple[dict[int, int], Any]:
 # down_proj's input kept as given, or arriving permuted from a shared MLP permutation (both
 # unpadded; the default keeps the padded permuted copy)
 SAVES = [Setting(mode="fast", block_size=64, permuted_saves="off"),
-         Setting(mode="mem", block_size=64, mlp_permutations="shared")]
+         Setting(mode="mem", block_size=64, mlp_permutations="shared"),
+         Setting(mode="fast", block_size=64, mlp_frames="fused"),
+         Setting(mode="mem", block_size=64, mlp_frames="fused")]
 
 
 @pytest.mark.parametrize("setting", SETTINGS[:6] + SAVES,
-                         ids=lambda s: f"{s.name}-{s.permuted_saves}-{s.mlp_permutations}")
+                         ids=lambda s: f"{s.name}-{s.permuted_saves}-{s.mlp_permutations}"
+                                       f"-{s.mlp_frames}")
 def test_saved_activations_are_what_autograd_keeps(setting):
     """Every floating tensor autograd saves in forward (the loss included), by storage."""
     model = build(setting)
