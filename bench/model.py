@@ -34,7 +34,7 @@ class Method:
     rotation_states: str = "fp32"
     step_in_backward: bool = False
     mlp_permutations: str = "independent"
-    mlp_frames: str = "off"
+    mlp_frames: str = "fused"
 
 
 _LEAN = {"dense_optimizer": "adamw8bit", "step_in_backward": True}
@@ -140,6 +140,7 @@ def worker(args: argparse.Namespace) -> None:
                "cuda_graphs": graphs,
                # make_train_step compiles the decoder blocks of a captured poetx step
                "compile_blocks": graphs and method.poetx,
+               "mlp_frames": method.mlp_frames if method.poetx else None,
                "device": env["device"], "command": " ".join(["python -m bench.model",
                                                               *sys.argv[1:]])}
         try:

@@ -105,7 +105,7 @@ class POETConfig:
             variant of the method's sampling of them). Needs only elementwise operations
             between the three layers; MLPs without all three (one excluded, say) keep
             independent permutations. Set at wrap time.
-        mlp_frames: ``"fused"``: in each SwiGLU MLP with independent permutations
+        mlp_frames: ``"fused"`` (the default): in each SwiGLU MLP with independent permutations
             (``poetx.layers.framed_mlp``), gate and up hand their outputs over in their own
             permuted orders and down takes its input in its own; one kernel moves the values
             between the three orders while it computes ``silu(gate) * up``, which spares the
@@ -158,7 +158,7 @@ class POETConfig:
                                     "and down input: independent (as published) or shared (one "
                                     "for the three, fewer permutation passes)",
                                     choices=MLP_PERMUTATIONS, group="POET-X")
-    mlp_frames: str = setting("off", "fused: an MLP's gate/up outputs and down input stay in "
+    mlp_frames: str = setting("fused", "fused: an MLP's gate/up outputs and down input stay in "
                               "their layers' permuted orders, one SwiGLU kernel moves values "
                               "between them (same values, fewer passes)",
                               choices=MLP_FRAMES, group="POET-X")

@@ -157,8 +157,14 @@ def test_what_is_not_a_silu_mlp_of_three_poet_layers_stays_unfused():
     assert not list(fused_mlps(shared))  # shared permutations need no moving between orders
     excluded = _model(exclude=("*.1.mlp.down_proj",))
     assert len(list(fused_mlps(excluded))) == 1
-    plain = poetx.wrap(LlamaForCausalLM(hf_config()), POETConfig(block_size=32))
-    assert not list(fused_mlps(plain))
+    unfused = poetx.wrap(LlamaForCausalLM(hf_config()), POETConfig(block_size=32,
+                                                                   mlp_frames="off"))
+    assert not list(fused_mlps(unfused))
+
+
+def test_wrap_fuses_the_mlp_frames_by_default():
+    model = poetx.wrap(LlamaForCausalLM(hf_config()), POETConfig(block_size=32))
+    assert len(list(fused_mlps(model))) == 2 and _maps_match(model)
 
 
 def test_built_models_fuse_too():

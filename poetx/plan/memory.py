@@ -194,7 +194,7 @@ class Setting:
     compile_blocks: bool = False
     permuted_saves: str = "auto"
     mlp_permutations: str = "independent"
-    mlp_frames: str = "off"
+    mlp_frames: str = "fused"
 
     @property
     def blocks_compiled(self) -> bool:
