@@ -14,7 +14,7 @@ from poetx.kernels.frame_swiglu_ref import (
     swiglu_frames_backward_reference,
     swiglu_frames_reference,
 )
-from tests.test_kernels import _load_copy, _numpy2_index_shim, padded_index, rel_err
+from tests.test_kernels import interpreted_kernels, padded_index, rel_err
 
 # (intermediate width, block): whole blocks, padded last blocks (Llama-60M's 1376 at 256)
 SHAPES = [(96, 32), (1376, 256), (150, 64)]
@@ -52,20 +52,11 @@ def test_reference_is_the_unfused_path(cols, b):
     torch.testing.assert_close(got_up, want_up, rtol=1e-13, atol=1e-15)
 
 
-_INTERP: dict = {}
-
-
 @pytest.fixture
 def interp_fs(monkeypatch):
     """A copy of ``frame_swiglu`` whose kernels run in Triton's interpreter."""
-    import triton.runtime.interpreter as ti
-
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(ti, "_patch_lang_tensor", _numpy2_index_shim(ti))
-    if not _INTERP:
-        _INTERP["fs"] = _load_copy("frame_swiglu")
-    assert _INTERP["fs"]._interpreting()
-    return _INTERP["fs"]
+    (frame_swiglu,) = interpreted_kernels(monkeypatch, "frame_swiglu")
+    return frame_swiglu
 
 
 @pytest.mark.interpret

@@ -77,18 +77,24 @@ def _numpy2_index_shim(ti):
     return patched
 
 
-@pytest.fixture
-def interp(monkeypatch):
-    """``(block_rotate, cayley_neumann)`` module copies whose kernels run in the interpreter."""
+def interpreted_kernels(monkeypatch, *names: str) -> list:
+    """Copies of the kernel modules ``names`` (loaded once per session) whose kernels run in
+    Triton's interpreter for the rest of the test."""
     import triton.runtime.interpreter as ti
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(ti, "_patch_lang_tensor", _numpy2_index_shim(ti))
-    if not _INTERP:
-        _INTERP["br"] = _load_copy("block_rotate")
-        _INTERP["cn"] = _load_copy("cayley_neumann")
-    br, cn = _INTERP["br"], _INTERP["cn"]
-    assert br._interpreting() and cn._interpreting()
+    for name in names:
+        if name not in _INTERP:
+            _INTERP[name] = _load_copy(name)
+        assert _INTERP[name]._interpreting()
+    return [_INTERP[name] for name in names]
+
+
+@pytest.fixture
+def interp(monkeypatch):
+    """``(block_rotate, cayley_neumann)`` module copies whose kernels run in the interpreter."""
+    br, cn = interpreted_kernels(monkeypatch, "block_rotate", "cayley_neumann")
     saved = dict(br.OPTIONS)
     yield br, cn
     br.OPTIONS.update(saved)
