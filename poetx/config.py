@@ -49,7 +49,8 @@ class POETConfig:
             parameters and their optimizer state reset).
         neumann_terms: highest power ``k`` of the truncated Neumann series replacing
             ``(I - Q)^-1`` in the Cayley map (``k = 3`` gives ``I + 2Q + 2Q^2 + 2Q^3 + Q^4``, as
-            in the authors' kernel). ``None`` uses the exact inverse (slow; for tests).
+            in the authors' kernel). ``None`` uses the exact inverse (slow: a
+            batched solve, which CUDA graphs cannot capture; for tests and the ablation).
         mode: ``"fast"`` saves the intermediate activation for backward, ``"mem"`` recomputes it
             so that a layer saves no more than a dense layer (its input).
         init: ``"normalized"`` draws ``W0`` as a Gaussian with unit-norm rows (each neuron on the
@@ -119,7 +120,8 @@ class POETConfig:
     merge_every: int = setting(200, "merge period T in steps", check=at_least(1),
                                group="POET-X")
     neumann_terms: int | None = setting(
-        3, "Neumann series terms of the Cayley map ('exact': exact inverse, slow)",
+        3, "Neumann series terms of the Cayley map ('exact': exact inverse, slow: "
+        "a batched solve, and poetx train's CUDA steps run uncaptured)",
         check=at_least(1, MAX_NEUMANN_TERMS), group="POET-X", parse=_terms_or_exact,
         metavar="N|exact")
     mode: str = setting("fast", "fast (store the intermediate) or mem (recompute it)",
