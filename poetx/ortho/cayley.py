@@ -136,9 +136,9 @@ def rotation_delta_backward_reference(
     g = grad_delta.to(q.dtype)
     eye = torch.eye(block, dtype=q.dtype, device=q.device)
     if terms is None:
-        r = cayley_exact(q)
-        # inv_ex without its error check, as in ``cayley_exact``: no host sync.
+        # One factorization gives both R and the inverse (no host sync, as in ``cayley_exact``).
         inverse, _ = torch.linalg.inv_ex(eye - q, check_errors=False)
+        r = (eye + q) @ inverse
         grad_q = (eye + r).transpose(-1, -2) @ g @ inverse.transpose(-1, -2)
     else:
         coeffs = neumann_coefficients(terms)
