@@ -186,7 +186,7 @@ def count_launches(step, batch: torch.Tensor) -> dict[str, Any]:
             "host_graph_launches": host_graph,
             "gpu_ms_by_kind": {k: round(v, 3) for k, v in by_kind.most_common()},
             "gpu_ms_sum": round(sum(by_kind.values()), 3),
-            "top_kernels_ms": [[n, round(v, 3)] for n, v in by_name.most_common(15)]}
+            "top_kernels_ms": [[n, round(v, 3)] for n, v in by_name.most_common(40)]}
 
 
 def worker(args: argparse.Namespace) -> None:
