@@ -246,7 +246,9 @@ poet_linear_op.register_autograd(_backward, setup_context=_setup_context)
 # blocks of many layers in one launch). Its backward stops at the blocks: it returns their
 # float32 gradients through ``grad_in`` / ``grad_out``, float32 tensors of the blocks' shape
 # whose values are never read (zero-stride handles): autograd would round a gradient to the
-# dtype of the input it belongs to, and the blocks are bf16 in a bf16 model.
+# dtype of the input it belongs to, and the blocks are bf16 in a bf16 model. A handle that
+# carries a ``GRADIENT_SLOT`` gets the gradient written into that slot instead (the Gram
+# stores or adds there) and only the handle itself back, as a token.
 
 
 @torch.library.custom_op("poetx::poet_linear_blocks", mutates_args=())

@@ -13,17 +13,17 @@ mask the last block of what they are given.
 
 :func:`build_rotation_group` returns, per side, the blocks (no autograd; what
 ``poetx.ops.rotated_gemm.poet_linear_prebuilt`` computes with) and a float32 *gradient
-handle* of the same shape: a zero-stride tensor whose values are never read, through which
-the op's backward hands the float32 block gradient back here (see ``rotated_gemm``). The
-handles' gradients are held until every side of the group has run its backward, then turned
-into the skew parameters' gradients at once.
+handle* of the same shape: a zero-stride tensor whose values are never read. Each handle
+names its part of the build's :class:`GradientSink`, one buffer for all sides, where the op's
+backward writes the float32 block gradient (its Gram); once every side of the group has run
+its backward, the sink is turned into the skew parameters' gradients at once.
 
 Gradient accumulation builds the blocks once per optimizer step
-(:func:`build_rotation_blocks`): the micro-batches before the last hand their block gradients
-to the leaves of a :class:`Carry`, where they add up, and the last micro-batch's handles
-(:func:`link_rotation_group` with that carry) run the Cayley-Neumann backward once, on the
-sum, inside that micro-batch's backward (where FSDP2 has the skew parameters gathered and
-reduce-scatters their gradients, and before a data-parallel all-reduce).
+(:func:`build_rotation_blocks`): the Grams of the micro-batches before the last add into the
+sink of a :class:`Carry`, and the last micro-batch's handles (:func:`link_rotation_group` with
+that carry) run the Cayley-Neumann backward once, on the sum, inside that micro-batch's
+backward (where FSDP2 has the skew parameters gathered and reduce-scatters their gradients,
+and before a data-parallel all-reduce).
 """
 
 from __future__ import annotations
