@@ -304,18 +304,20 @@ def poet_linear_blocks_backward_op(
     quant_group: int,
     index_in: Tensor | None,
     index_out: Tensor | None,
-    permuted_grad: bool = False,
-    x_permuted: bool = False,
-    into_in: Tensor | None = None,
-    into_out: Tensor | None = None,
-    add_in: bool = False,
-    add_out: bool = False,
+    permuted_grad: bool,
+    x_permuted: bool,
+    into_in: Tensor | None,
+    into_out: Tensor | None,
+    add_in: bool,
+    add_out: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dx (T, n), grad_d_in, grad_d_out)``, block gradients float32 (float64 for float64);
     ``permuted_grad``: ``dx`` ``(T, nb_in * b)`` in the permuted frame; ``x_permuted``: ``x``
     is the forward's permuted input ``(T, nb_in * b)``. ``into_in`` / ``into_out``: contiguous
     buffers of a block gradient's shape and dtype that it is written into (``add_*``: added
-    to); that gradient is then returned empty."""
+    to); that gradient is then returned empty. No argument has a default: torch 2.11's boxed
+    dispatch drops trailing arguments equal to their defaults, and its in-place bookkeeping
+    then indexes a mutated argument past the end (IndexError)."""
     grad_x, grad_d_in, grad_d_out = _backward_blocks(
         grad_y, x, v, d_in, d_out, w0, w0_scale, quant_group, index_in, index_out, permuted_grad,
         x_permuted, into_in, into_out, add_in, add_out)
@@ -326,8 +328,7 @@ def poet_linear_blocks_backward_op(
 
 @poet_linear_blocks_backward_op.register_fake
 def _(grad_y, x, v, d_in, d_out, w0, w0_scale, quant_group, index_in, index_out,
-      permuted_grad=False, x_permuted=False, into_in=None, into_out=None, add_in=False,
-      add_out=False):
+      permuted_grad, x_permuted, into_in, into_out, add_in, add_out):
     wide = torch.float64 if x.dtype == torch.float64 else torch.float32
     dx = x.new_empty(x.shape[0], d_in.shape[0] * d_in.shape[1] if permuted_grad else w0.shape[1])
     return (dx, x.new_empty(0) if into_in is not None else d_in.new_empty(d_in.shape, dtype=wide),
