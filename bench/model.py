@@ -34,6 +34,7 @@ class Method:
     rotation_states: str = "fp32"
     step_in_backward: bool = False
     mlp_permutations: str = "independent"
+    mlp_frames: str = "fused"
 
 
 _LEAN = {"dense_optimizer": "adamw8bit", "step_in_backward": True}
@@ -77,7 +78,8 @@ def build(preset: str, method: Method, block_size: int, device: str, capturable:
         opt = torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda", capturable=capturable)
     else:
         cfg = poetx.POETConfig(block_size=block_size, mode=method.mode, w0_format=method.w0_format,
-                               mlp_permutations=method.mlp_permutations)
+                               mlp_permutations=method.mlp_permutations,
+                               mlp_frames=method.mlp_frames)
         model = build_poet_model(lambda: LlamaForCausalLM(llama_config(preset)), cfg, device,
                                  torch.bfloat16, rebuild_buffers=rebuild_hf_rotary)
         opt = poetx.make_optimizer(model, lr=1e-4, poet_lr=1e-4,
@@ -138,6 +140,7 @@ def worker(args: argparse.Namespace) -> None:
                "cuda_graphs": graphs,
                # make_train_step compiles the decoder blocks of a captured poetx step
                "compile_blocks": graphs and method.poetx,
+               "mlp_frames": method.mlp_frames if method.poetx else None,
                "device": env["device"], "command": " ".join(["python -m bench.model",
                                                               *sys.argv[1:]])}
         try:

@@ -19,6 +19,10 @@ from typing import Any
 
 from poetx.plan.memory import GIB, Setting, plan
 
+# Rows without an ``mlp_frames`` key were measured before the fused SwiGLU frames became the
+# default (2026-12-06): each MLP layer gathered and scattered its own activations.
+UNRECORDED_MLP_FRAMES = "off"
+
 # bench/model.py method -> planner setting (bench/model.py's METHODS, by name, so that this file
 # does not import torch)
 BENCH_METHODS: dict[str, dict[str, Any]] = {
@@ -54,6 +58,7 @@ def setting_of_row(row: dict[str, Any]) -> Setting:
     options["loss"] = row.get("loss_impl", "token-chunked")
     options["cuda_graphs"] = bool(row.get("cuda_graphs", False))  # eager before issue 10
     options["compile_blocks"] = bool(row.get("compile_blocks", False))  # since stop 11
+    options["mlp_frames"] = row.get("mlp_frames") or UNRECORDED_MLP_FRAMES
     if row.get("block_size"):
         options["block_size"] = row["block_size"]
     return Setting(**options)
@@ -95,7 +100,9 @@ def compare_largest(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
     start = next(r for r in rows if r["kind"] == "start")
     # runs before --compile-blocks existed ran their blocks eager
-    cfg = TrainConfig.from_dict({"compile_blocks": False, **start["config"]})
+    config = {"compile_blocks": False, **start["config"]}
+    config["poet"] = {"mlp_frames": UNRECORDED_MLP_FRAMES, **config.get("poet", {})}
+    cfg = TrainConfig.from_dict(config)
     p = plan(cfg.preset, cfg.seq_len, cfg.batch_size, setting_of(cfg), cfg.vocab_size)
     train = [r for r in rows if r["kind"] == "train"]
     measured = max(r["peak_gib"] for r in train)
@@ -128,7 +135,8 @@ def compare_scale(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         cfg = TrainConfig(preset=row["preset"], batch_size=row["batch"], seq_len=row["seq_len"],
                           grad_accum=row["grad_accum"], out="unused",
-                          compile_blocks=bool(row.get("compile_blocks", False)))
+                          compile_blocks=bool(row.get("compile_blocks", False)),
+                          poet={"mlp_frames": row.get("mlp_frames") or UNRECORDED_MLP_FRAMES})
         p = plan(cfg.preset, cfg.seq_len, cfg.batch_size, setting_of(cfg), cfg.vocab_size)
         phase, predicted = step_peak(p)
         measured = row["peak_mem_gib"]
@@ -145,6 +153,9 @@ def compare_scale(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # compiled unless "nocompile"), eager AdamW; the step bench never merges or evaluates.
 STEP_METHODS: dict[str, dict[str, Any]] = {
     "poetx": {"mode": "fast", "cuda_graphs": True, "compile_blocks": True},
+    "poetx-unfusedmlp": {"mode": "fast", "cuda_graphs": True, "compile_blocks": True},
+    # the name of today's default in the branch that measured it (step_fused_frames_h100.json)
+    "poetx-fusedmlp": {"mode": "fast", "cuda_graphs": True, "compile_blocks": True},
     "poetx-nocompile": {"mode": "fast", "cuda_graphs": True},
     "adamw": {"optimizer": "adamw"},
 }
@@ -156,6 +167,7 @@ def compare_step(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for row in rows:
         if row["method"] in STEP_METHODS:
             setting = Setting(block_size=row.get("block_size") or 256,
+                              mlp_frames=row.get("mlp_frames") or UNRECORDED_MLP_FRAMES,
                               **STEP_METHODS[row["method"]])
             out.append(_record(row, setting, setting.name))
     return out
@@ -173,8 +185,9 @@ def markdown(records: list[dict[str, Any]], source: str) -> str:
         "W0, checkpointing, CUDA-graph step, vocabulary 32000; after it the `poetx train` "
         "runs of `bench/results/scale.json`, case accum, `--grad-accum K` as `accumK`: the "
         "step's peak, as no merge or evaluation runs in their measured steps; last, the rows "
-        "of `bench/results/step_h100.json`, `bench/step.py`: the captured poetx step with "
-        "compiled blocks or without, eager AdamW, also the step's peak).",
+        "of `bench/results/step_h100.json` and `step_fused_frames_h100.json`, `bench/step.py`: "
+        "the captured poetx step with compiled blocks or without, MLP frames fused (the "
+        "last row) or not, eager AdamW, also the step's peak).",
         "Rows of `model.json` (H100) ran the loss before issue 13 (float32 head gradient, "
         "planner setting `loss=token-chunked`); rows of `memory_options.json` (H200) the "
         "current one.",
@@ -206,8 +219,9 @@ def main() -> None:
                         help="rows of bench/largest.py ('' to skip)")
     parser.add_argument("--scale", default="bench/results/scale.json",
                         help="rows of bench/scale.py, its accum case ('' to skip)")
-    parser.add_argument("--step", default="bench/results/step_h100.json",
-                        help="rows of bench/step.py ('' to skip)")
+    parser.add_argument("--step", default="bench/results/step_h100.json,"
+                        "bench/results/step_fused_frames_h100.json",
+                        help="rows of bench/step.py (comma-separated JSON files, '' to skip)")
     parser.add_argument("--out", default="bench/results/plan_check.json")
     args = parser.parse_args()
     rows = [r for name in args.measured.split(",") for r in json.loads(Path(name).read_text())]
@@ -217,7 +231,8 @@ def main() -> None:
     if args.scale:
         records += compare_scale(json.loads(Path(args.scale).read_text()))
     if args.step:
-        records += compare_step(json.loads(Path(args.step).read_text()))
+        for name in args.step.split(","):
+            records += compare_step(json.loads(Path(name).read_text()))
     out = Path(args.out)
     out.write_text(json.dumps(records, indent=1) + "\n")
     text = markdown(records, args.measured)

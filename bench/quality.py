@@ -454,13 +454,14 @@ def gpu_seconds(spec: RunSpec, speeds: dict[tuple[str, str], float],
 
     ``speed_scale`` is this GPU's speed relative to the measurements (H200). An evaluation
     batch is counted as a third of a training step (forward only). Ablations that change the
-    step's cost are scaled by rough factors (exact Cayley: a batched solve per block instead
-    of three products; int8/fp8 W0: dequantization in each GEMM).
+    step's cost are scaled by factors: exact Cayley 4.7 (its steps run eagerly, as the batched
+    solve cannot be captured: 56 k against 263 k tokens/s alone on an H100), int8/fp8 W0 1.2
+    (dequantization in each GEMM; rough).
     """
     speed = speeds.get((spec.preset, spec.optimizer))
     if speed is None:
         speed = 1.5e5
-    factor = {"exact": 1.3, "int8": 1.2, "fp8": 1.2}.get(spec.name.rsplit("-", 1)[-1], 1.0)
+    factor = {"exact": 4.7, "int8": 1.2, "fp8": 1.2}.get(spec.name.rsplit("-", 1)[-1], 1.0)
     eval_steps = (spec.steps // EVAL_EVERY + 1) * EVAL_BATCHES / 3
     return (spec.steps + eval_steps) * BATCH * SEQ_LEN / (speed * speed_scale) * factor
 
@@ -910,6 +911,9 @@ def ablation_summary(centre: list[dict[str, Any]], ablation: list[dict[str, Any]
         return []
     lines = []
     for row in ablation:
+        if row.get("status") == "partial" and row.get("curve"):
+            lines += _partial_against_reference(row, ref)
+            continue
         if row.get("status") != "done" or not row.get("best_val_ppl"):
             continue
         change = row["best_val_ppl"] / ref["best_val_ppl"] - 1
@@ -920,6 +924,22 @@ def ablation_summary(centre: list[dict[str, Any]], ablation: list[dict[str, Any]
                      else ": not within 2 % of bf16 W0 (target)")
         lines.append(line + ".")
     return [*lines, ""] if lines else []
+
+
+def _partial_against_reference(row: dict[str, Any], ref: dict[str, Any]) -> list[str]:
+    """A run cut short, at its last evaluation against the reference's at the same step (the
+    same schedule and data, so the same tokens), since its best is not comparable to a
+    finished run's."""
+    at_step = {point[0]: point for point in ref.get("curve", [])}
+    shared = [point for point in row["curve"] if point[0] in at_step and point[0] > 0]
+    if not shared:
+        return []
+    step, tokens, _, ppl = shared[-1]
+    ref_ppl = at_step[step][3]
+    return [f"- `{row['poet_flags']}` (cut short at step {row['steps_done']} of "
+            f"{row['steps']}: {row['status']}): at step {step} ({tokens / 1e6:.1f} M tokens) "
+            f"{ppl:.2f} against the reference's {ref_ppl:.2f} at that step "
+            f"({ppl / ref_ppl - 1:+.1%})."]
 
 
 def share_ratios(rows: list[dict[str, Any]]) -> list[float]:

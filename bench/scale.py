@@ -214,7 +214,9 @@ class Runner:
             row["repeat"] = spec["repeat"]
         config = out / "config.json"
         if config.exists():  # what the run decided (the planner check reads it)
-            row["compile_blocks"] = bool(json.loads(config.read_text()).get("compile_blocks"))
+            decided = json.loads(config.read_text())
+            row["compile_blocks"] = bool(decided.get("compile_blocks"))
+            row["mlp_frames"] = decided.get("poet", {}).get("mlp_frames")
         records = read_metrics(out) if (out / "metrics.jsonl").exists() else []
         steps = [r for r in records if r["type"] == "train"]
         row["losses"] = [r["loss"] for r in steps] if spec.get("keep_losses") else None

@@ -38,6 +38,7 @@ import torch
 
 from bench.common import environment, print_table, write_json
 from bench.model import METHODS, build, make_train_step
+from poetx.config import POETConfig as PoetxConfig
 
 DEFAULT_CASES = "llama-130m:16x512,llama-8b:1x1024,llama-8b:2x2048"
 DEFAULT_METHODS = "adamw,adamw-compile,poetx-eager,poetx,authors"
@@ -47,16 +48,27 @@ DEFAULT_METHODS = "adamw,adamw-compile,poetx-eager,poetx,authors"
 # poetx-noshared: as poetx, but every layer gathers its own input (shared_inputs="off");
 # poetx-nopermsave: as poetx, but down_proj keeps its input as given (permuted_saves="off");
 # poetx-sharedmlp: as poetx, with one permutation for an MLP's gate/up outputs and down input
-# (mlp_permutations="shared", chosen when the model is built).
+# (mlp_permutations="shared", chosen when the model is built); poetx-unfusedmlp: as poetx, but
+# each MLP layer gathers and scatters its own activations (mlp_frames="off", the default
+# before the fused SwiGLU frames; same permutations and values).
 VARIANTS = {"poetx-perlayer": {"batch_rotations": "off"},
             "poetx-noshared": {"shared_inputs": "off"},
             "poetx-nopermsave": {"permuted_saves": "off"}}
 STEP_METHODS = ("adamw", "adamw-compile", "poetx-eager", "poetx", "poetx-perlayer",
                 "poetx-nocompile", "poetx-noshared", "poetx-nopermsave", "poetx-sharedmlp",
-                "authors")
-BUILT = {"poetx-sharedmlp": {"mlp_permutations": "shared"}}
+                "poetx-unfusedmlp", "authors")
+BUILT = {"poetx-sharedmlp": {"mlp_permutations": "shared"},
+         "poetx-unfusedmlp": {"mlp_frames": "off"}}
 CAPTURED = ("poetx", "poetx-perlayer", "poetx-nocompile", "poetx-noshared", "poetx-nopermsave",
-            "poetx-sharedmlp")
+            "poetx-sharedmlp", "poetx-unfusedmlp")
+
+
+def mlp_frames_of(method: str) -> str | None:
+    """How a method's MLPs hand activations over (``POETConfig.mlp_frames``), for the planner
+    check; ``None`` where poetx does not build the model."""
+    if method.startswith("adamw") or method == "authors":
+        return None
+    return BUILT.get(method, {}).get("mlp_frames", PoetxConfig().mlp_frames)
 
 
 def parse_cases(text: str) -> dict[str, list[tuple[int, int]]]:
@@ -184,7 +196,8 @@ def worker(args: argparse.Namespace) -> None:
     n_poet = sum(1 for m in model.modules() if type(m).__name__ == "POETLinear")
     for batch_size, seq in parse_cases(args.cases)[args.preset]:
         row = {"model": args.preset, "batch": batch_size, "seq_len": seq, "method": args.method,
-               "block_size": None if args.method.startswith("adamw") else args.block_size}
+               "block_size": None if args.method.startswith("adamw") else args.block_size,
+               "mlp_frames": mlp_frames_of(args.method)}
         step = None
         try:
             torch.cuda.synchronize()

@@ -29,6 +29,7 @@ BATCH_ROTATIONS = ("auto", "on", "off")
 SHARED_INPUTS = ("auto", "on", "off")
 PERMUTED_SAVES = ("auto", "off")
 MLP_PERMUTATIONS = ("independent", "shared")
+MLP_FRAMES = ("off", "fused")
 MAX_NEUMANN_TERMS = 16
 
 
@@ -104,6 +105,13 @@ class POETConfig:
             variant of the method's sampling of them). Needs only elementwise operations
             between the three layers; MLPs without all three (one excluded, say) keep
             independent permutations. Set at wrap time.
+        mlp_frames: ``"fused"`` (the default): in each SwiGLU MLP with independent permutations
+            (``poetx.layers.framed_mlp``), gate and up hand their outputs over in their own
+            permuted orders and down takes its input in its own; one kernel moves the values
+            between the three orders while it computes ``silu(gate) * up``, which spares the
+            same six permutation passes as ``mlp_permutations="shared"`` without sharing the
+            permutations (same values). ``"off"``: each layer gathers and scatters its own.
+            Set at wrap time.
     """
 
     block_size: int = setting(256, "rotation block size b", check=at_least(2, 8192),
@@ -150,6 +158,10 @@ class POETConfig:
                                     "and down input: independent (as published) or shared (one "
                                     "for the three, fewer permutation passes)",
                                     choices=MLP_PERMUTATIONS, group="POET-X")
+    mlp_frames: str = setting("fused", "fused: an MLP's gate/up outputs and down input stay in "
+                              "their layers' permuted orders, one SwiGLU kernel moves values "
+                              "between them (same values, fewer passes)",
+                              choices=MLP_FRAMES, group="POET-X")
 
     def __post_init__(self) -> None:
         # TOML and JSON give lists; a lone pattern may come as a string.

@@ -398,6 +398,24 @@ def test_fsdp_int8_w0_matches_one_process(dp_corpus, tmp_path):
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref), rtol=2e-5, atol=0)
 
 
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_fused_mlp_frames_data_parallel_match_one_process(dp_corpus, tmp_path, parallel):
+    # The MLPs hand activations over in their layers' own orders; the frame maps must follow
+    # the merges (every 4 steps) on every rank, sharded or replicated.
+    poet = {"merge_every": 4, "mlp_frames": "fused"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    from poetx.train.config import TrainConfig
+    from poetx.train.loop import train
+
+    train(TrainConfig(**_settings(dp_corpus, one, batch_size=4, steps=8, poet=poet)))
+    _spawn(_settings(dp_corpus, two, batch_size=2, steps=8, poet=poet, parallel=parallel),
+           str(tmp_path / "state"))
+    losses, ref = _losses(two), _losses(one)
+    assert len(losses) == 8
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref), rtol=2e-5, atol=0)
+
+
 def test_parallel_auto_takes_fsdp_only_when_a_replica_does_not_fit():
     from poetx.train.parallel import DistContext, resolve_parallel
 

@@ -9,31 +9,26 @@ from dataclasses import replace
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import poetx
 from poetx import POETConfig
 from poetx.model.build import build_poet_model, rebuild_hf_rotary
 from poetx.model.wrap import check_shared_frames, merge_all_, poet_layers
-
-VOCAB = 61
-
-
-def _hf_config(intermediate: int = 160) -> LlamaConfig:
-    return LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=intermediate,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                       use_cache=False, tie_word_embeddings=False)
+from tests.tiny_llama import (
+    LAYER_SETTINGS,
+    VOCAB,
+    assert_twin_matches,
+    hf_config,
+    loss_and_grads,
+    settings_id,
+    wrapped_llama,
+)
 
 
 def _model(intermediate: int = 160, **settings) -> torch.nn.Module:
-    torch.manual_seed(0)
     config = POETConfig(block_size=32, mlp_permutations="shared", **settings)
-    model = poetx.wrap(LlamaForCausalLM(_hf_config(intermediate)).double(), config)
-    with torch.no_grad():
-        for _, layer in poet_layers(model):
-            layer.theta_in.normal_(0, 0.05)
-            layer.theta_out.normal_(0, 0.05)
-    return model
+    return wrapped_llama(config, intermediate)
 
 
 def _unshared_twin(model: torch.nn.Module) -> torch.nn.Module:
@@ -43,14 +38,6 @@ def _unshared_twin(model: torch.nn.Module) -> torch.nn.Module:
     for _, layer in poet_layers(twin):
         layer.frame_in = layer.frame_out = ""
     return twin
-
-
-def _loss_and_grads(model, ids):
-    model.zero_grad(set_to_none=True)
-    out = model(input_ids=ids, labels=ids)
-    out.loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return out.logits.detach(), out.loss.detach(), grads
 
 
 def _frames(model) -> dict[str, tuple[str, str]]:
@@ -73,17 +60,12 @@ def test_the_three_layers_of_each_mlp_share_one_permutation():
         assert not torch.equal(mlp.gate_proj.perm_in, mlp.up_proj.perm_in)  # own input sides
     assert not torch.equal(mlps[0].gate_proj.perm_out, mlps[1].gate_proj.perm_out)
     # the default draws every layer's own
-    independent = poetx.wrap(LlamaForCausalLM(_hf_config()), POETConfig(block_size=32))
+    independent = poetx.wrap(LlamaForCausalLM(hf_config()), POETConfig(block_size=32))
     assert _frames(independent) == {}
 
 
 @pytest.mark.parametrize("intermediate", [160, 150])  # 150: a padded last block of 32
-@pytest.mark.parametrize("settings", [
-    dict(mode="fast", batch_rotations="on", shared_inputs="on"),
-    dict(mode="fast", batch_rotations="off", shared_inputs="off"),
-    dict(mode="mem", batch_rotations="off", shared_inputs="off"),
-    dict(mode="mem", batch_rotations="on", shared_inputs="on"),
-], ids=lambda s: "-".join(str(v) for v in s.values()))
+@pytest.mark.parametrize("settings", LAYER_SETTINGS, ids=settings_id)
 def test_shared_frames_compute_what_the_same_permutations_compute_the_usual_way(settings,
                                                                                intermediate):
     """Logits, loss and every gradient equal those of the same model gathering and scattering
@@ -93,14 +75,7 @@ def test_shared_frames_compute_what_the_same_permutations_compute_the_usual_way(
     assert len(_frames(model)) == 6
     twin = _unshared_twin(model)
     ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
-    for _ in range(2):
-        logits, loss, grads = _loss_and_grads(model, ids)
-        ref_logits, ref_loss, ref_grads = _loss_and_grads(twin, ids)
-        torch.testing.assert_close(logits, ref_logits, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
-        assert grads.keys() == ref_grads.keys()
-        for name, grad in grads.items():
-            torch.testing.assert_close(grad, ref_grads[name], rtol=1e-11, atol=1e-13, msg=name)
+    logits = assert_twin_matches(model, twin, ids, steps=2)
     dense = poetx.unwrap(copy.deepcopy(model))
     with torch.no_grad():
         torch.testing.assert_close(dense(input_ids=ids).logits, logits, rtol=1e-9, atol=1e-9)
@@ -141,7 +116,7 @@ def test_mlps_that_cannot_share_keep_their_own_permutations():
 
 def test_built_models_share_them_too():
     config = POETConfig(block_size=32, mlp_permutations="shared")
-    model = build_poet_model(lambda: LlamaForCausalLM(_hf_config()), config, "cpu",
+    model = build_poet_model(lambda: LlamaForCausalLM(hf_config()), config, "cpu",
                              torch.float32, rebuild_buffers=rebuild_hf_rotary)
     assert len(_frames(model)) == 6
     mlp = model.model.layers[0].mlp
@@ -187,8 +162,8 @@ def test_shared_frames_under_activation_checkpointing():
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         m.train()
     ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(4))
-    _, loss, grads = _loss_and_grads(model, ids)
-    _, ref_loss, ref_grads = _loss_and_grads(twin, ids)
+    _, loss, grads = loss_and_grads(model, ids)
+    _, ref_loss, ref_grads = loss_and_grads(twin, ids)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, ref_grads[name], rtol=1e-11, atol=1e-13, msg=name)
@@ -201,18 +176,8 @@ def test_shared_frames_on_cuda_match_the_usual_way(intermediate):
     """The Triton path (batched builds, fan-outs) in float32: the shared-frame model against
     its twin gathering and scattering on every side. The values are the same up to the order
     of the Gram kernels' split-token sums."""
-    torch.manual_seed(0)
     config = POETConfig(block_size=32, mlp_permutations="shared")
-    model = poetx.wrap(LlamaForCausalLM(_hf_config(intermediate)).cuda(), config)
-    with torch.no_grad():
-        for _, layer in poet_layers(model):
-            layer.theta_in.normal_(0, 0.02)
-            layer.theta_out.normal_(0, 0.02)
-    twin = _unshared_twin(model)
+    model = wrapped_llama(config, intermediate, theta_std=0.02, dtype=torch.float32,
+                          device="cuda")
     ids = torch.randint(0, VOCAB, (4, 64), device="cuda")
-    for _ in range(2):
-        logits, loss, grads = _loss_and_grads(model, ids)
-        ref_logits, ref_loss, ref_grads = _loss_and_grads(twin, ids)
-        torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
-        for name, grad in grads.items():
-            torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert_twin_matches(model, _unshared_twin(model), ids, steps=2)

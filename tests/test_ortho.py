@@ -94,3 +94,4 @@ def test_block_layout():
     perm = draw_permutation(50, 9)
     assert torch.equal(perm[inverse_permutation(perm)], torch.arange(50))
     assert layer_seed(0, "a", 0, "in") == layer_seed(0, "a", 0, "in") != layer_seed(0, "a", 1, "in")
+

@@ -65,7 +65,8 @@ def build(setting: Setting) -> torch.nn.Module:
                          w0_format=setting.w0_format, quant_group_size=setting.quant_group_size,
                          w0_residual=setting.w0_residual,
                          permuted_saves=setting.permuted_saves,
-                         mlp_permutations=setting.mlp_permutations)
+                         mlp_permutations=setting.mlp_permutations,
+                         mlp_frames=setting.mlp_frames)
         model = build_poet_model(lambda: LlamaForCausalLM(hf_config(SHAPE)), cfg, "cpu",
                                  torch.bfloat16, rebuild_buffers=rebuild_hf_rotary)
     if setting.checkpointing:
@@ -186,11 +187,14 @@ def _recording_saved(model) -> tuple[dict[int, int], Any]:
 # down_proj's input kept as given, or arriving permuted from a shared MLP permutation (both
 # unpadded; the default keeps the padded permuted copy)
 SAVES = [Setting(mode="fast", block_size=64, permuted_saves="off"),
-         Setting(mode="mem", block_size=64, mlp_permutations="shared")]
+         Setting(mode="mem", block_size=64, mlp_permutations="shared"),
+         Setting(mode="fast", block_size=64, mlp_frames="fused"),
+         Setting(mode="mem", block_size=64, mlp_frames="fused")]
 
 
 @pytest.mark.parametrize("setting", SETTINGS[:6] + SAVES,
-                         ids=lambda s: f"{s.name}-{s.permuted_saves}-{s.mlp_permutations}")
+                         ids=lambda s: f"{s.name}-{s.permuted_saves}-{s.mlp_permutations}"
+                                       f"-{s.mlp_frames}")
 def test_saved_activations_are_what_autograd_keeps(setting):
     """Every floating tensor autograd saves in forward (the loss included), by storage."""
     model = build(setting)
@@ -321,13 +325,21 @@ def test_predictions_match_the_recorded_gpu_peaks():
 
 
 def test_step_predictions_match_the_recorded_gpu_peaks():
-    """``bench/step.py`` on an H100: the captured Llama-8B and 130M steps with compiled blocks,
+    """``bench/step.py`` on an H100: the captured Llama-8B and 130M steps with compiled blocks
+    (MLP frames fused or not),
     the Llama-8B ones without (1 and 4 GiB apart), and eager AdamW."""
     from bench.plan_check import compare_step
 
     records = compare_step(json.loads((REPO / "bench/results/step_h100.json").read_text()))
     methods = {r["method"] for r in records}
     assert {"poetx-fast-b256-graph-compiled", "poetx-fast-b256-graph", "adamw"} <= methods
+    # the fused SwiGLU frames (today's default) against the unfused MLPs, one H100 call:
+    # 3.5 GiB apart at 8B 2 x 2048
+    fused_rows = json.loads((REPO / "bench/results/step_fused_frames_h100.json").read_text())
+    assert {r["mlp_frames"] for r in fused_rows} == {"off", "fused", None}
+    fused = compare_step(fused_rows)
+    assert len(fused) == 2 and fused[0]["measured_gib"] - fused[1]["measured_gib"] > 3
+    records += fused
     for r in records:
         assert r["status"] == "ok" and abs(r["error_pct"]) <= GPU_TOLERANCE_PCT, r
         assert "H100" in r["measured_on"] and "step.py" in r["measured_by"]

@@ -87,6 +87,21 @@ def test_estimate_uses_measured_speeds() -> None:
     assert quality.estimate_seconds(run, speeds) == pytest.approx(gpu_s + quality.OVERHEAD_S)
 
 
+def test_ablation_summary_compares_a_cut_run_at_its_last_shared_step() -> None:
+    ref = {"best_val_ppl": 20.0, "curve": [[0, 0, 0.0, 900.0], [100, 10, 1.0, 30.0],
+                                           [200, 20, 2.0, 25.0], [300, 30, 3.0, 20.0]]}
+    cut = {"poet_flags": "--neumann-terms exact", "status": "partial", "steps_done": 250,
+           "steps": 300, "best_val_ppl": 24.0,
+           "curve": [[0, 0, 0.0, 900.0], [100, 10, 5.0, 33.0], [200, 20e6, 9.0, 26.0]]}
+    done = {"poet_flags": "--merge-every 50", "status": "done", "best_val_ppl": 21.0}
+    lines = quality.ablation_summary([ref], [cut, done])
+    # the cut run at step 200 (its last evaluation) against the reference's value there,
+    # not its best against the reference's best at step 300
+    assert "at step 200 (20.0 M tokens) 26.00 against the reference's 25.00" in lines[0]
+    assert "+4.0%" in lines[0] and "cut short at step 250 of 300" in lines[0]
+    assert lines[1] == "- `--merge-every 50`: 21.00 against 20.00 (+5.0%)."
+
+
 def test_projected_end_counts_work_committed_to_the_gpu() -> None:
     over = quality.OVERHEAD_S
     # an idle GPU: start-up, then the run's own work

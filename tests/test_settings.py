@@ -50,6 +50,7 @@ POET_VALUES = {
     "q_norm_check_every": ("5", 5), "adam_restart": ("reset", "reset"),
     "batch_rotations": ("off", "off"), "shared_inputs": ("on", "on"),
     "permuted_saves": ("off", "off"), "mlp_permutations": ("shared", "shared"),
+    "mlp_frames": ("fused", "fused"),
 }
 
 

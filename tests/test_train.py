@@ -206,11 +206,13 @@ def test_both_optimizers_run_through_the_same_loop(corpus, tmp_path):
     assert start["poetx"]["parameters"] != start["adamw"]["parameters"]
 
 
-@pytest.mark.parametrize("optimizer", ["poetx", "adamw", "poetx-sharedmlp"])
+@pytest.mark.parametrize("optimizer", ["poetx", "adamw", "poetx-sharedmlp", "poetx-fusedmlp"])
 def test_resume_matches_an_unbroken_run_bitwise(corpus, tmp_path, optimizer, capsys):
     kw = {"optimizer": optimizer, "poet": {"merge_every": 2}}
     if optimizer == "poetx-sharedmlp":  # the MLPs' shared permutations, redrawn at merges
         kw = {"optimizer": "poetx", "poet": {"merge_every": 2, "mlp_permutations": "shared"}}
+    if optimizer == "poetx-fusedmlp":  # the frame maps follow merges and the loaded checkpoint
+        kw = {"optimizer": "poetx", "poet": {"merge_every": 2, "mlp_frames": "fused"}}
     train(small(corpus, tmp_path / "a", **kw))
     b = tmp_path / "b"
     train(small(corpus, b, **kw))
@@ -225,6 +227,16 @@ def test_resume_matches_an_unbroken_run_bitwise(corpus, tmp_path, optimizer, cap
     assert len(train_losses(b)) == 6
     evals = [r["step"] for r in read_metrics(b) if r["type"] == "eval"]
     assert evals == [0, 3, 6]
+
+
+def test_fused_mlp_frames_train_exactly_as_the_unfused_model(corpus, tmp_path):
+    """Same permutations, same values: the losses of a run with fused MLP frames equal those of
+    the plain run bitwise, across merges (every 2 steps)."""
+    plain = tmp_path / "plain"
+    fused = tmp_path / "fused"
+    train(small(corpus, plain, poet={"merge_every": 2}))
+    train(small(corpus, fused, poet={"merge_every": 2, "mlp_frames": "fused"}))
+    assert train_losses(fused) == train_losses(plain)
 
 
 def test_ctrl_c_saves_and_resume_continues_bitwise(corpus, tmp_path, monkeypatch):

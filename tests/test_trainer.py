@@ -316,3 +316,18 @@ def test_grad_accum_builds_the_rotations_once_per_step(accum, built_blocks):
         assert built_blocks == {"forward": blocks, "backward": blocks}
         assert all(layer.theta_in.grad is not None for layer in t.poet_layers)
         t._advance_schedules(step + 1)
+
+
+@pytest.mark.gpu
+def test_exact_cayley_runs_step_eagerly_on_cuda():
+    """``--neumann-terms exact`` on CUDA: the step is not captured (cuSOLVER's batched LU at
+    256-blocks cannot be, which failed the 60M exact-Cayley run of the quality study), and it
+    trains: finite, falling losses."""
+    t = _cuda_trainer(poet={"merge_every": 3, "neumann_terms": None}, compile_blocks=True)
+    assert t.cfg.cuda_graphs and not t.graphs and t.captured is None
+    assert t.compiled_blocks == 0 and "exact Cayley" in t.describe_step()
+    losses = []
+    for step in range(6):
+        losses.append(float(t.step_fn(t.load_batch(step % 2))["loss"]))
+        t._advance_schedules(step + 1)
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], losses

@@ -67,6 +67,10 @@ class POETLinear(nn.Module):
             permutation from the key, so the layers sharing it hold equal ones as long as they
             merge together, and its activation travels in the permuted order: the input is
             taken, or the output returned, as ``x[..., perm]`` rather than ``x``.
+        input_in_frame / output_in_frame: the input arrives, or the output leaves, in this
+            layer's own permuted order (``x[..., perm_in]``, ``y[..., perm_out]``) without a
+            shared permutation: the neighbour moves it between orders
+            (``poetx.layers.framed_mlp``).
     """
 
     def __init__(
@@ -96,6 +100,8 @@ class POETLinear(nn.Module):
         self.layout_out = BlockLayout.for_dim(out_features, self.config.block_size)
         self.frame_in = frame_in
         self.frame_out = frame_out
+        self.input_in_frame = False
+        self.output_in_frame = False
         dtype = dtype or torch.get_default_dtype()
         self.compute_dtype = dtype
         # Skew parameters stay float32 under a bf16 model: their updates are far below bf16's
@@ -304,14 +310,15 @@ class POETLinear(nn.Module):
 
     def _op_indices(self) -> tuple[Tensor | None, Tensor | None]:
         # A shared side's activation already travels permuted: no gather, no scatter.
-        return (None if self.frame_in else self.index_in,
-                None if self.frame_out else self.index_out)
+        return (None if self.frame_in or self.input_in_frame else self.index_in,
+                None if self.frame_out or self.output_in_frame else self.index_out)
 
     @property
     def saves_permuted_input(self) -> bool:
         """Whether backward keeps the input as the forward permuted it (``permuted_saves``;
         an input arriving permuted, on a shared side, is kept as it comes anyway)."""
         return (self.config.permuted_saves == "auto" and not self.frame_in
+                and not self.input_in_frame
                 and self.layer_name.rsplit(".", 1)[-1] == "down_proj")
 
     # dense views and merging --------------------------------------------------------------------
@@ -406,5 +413,7 @@ class POETLinear(nn.Module):
             f"mode={self.config.mode}, w0={self.w0.dtype}"
             + (f", frame_in={self.frame_in!r}" if self.frame_in else "")
             + (f", frame_out={self.frame_out!r}" if self.frame_out else "")
+            + (", input_in_frame=True" if self.input_in_frame else "")
+            + (", output_in_frame=True" if self.output_in_frame else "")
         )
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from poetx.config import POETConfig
+from poetx.layers.framed_mlp import fuse_mlp_frames
 from poetx.layers.poet_linear import POETLinear
 from poetx.layers.rotation_groups import group_rotations
 from poetx.model.wrap import _set_submodule, eligible_linears, shared_mlp_frames
@@ -78,6 +79,8 @@ def build_poet_model(
     if callable(tie):
         tie()
     group_rotations(model)
+    if config.mlp_frames == "fused":
+        fuse_mlp_frames(model)
     return model
 
 

@@ -9,6 +9,12 @@ import torch
 from torch import Tensor, nn
 
 from poetx.config import POETConfig
+from poetx.layers.framed_mlp import (
+    MLP_TRIPLE,
+    fuse_mlp_frames,
+    refresh_mlp_frames,
+    unfuse_mlp_frames,
+)
 from poetx.layers.poet_linear import POETLinear
 from poetx.layers.rotation_groups import group_rotations, ungroup_rotations
 
@@ -101,9 +107,6 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-MLP_TRIPLE = ("gate_proj", "up_proj", "down_proj")
-
-
 def shared_mlp_frames(targets: list[tuple[str, nn.Linear]]) -> dict[str, tuple[str, str]]:
     """``{name: (frame_in, frame_out)}`` for the layers of every MLP whose ``gate_proj``,
     ``up_proj`` and ``down_proj`` are all in ``targets`` with one intermediate width: the gate
@@ -179,6 +182,8 @@ def wrap(model: nn.Module, config: POETConfig | None = None) -> nn.Module:
         setattr(layer, FROM_CONV1D, True)
         _set_submodule(model, name, layer)
     group_rotations(model)
+    if config.mlp_frames == "fused":
+        fuse_mlp_frames(model)
     return model
 
 
@@ -191,6 +196,7 @@ def poet_layers(model: nn.Module) -> Iterator[tuple[str, POETLinear]]:
 def unwrap(model: nn.Module) -> nn.Module:
     """Merge every ``POETLinear`` and put a plain ``nn.Linear`` (weight ``R W0 P``) back (a
     ``Conv1D`` where ``wrap`` found one)."""
+    unfuse_mlp_frames(model)
     for name, layer in list(poet_layers(model)):
         _set_submodule(model, name, dense_layer(layer))
     ungroup_rotations(model)
@@ -229,4 +235,5 @@ def merge_all_(model: nn.Module) -> int:
     for layer in layers:
         layer.merge_()
     check_shared_frames(model)
+    refresh_mlp_frames(model)
     return len(layers)

@@ -17,6 +17,11 @@ from poetx.kernels.block_rotate_ref import (
     fan_out_reference,
     gather_columns,
 )
+from poetx.kernels.frame_swiglu_ref import (
+    FrameMaps,
+    swiglu_frames_backward_reference,
+    swiglu_frames_reference,
+)
 from poetx.ortho.cayley import rotation_delta_backward_reference, rotation_delta_reference
 
 
@@ -128,3 +133,20 @@ def rotation_delta_backward(
                                              out=out, build_dtype=build_dtype)
     return _into(rotation_delta_backward_reference(theta, grad_delta, block, terms,
                                                    valid_last).to(theta.dtype), out)
+
+
+def swiglu_frames(gate: Tensor, up: Tensor, maps: FrameMaps) -> Tensor:
+    if use_triton(gate) and gate.dtype != torch.float64:
+        from poetx.kernels.frame_swiglu import swiglu_frames as kernel
+
+        return kernel(gate, up, maps)
+    return swiglu_frames_reference(gate, up, maps)
+
+
+def swiglu_frames_backward(grad_h: Tensor, gate: Tensor, up: Tensor,
+                           maps: FrameMaps) -> tuple[Tensor, Tensor]:
+    if use_triton(grad_h) and grad_h.dtype != torch.float64:
+        from poetx.kernels.frame_swiglu import swiglu_frames_backward as kernel
+
+        return kernel(grad_h, gate, up, maps)
+    return swiglu_frames_backward_reference(grad_h, gate, up, maps)

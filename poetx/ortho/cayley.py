@@ -74,10 +74,13 @@ def cayley_neumann(q: Tensor, terms: int) -> Tensor:
 def cayley_exact(q: Tensor) -> Tensor:
     """Exact Cayley map ``(I + Q)(I - Q)^-1`` (orthogonal for any skew ``Q``)."""
     eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device).expand_as(q)
-    # (I + Q)(I - Q)^-1 = ((I - Q)^-T (I + Q)^T)^T = ((I + Q)^-1... use solve on the transpose.
-    return torch.linalg.solve((eye - q).transpose(-1, -2), (eye + q).transpose(-1, -2)).transpose(
-        -1, -2
-    )
+    # (I + Q)(I - Q)^-1 = ((I - Q)^-T (I + Q)^T)^T: one solve on the transposes.
+    # ``solve_ex`` without its error check: ``linalg.solve`` reads the factorization's status
+    # back to the host, a sync in every build. No check is lost: ``I - Q`` is never singular
+    # for a skew ``Q`` (its eigenvalues are ``1 - i*lambda``).
+    solution, _ = torch.linalg.solve_ex((eye - q).transpose(-1, -2), (eye + q).transpose(-1, -2),
+                                        check_errors=False)
+    return solution.transpose(-1, -2)
 
 
 def orthogonality_bound(q_norm: float, terms: int) -> float:
@@ -134,7 +137,9 @@ def rotation_delta_backward_reference(
     eye = torch.eye(block, dtype=q.dtype, device=q.device)
     if terms is None:
         r = cayley_exact(q)
-        grad_q = (eye + r).transpose(-1, -2) @ g @ torch.linalg.inv(eye - q).transpose(-1, -2)
+        # inv_ex without its error check, as in ``cayley_exact``: no host sync.
+        inverse, _ = torch.linalg.inv_ex(eye - q, check_errors=False)
+        grad_q = (eye + r).transpose(-1, -2) @ g @ inverse.transpose(-1, -2)
     else:
         coeffs = neumann_coefficients(terms)
         powers = [eye.expand_as(q)]

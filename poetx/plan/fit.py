@@ -44,6 +44,7 @@ def setting_of(cfg: Any) -> Setting:
         compile_blocks=bool(getattr(cfg, "compile_blocks", False)),
         permuted_saves=getattr(poet, "permuted_saves", "auto"),
         mlp_permutations=getattr(poet, "mlp_permutations", "independent"),
+        mlp_frames=getattr(poet, "mlp_frames", "fused"),
     )
 
 

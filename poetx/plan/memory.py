@@ -80,7 +80,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from poetx.config import MLP_PERMUTATIONS, PERMUTED_SAVES
+from poetx.config import MLP_FRAMES, MLP_PERMUTATIONS, PERMUTED_SAVES
 from poetx.model.loss_chunks import LOGITS_BUDGET, auto_chunk_tokens, vocab_chunk
 
 Round = Callable[[int], int]
@@ -174,6 +174,9 @@ class Setting:
             whole blocks (``POETConfig.permuted_saves``); ``"off"``: as given.
         mlp_permutations: ``POETConfig.mlp_permutations``; ``"shared"``: ``down_proj``'s input
             arrives permuted and is kept as it comes, unpadded.
+        mlp_frames: ``POETConfig.mlp_frames``; ``"fused"`` (with independent permutations):
+            the frame-SwiGLU node keeps gate's and up's outputs, ``down_proj`` its input as it
+            comes, unpadded; nothing keeps the SiLU's output.
     """
 
     optimizer: str = "poetx"
@@ -192,6 +195,7 @@ class Setting:
     compile_blocks: bool = False
     permuted_saves: str = "auto"
     mlp_permutations: str = "independent"
+    mlp_frames: str = "fused"
 
     @property
     def blocks_compiled(self) -> bool:
@@ -208,6 +212,7 @@ class Setting:
         _choice("loss", self.loss, LOSSES)
         _choice("permuted_saves", self.permuted_saves, PERMUTED_SAVES)
         _choice("mlp_permutations", self.mlp_permutations, MLP_PERMUTATIONS)
+        _choice("mlp_frames", self.mlp_frames, MLP_FRAMES)
         for name in ("block_size", "quant_group_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 2:
@@ -607,10 +612,14 @@ def _saved_layer_bytes(rb: Round, shape: ModelShape, t: int, setting: Setting, e
     # gate output, its SiLU, up output, their product (the input of down_proj, which POET-X's
     # down_proj may keep permuted, padded to whole blocks, instead)
     product = i
-    if (setting.optimizer == "poetx" and setting.permuted_saves == "auto"
-            and setting.mlp_permutations != "shared"):
+    poet = setting.optimizer == "poetx"
+    fused = poet and setting.mlp_frames == "fused" and setting.mlp_permutations != "shared"
+    if poet and setting.permuted_saves == "auto" and setting.mlp_permutations != "shared":
         product = math.prod(num_blocks(i, setting.block_size))
-    total += 3 * rb(e * t * i) + rb(e * t * product)
+    if fused:  # gate and up outputs (the frame-SwiGLU node), down's input as it comes
+        total += 3 * rb(e * t * i)
+    else:
+        total += 3 * rb(e * t * i) + rb(e * t * product)
     if setting.optimizer == "poetx" and setting.mode == "fast":
         for _, m, n in shape.linears():
             total += rb(e * t * m)

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
+from poetx.layers.framed_mlp import refresh_mlp_frames
 from poetx.layers.poet_linear import POETLinear
 from poetx.model.wrap import check_shared_frames
 
@@ -129,4 +130,5 @@ def merge_sharded_(model: nn.Module) -> int:
                 layer.merge_()
             count += 1
     check_shared_frames(model)
+    refresh_mlp_frames(model)
     return count

@@ -165,8 +165,12 @@ class Trainer:
         # fused AdamW (bf16 dense states, float32 rotation states) is capturable; the other
         # dense optimizers run eager steps.
         capturable_optimizer = cfg.dense_optimizer == "adamw" and cfg.rotation_states == "fp32"
+        # The exact Cayley map solves batched linear systems, and at 256-blocks cuSOLVER's
+        # batched LU is not capturable ("operation not permitted when stream is capturing",
+        # H100, torch 2.11): those runs step eagerly.
+        self.exact_cayley = cfg.optimizer == "poetx" and cfg.poet.neumann_terms is None
         self.graphs = (cfg.cuda_graphs and device.type == "cuda" and scheme != "fsdp"
-                       and capturable_optimizer)
+                       and capturable_optimizer and not self.exact_cayley)
         self.compiled_blocks = (compile_blocks(model) if self.graphs and cfg.compile_blocks
                                 and cfg.optimizer == "poetx" else 0)
         # Eager CUDA steps use the capturable kernel too: its update rounds differently from
@@ -235,6 +239,8 @@ class Trainer:
     def describe_step(self) -> str:
         """How the step runs, for the run's header."""
         if not self.graphs:
+            if self.exact_cayley and self.cfg.cuda_graphs and self.device.type == "cuda":
+                return "eager (the exact Cayley map's batched solve cannot be captured)"
             return "eager"
         text = f"one CUDA graph, recorded after {self.captured.warmup} eager steps"
         if self.compiled_blocks:

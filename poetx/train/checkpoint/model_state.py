@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from poetx.layers.framed_mlp import refresh_mlp_frames
 from poetx.train.checkpoint.format import (
     MODEL_FILE,
     SHARDED_DIR,
@@ -86,8 +87,13 @@ def load_model_state(path: str | Path, model: nn.Module) -> None:
     where a process group exists."""
     if is_sharded(path):
         _load_sharded_model(Path(path), model)
-        return
-    fpath = Path(path) / MODEL_FILE
+    else:
+        _load_model_file(Path(path) / MODEL_FILE, model)
+    # tensors derived from the loaded permutations (not in checkpoints)
+    refresh_mlp_frames(model)
+
+
+def _load_model_file(fpath: Path, model: nn.Module) -> None:
     target = model.state_dict()
     with open_safetensors(fpath) as f:
         aliases = aliases_of(f)
