@@ -212,6 +212,27 @@ def test_gram_interpreted_split(interp, splits):
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize("splits", [1, 2])
+@pytest.mark.parametrize("indexed", [False, True])
+def test_gram_interpreted_accumulate(interp, splits, indexed):
+    """``accumulate``: the Gram is added into what ``out`` holds (the gradient sink of a
+    build), split or not, every element once."""
+    br, _ = interp
+    br.OPTIONS["gram_splits"] = splits
+    b, nb, T = 8, 2, 150
+    a, c = torch.randn(T, 13), torch.randn(T, 13)
+    idx = padded_index(13, nb, b) if indexed else None
+    before = torch.randn(nb, b, b)
+    out = before.clone()
+    g = br.block_gram(a, c, idx, idx, nb, b, out=out, accumulate=True)
+    assert g is out
+    ref = before.double() + block_gram_reference(a.double(), c.double(), idx, idx, nb, b)
+    assert rel_err(g, ref) < 1e-6
+    with pytest.raises(ValueError, match="accumulate needs out"):
+        br.block_gram(a, c, idx, idx, nb, b, accumulate=True)
+
+
+@pytest.mark.interpret
 @pytest.mark.parametrize("b,nb,valid", [(4, 3, None), (4, 2, 3), (8, 2, None), (8, 3, 5),
                                         (16, 2, None), (16, 3, 11), (5, 2, 4), (32, 3, 21),
                                         (48, 2, None)])
@@ -389,6 +410,10 @@ def test_gram_gpu(dtype, dim, b, T, gather):
             g = br.block_gram(a, c, ai, bi, nb, b, out=out)
             ref = block_gram_reference(a.double(), c.double(), ai, bi, nb, b)
             assert rel_err(g, ref) < (1e-5 if dtype == torch.bfloat16 else 2e-5)
+            # added into a sink (TMA reduce-adds where there is no index)
+            before = torch.randn(nb, b, b, device="cuda")
+            g = br.block_gram(a, c, ai, bi, nb, b, out=before.clone(), accumulate=True)
+            assert rel_err(g, before.double() + ref) < (1e-5 if dtype == torch.bfloat16 else 2e-5)
     finally:
         br.OPTIONS.update(saved)
 

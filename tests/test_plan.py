@@ -500,8 +500,10 @@ def test_accumulation_parts_are_what_the_step_holds(setting):
             (causal_lm_loss(model, batch[i]) / k).backward()
         builds = list({id(b): b for b, _ in rotations.builds.values()}.values())
         blocks = _storages(t for b in builds for t in b.blocks)
-        anchors = _storages(b.carry.leaves[0] for b in builds)  # one scalar per build call
-        block_grads = _storages(leaf.grad for b in builds for leaf in b.carry.leaves)
+        # two scalars per build call: the handles' anchor and the leaf they hang from
+        anchors = _storages([b.carry.handles[0] for b in builds] + [b.carry.root for b in builds])
+        # one buffer per build call, the Grams' sums
+        block_grads = _storages(b.carry.sink.data for b in builds if b.carry.sink.data is not None)
         left = [p for p in model.parameters() if p.grad is not None]
         rotations.micro_batch(k - 1)
         (causal_lm_loss(model, batch[k - 1]) / k).backward()
@@ -515,7 +517,7 @@ def test_accumulation_parts_are_what_the_step_holds(setting):
     assert last["embed_head_norm_grads"] + last["dense_linear_grads"] == nbytes(
         p.grad for p in left)
     if setting.optimizer == "poetx":
-        assert len(builds) > 0 and len(block_grads) == 2 * len(layers)
+        assert len(builds) > 0 and len(block_grads) == len(builds)
     else:
         assert not builds
     assert p.moments["optimizer-step"]["accumulated_blocks"] == 0

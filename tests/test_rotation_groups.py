@@ -339,3 +339,87 @@ def test_accumulated_rotations_of_layers_the_last_micro_batch_skips(path, built_
     assert g.keys() == g_ref.keys() and "head.theta_in" in g
     for name in g_ref:
         torch.testing.assert_close(g[name], g_ref[name], rtol=1e-12, atol=1e-13, msg=name)
+
+
+class TwiceBlock(Block):
+    """A block that calls one of its layers twice (weights shared within the block)."""
+
+    def body(self, x):
+        a, b, c, d, e, f = self.layers
+        h = torch.tanh(a(x))
+        h = c(torch.tanh(b(h)))
+        return x + d(torch.tanh(f(h))) + e(x) + e(torch.tanh(x))
+
+
+@pytest.mark.parametrize("micro", [1, 2])
+def test_a_layer_called_twice_in_a_block(micro):
+    """Both calls add into the side's part of the gradient sink, and autograd sums the two
+    tokens the ops hand back (zeros, ignored): the gradients of the per-layer path."""
+    ref, batched = _towers(3, "fast")
+    for tower in (ref, batched):
+        for block in tower.blocks:
+            block.__class__ = TwiceBlock
+    xs = list(torch.randn(micro, 2, 12, dtype=torch.float64))
+    gx_ref, g_ref = _micro_batches(ref, xs, scoped=False)
+    gx, g = _micro_batches(batched, xs, scoped=micro > 1)
+    for a, b in zip(gx, gx_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+    assert g.keys() == g_ref.keys()
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-12, atol=1e-13, msg=name)
+
+
+def test_micro_batches_add_their_block_gradients_into_one_buffer_per_build():
+    """Before the last micro-batch, each build's sides hold their summed block gradients in
+    one buffer (no tensor per side, nothing reaches a parameter), also for a first layer
+    whose input does not require grad; the step's gradients are the rebuilding path's."""
+    ref, batched = _towers(3, "fast")
+    rebuilt = copy.deepcopy(batched)
+    xs = torch.randn(3, 2, 12, dtype=torch.float64)
+    weights = torch.linspace(-1, 1, 3, dtype=torch.float64)
+    for model, scoped in ((rebuilt, False), (batched, True)):
+        layers = [layer for _, layer in poet_layers(model)]
+        scope = AccumulatedRotations(layers, 3) if scoped else contextlib.nullcontext()
+        with scope:
+            for k in range(3):
+                if scoped:
+                    scope.micro_batch(k)
+                (model(xs[k]) * weights).sum().backward()
+                if scoped and k == 1:
+                    builds = {id(b): b for b, _ in scope.builds.values()}.values()
+                    for build in builds:
+                        sink = build.carry.sink
+                        assert sink.data is not None and all(sink.filled)
+                        assert sink.data.shape[0] == sum(sink.sizes)
+                        assert build.carry.root.grad is None
+                    assert all(layer.theta_in.grad is None for layer in layers)
+    g_ref = {n: p.grad for n, p in rebuilt.named_parameters() if p.grad is not None}
+    g = {n: p.grad for n, p in batched.named_parameters() if p.grad is not None}
+    assert g.keys() == g_ref.keys() and any(k.endswith("theta_in") for k in g)
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-12, atol=1e-13, msg=name)
+
+
+def test_a_blocks_gradient_sink_lives_only_through_its_backward(monkeypatch):
+    """One step without accumulation: each build call of a decoder block gets one sink,
+    allocated by the first Gram of its backward and released by the Cayley-Neumann
+    backward."""
+    import poetx.ops.rotation_group as rg
+
+    sinks = []
+    real = rg.GradientSink.__init__
+
+    def recorded(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        sinks.append(self)
+
+    monkeypatch.setattr(rg.GradientSink, "__init__", recorded)
+    _, batched = _towers(3, "fast")
+    y = batched(torch.randn(2, 12, dtype=torch.float64))
+    from poetx.layers.rotation_groups import _calls
+
+    calls = sum(len(_calls([m for _, m in poet_layers(block)])) for block in batched.blocks)
+    assert len(sinks) == calls and all(s.data is None for s in sinks)  # one per build call
+    y.sum().backward()
+    assert all(s.data is None and not s.pending() for s in sinks)
+    assert all(layer.theta_out.grad is not None for _, layer in poet_layers(batched.blocks))

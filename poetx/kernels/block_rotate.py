@@ -638,15 +638,20 @@ def block_rotate(
 
 def block_gram(
     a: Tensor, b: Tensor, a_index: Tensor | None, b_index: Tensor | None, nb: int, block: int,
-    *, out: Tensor | None = None,
+    *, out: Tensor | None = None, accumulate: bool = False,
 ) -> Tensor:
     """Triton version of :func:`block_gram_reference`: ``(nb, b, b)`` float32. ``out``: optional
-    contiguous float32 result buffer (zeroed here when the token reduction is split)."""
+    contiguous float32 result buffer (zeroed here when the token reduction is split);
+    ``accumulate``: add the Gram into ``out`` instead (the tiles' stores become atomic adds,
+    so nothing is zeroed and no separate add runs)."""
     if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[0]:
         raise ValueError(f"a and b must be (T, cols) with equal T; got {tuple(a.shape)}, "
                          f"{tuple(b.shape)}")
+    if accumulate and out is None:
+        raise ValueError("accumulate needs out")
     if torch.float64 in (a.dtype, b.dtype):
-        return block_gram_reference(a, b, a_index, b_index, nb, block)
+        gram = block_gram_reference(a, b, a_index, b_index, nb, block)
+        return gram if out is None else (out.add_(gram) if accumulate else out.copy_(gram))
     if a.dtype != b.dtype:
         wide = torch.promote_types(a.dtype, b.dtype)
         a, b = a.to(wide), b.to(wide)
@@ -657,7 +662,9 @@ def block_gram(
                             or not out.is_contiguous()):
         raise ValueError("out must be a contiguous (nb, b, b) float32 tensor")
     if T == 0 or nb == 0:
-        return torch.zeros(nb, block, block, dtype=torch.float32, device=a.device)
+        if out is None:
+            return torch.zeros(nb, block, block, dtype=torch.float32, device=a.device)
+        return out if accumulate else out.zero_()
     positions = nb * block
     if _gather_mode(a, a.shape[1], b.shape[1], positions) == "staged":
         if a_index is not None:
@@ -676,11 +683,11 @@ def block_gram(
     splits = max(1, min(splits, triton.cdiv(T, 4 * bt)))
     t_per = triton.cdiv(triton.cdiv(T, splits), bt) * bt
     splits = triton.cdiv(T, t_per)
-    atomic = splits > 1
+    atomic = splits > 1 or accumulate
     if out is None:
         out = (torch.zeros if atomic else torch.empty)(
             nb, block, block, dtype=torch.float32, device=a.device)
-    elif atomic:
+    elif atomic and not accumulate:
         out.zero_()
     common = dict(ATOMIC=atomic, BI=bi, BJ=bj, BT=bt, PREC=_prec(a.dtype),
                   UPCAST=_upcast(a.dtype), num_warps=warps, num_stages=stages)

@@ -232,13 +232,14 @@ class _StepBuild:
         self.served: set[int] = set()
 
     def handle(self, final: bool, i: int) -> torch.Tensor:
-        """Side ``i``'s gradient handle: its carry leaf before the last micro-batch (and
+        """Side ``i``'s gradient handle: the carry's before the last micro-batch (and
         without grad), else a handle linked to the skew parameters as this forward sees them
         (FSDP2: gathered for it). A side asking again is a new forward of its layer (a
         recomputation under activation checkpointing, which must save what the forward
-        saved): it gets a new link; the carry goes to the first link whose backward runs."""
+        saved): it gets a new link; each link's backward takes what the shared sink holds
+        when it runs (the Cayley-Neumann backward is linear, so the parts add up)."""
         if not (final and torch.is_grad_enabled()):
-            return self.carry.leaves[i]
+            return self.carry.handles[i]
         if self.linked is None or i in self.served:
             self.linked = link_rotation_group(_thetas(self.sides), *self.geometry,
                                               carry=self.carry)
@@ -253,8 +254,9 @@ class AccumulatedRotations:
     The skew parameters change only in the optimizer step, so every micro-batch computes with
     the same blocks: each build call (a decoder block's batched layers, or one layer alone on
     the per-layer path) runs when the first micro-batch first needs it; the micro-batches
-    before the last add their block gradients into float32 leaves (``Carry``); the last one's
-    backward adds its own and runs the Cayley-Neumann backward once. Costs, against building
+    before the last add their block gradients into one float32 buffer per build (``Carry``'s
+    sink; the Grams add there, so no separate add runs); the last one's backward adds its own
+    and runs the Cayley-Neumann backward once. Costs, against building
     per micro-batch: the blocks of every layer and their float32 gradient sum stay allocated
     for the whole step (about three times the skew parameters' memory).
 

@@ -83,13 +83,19 @@ def fan_in(grads: list[Tensor | None], indices: Tensor, cols: int) -> Tensor | N
 
 
 def gram(
-    a: Tensor, b: Tensor, a_index: Tensor | None, b_index: Tensor | None, nb: int, block: int
+    a: Tensor, b: Tensor, a_index: Tensor | None, b_index: Tensor | None, nb: int, block: int,
+    out: Tensor | None = None, accumulate: bool = False,
 ) -> Tensor:
+    """``(nb, b, b)`` float32 (float64 for float64 inputs); ``out``: a contiguous buffer of
+    that shape and dtype it is written into (``accumulate``: added to), and returned."""
     if use_triton(a):
         from poetx.kernels.block_rotate import block_gram
 
-        return block_gram(a, b, a_index, b_index, nb, block)
-    return block_gram_reference(a, b, a_index, b_index, nb, block)
+        return block_gram(a, b, a_index, b_index, nb, block, out=out, accumulate=accumulate)
+    result = block_gram_reference(a, b, a_index, b_index, nb, block)
+    if out is None:
+        return result
+    return out.add_(result) if accumulate else out.copy_(result)
 
 
 def _into(result: Tensor, out: Tensor | None) -> Tensor:

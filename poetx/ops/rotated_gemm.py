@@ -28,6 +28,10 @@ from poetx.ortho.layout import BlockLayout
 
 EXACT_CAYLEY = -1
 
+# Attribute of a gradient handle naming where its block gradient is added up (see
+# ``poetx.ops.rotation_group.GradientSlot``).
+GRADIENT_SLOT = "_poetx_gradient_slot"
+
 
 def _valid_last(dim: int, num_blocks: int, block: int) -> int | None:
     # The layer's BlockLayout is the one definition; here only its sizes reach the op.
@@ -74,11 +78,14 @@ def _forward_blocks(x, w0, w0_scale, quant_group, d_in, d_out, index_in, index_o
 
 
 def _backward_blocks(grad_y, x, v, d_in, d_out, w0, w0_scale, quant_group, index_in, index_out,
-                     permuted_grad=False, x_permuted=False):
+                     permuted_grad=False, x_permuted=False, into_in=None, into_out=None,
+                     add_in=False, add_out=False):
     """``(dx (T, n), grad_d_in, grad_d_out)`` (block gradients float32, float64 for float64
     inputs); an empty ``v`` is recomputed from ``x``. ``permuted_grad``: ``dx`` in the
     permuted frame, ``(T, nb_in * b)`` (the gradient of a ``fan_out`` copy). ``x_permuted``:
-    ``x`` is already gathered by ``index_in``, ``(T, nb_in * b)``."""
+    ``x`` is already gathered by ``index_in``, ``(T, nb_in * b)``. ``into_in`` / ``into_out``:
+    buffers of the block gradients' shape and dtype that they are written into (``add_*``:
+    added to), then returned as given."""
     m, n = w0.shape
     grad_y = grad_y.contiguous()
     weight = dense_w0(w0, w0_scale, quant_group, x.dtype)
@@ -93,11 +100,13 @@ def _backward_blocks(grad_y, x, v, d_in, d_out, w0, w0_scale, quant_group, index
         v = backend.rotate(x_in, d_in, index_x, None, n) @ weight.t()
     grad_y, index_y = backend.gather(grad_y, index_out, d_out.shape[0] * d_out.shape[1])
     grad_v = backend.rotate(grad_y, d_out, index_y, None, m, transpose=True)
-    grad_d_out = backend.gram(grad_y, v, index_y, None, d_out.shape[0], d_out.shape[1])
+    grad_d_out = backend.gram(grad_y, v, index_y, None, d_out.shape[0], d_out.shape[1],
+                              into_out, add_out)
     del grad_y, v
     grad_u = grad_v @ weight
     del grad_v
-    grad_d_in = backend.gram(grad_u, x_in, None, index_x, d_in.shape[0], d_in.shape[1])
+    grad_d_in = backend.gram(grad_u, x_in, None, index_x, d_in.shape[0], d_in.shape[1],
+                             into_in, add_in)
     del x_in
     if permuted_grad:
         positions = d_in.shape[0] * d_in.shape[1]
@@ -237,7 +246,9 @@ poet_linear_op.register_autograd(_backward, setup_context=_setup_context)
 # blocks of many layers in one launch). Its backward stops at the blocks: it returns their
 # float32 gradients through ``grad_in`` / ``grad_out``, float32 tensors of the blocks' shape
 # whose values are never read (zero-stride handles): autograd would round a gradient to the
-# dtype of the input it belongs to, and the blocks are bf16 in a bf16 model.
+# dtype of the input it belongs to, and the blocks are bf16 in a bf16 model. A handle that
+# carries a ``GRADIENT_SLOT`` gets the gradient written into that slot instead (the Gram
+# stores or adds there) and only the handle itself back, as a token.
 
 
 @torch.library.custom_op("poetx::poet_linear_blocks", mutates_args=())
@@ -280,7 +291,8 @@ def _(x, w0, w0_scale, quant_group, d_in, d_out, grad_in, grad_out, index_in, in
     return y, v, kept
 
 
-@torch.library.custom_op("poetx::poet_linear_blocks_backward", mutates_args=())
+@torch.library.custom_op("poetx::poet_linear_blocks_backward",
+                         mutates_args=("into_in", "into_out"))
 def poet_linear_blocks_backward_op(
     grad_y: Tensor,
     x: Tensor,
@@ -292,23 +304,35 @@ def poet_linear_blocks_backward_op(
     quant_group: int,
     index_in: Tensor | None,
     index_out: Tensor | None,
-    permuted_grad: bool = False,
-    x_permuted: bool = False,
+    permuted_grad: bool,
+    x_permuted: bool,
+    into_in: Tensor | None,
+    into_out: Tensor | None,
+    add_in: bool,
+    add_out: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dx (T, n), grad_d_in, grad_d_out)``, block gradients float32 (float64 for float64);
     ``permuted_grad``: ``dx`` ``(T, nb_in * b)`` in the permuted frame; ``x_permuted``: ``x``
-    is the forward's permuted input ``(T, nb_in * b)``."""
-    return _backward_blocks(grad_y, x, v, d_in, d_out, w0, w0_scale, quant_group, index_in,
-                            index_out, permuted_grad, x_permuted)
+    is the forward's permuted input ``(T, nb_in * b)``. ``into_in`` / ``into_out``: contiguous
+    buffers of a block gradient's shape and dtype that it is written into (``add_*``: added
+    to); that gradient is then returned empty. No argument has a default: torch 2.11's boxed
+    dispatch drops trailing arguments equal to their defaults, and its in-place bookkeeping
+    then indexes a mutated argument past the end (IndexError)."""
+    grad_x, grad_d_in, grad_d_out = _backward_blocks(
+        grad_y, x, v, d_in, d_out, w0, w0_scale, quant_group, index_in, index_out, permuted_grad,
+        x_permuted, into_in, into_out, add_in, add_out)
+    # A custom op may not return (an alias of) an argument it mutates.
+    return (grad_x, x.new_empty(0) if into_in is not None else grad_d_in,
+            x.new_empty(0) if into_out is not None else grad_d_out)
 
 
 @poet_linear_blocks_backward_op.register_fake
 def _(grad_y, x, v, d_in, d_out, w0, w0_scale, quant_group, index_in, index_out,
-      permuted_grad=False, x_permuted=False):
+      permuted_grad, x_permuted, into_in, into_out, add_in, add_out):
     wide = torch.float64 if x.dtype == torch.float64 else torch.float32
     dx = x.new_empty(x.shape[0], d_in.shape[0] * d_in.shape[1] if permuted_grad else w0.shape[1])
-    return (dx, d_in.new_empty(d_in.shape, dtype=wide),
-            d_out.new_empty(d_out.shape, dtype=wide))
+    return (dx, x.new_empty(0) if into_in is not None else d_in.new_empty(d_in.shape, dtype=wide),
+            x.new_empty(0) if into_out is not None else d_out.new_empty(d_out.shape, dtype=wide))
 
 
 def _setup_blocks_context(ctx, inputs, output):
@@ -326,16 +350,31 @@ def _setup_blocks_context(ctx, inputs, output):
     ctx.quant_group = quant_group
     ctx.permuted = x_perm is not None
     ctx.x_permuted = kept is not x
+    # Handles of a poetx.ops.rotation_group build name the slot of its gradient buffer that
+    # the Grams write into; their own gradient is then only a zero-stride token (the handle).
+    ctx.slots = tuple(getattr(h, GRADIENT_SLOT, None) for h in (_gin, _gout))
+    ctx.tokens = tuple(h.detach() for h in (_gin, _gout))
     ctx.set_materialize_grads(False)
 
 
 def _backward_prebuilt(ctx, grad_y, _grad_v, _grad_kept):
     x, v, d_in, d_out, w0, w0_scale, index_in, index_out = ctx.saved_tensors
+    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+    # Slots of the Grams' dtype take them directly; another dtype's gets the result converted.
+    direct = [slot if slot is not None and slot.dtype == wide else None for slot in ctx.slots]
+    into, add = zip(*[slot.target() if slot is not None else (None, False) for slot in direct],
+                    strict=True)
     grad_x, grad_d_in, grad_d_out = poet_linear_blocks_backward_op(
         _zero_grad_y(grad_y, x, w0), x, v, d_in, d_out, w0, w0_scale, ctx.quant_group, index_in,
-        index_out, ctx.permuted, ctx.x_permuted)
+        index_out, ctx.permuted, ctx.x_permuted, *into, *add)
+    grad_d = []
+    for slot, token, target, g in zip(ctx.slots, ctx.tokens, into, (grad_d_in, grad_d_out),
+                                      strict=True):
+        if slot is not None and target is None:
+            slot.sink.receive(slot.i, g.to(slot.dtype))
+        grad_d.append(g if slot is None else token)
     grads_x = (None, grad_x) if ctx.permuted else (grad_x, None)
-    return (grads_x[0], None, None, None, None, None, grad_d_in, grad_d_out, None, None, None,
+    return (grads_x[0], None, None, None, None, None, grad_d[0], grad_d[1], None, None, None,
             grads_x[1], None)
 
 

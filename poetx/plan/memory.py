@@ -29,12 +29,13 @@ moments where memory can be highest:
 Gradient accumulation (``grad_accum`` K > 1, ``poetx.layers.rotation_groups.AccumulatedRotations``)
 is predicted at its last micro-batch, which holds what the earlier ones left: the rotation
 blocks of every layer, built once for the step (``accumulated_blocks``: one model-dtype
-``(sum nb, b, b)`` tensor per build call, padded last blocks included, and a float32 scalar
-anchor per call; in fast mode these are the blocks the layers save, no longer counted in
-their activations; in mem mode they are not rebuilt in backward), the float32 sum of their
-gradients (``block_grads``: one ``(nb, b, b)`` tensor per side, the ``.grad`` of the
-``Carry`` leaves) and the gradients of the ordinary parameters (embedding, lm_head, norms;
-AdamW's linears too), accumulated in place, so a fresh gradient of the embedding (and of a
+``(sum nb, b, b)`` tensor per build call, padded last blocks included, and two float32
+scalars per call, the handles' anchor and the leaf they hang from; in fast mode these are the
+blocks the layers save, no longer counted in their activations; in mem mode they are not
+rebuilt in backward), the float32 sum of their gradients (``block_grads``: one
+``(sum nb, b, b)`` buffer per build call, the ``Carry``'s sink that the Grams add into) and
+the gradients of the ordinary parameters (embedding, lm_head, norms; AdamW's linears too),
+accumulated in place, so a fresh gradient of the embedding (and of a
 dense linear) is written beside its accumulated one. The skew parameters' gradients appear
 only in the last micro-batch's backward, as with K = 1. A further moment, ``rotation-link``,
 is the Cayley-Neumann backward of the largest build call of the first layer on the summed
@@ -411,8 +412,9 @@ def predict(
             calls = _build_calls(linears, setting.block_size,
                                  batched=cuda_allocator and setting.mode == "fast")
             step_blocks = {
-                "accumulated_blocks": n_layers * sum(rb(e * _values(c)) + rb(4) for c in calls),
-                "block_grads": n_layers * sum(rb(4 * nb * b * b) for c in calls for nb, b in c),
+                "accumulated_blocks": n_layers * sum(rb(e * _values(c)) + 2 * rb(4)
+                                                     for c in calls),
+                "block_grads": n_layers * sum(rb(4 * _values(c)) for c in calls),
             }
 
     # ---- activations -------------------------------------------------------------------------
@@ -452,8 +454,7 @@ def predict(
     if accum:  # the head's gradient is added into the one the earlier micro-batches left
         head_grad = {"embed_head_norm_grads": grads["embed_head_norm_grads"]}
     grad_flow = 2 * rb(t * d * e)  # gradient into and out of the layer
-    layer_work = _layer_backward_temporaries(rb, shape, t, setting, e,
-                                             batched=cuda_allocator and setting.mode == "fast")
+    layer_work = _layer_backward_temporaries(rb, shape, t, setting, e)
     recompute = saved_layer if setting.checkpointing else 0
     for position, label in ((n_layers - 1, "last"), (0, "first")):
         done = n_layers - 1 - position
@@ -564,13 +565,11 @@ LINK_SCRATCH_BUFFERS = 6
 
 def _link_temporaries(rb: Round, calls: list[list[tuple[int, int]]]) -> int:
     """Scratch of the last micro-batch's Cayley-Neumann backward of a build call on the summed
-    block gradient (``rotation_group._Link``), largest call: every side's incoming float32
-    gradient and its sum with the carried one, then per chunk of consecutive sides
-    (``rotation_group._chunks``) their concatenation (several sides) and the backward's
-    buffers. The skew gradients it writes are counted as gradients."""
+    block gradient (``rotation_group._Link``), largest call: per chunk of consecutive sides
+    (``rotation_group._chunks``) the backward's buffers. Its input is a part of the call's
+    gradient sink (``block_grads``); the skew gradients it writes are counted as gradients."""
     worst = 0
     for call in calls:
-        held = 2 * sum(rb(4 * nb * b * b) for nb, b in call)
         chunks, first, total = [], 0, 0
         for i, (nb, _) in enumerate(call):
             if i > first and total + nb > LINK_CHUNK_BLOCKS:
@@ -579,9 +578,7 @@ def _link_temporaries(rb: Round, calls: list[list[tuple[int, int]]]) -> int:
             total += nb
         chunks.append(call[first:])
         for chunk in chunks:
-            blocks = _values(chunk)
-            cat = rb(4 * blocks) if len(chunk) > 1 else 0
-            worst = max(worst, held + cat + LINK_SCRATCH_BUFFERS * rb(4 * blocks))
+            worst = max(worst, LINK_SCRATCH_BUFFERS * rb(4 * _values(chunk)))
     return worst
 
 
@@ -635,15 +632,10 @@ def _saved_layer_bytes(rb: Round, shape: ModelShape, t: int, setting: Setting, e
 
 
 def _layer_backward_temporaries(rb: Round, shape: ModelShape, t: int, setting: Setting,
-                                e: int, batched: bool = False) -> int:
-    """Largest scratch of one linear's backward in a decoder layer (they run one at a time).
-
-    ``batched``: under gradient accumulation, the layer's blocks were built together (their
-    float32 gradients wait for the last of its linears), else one linear at a time."""
+                                e: int) -> int:
+    """Largest scratch of one linear's backward in a decoder layer (they run one at a time)."""
     worst = 0
     accum = setting.grad_accum > 1
-    layer_sides = [num_blocks(dim, setting.block_size)
-                   for _, m, n in shape.linears() for dim in (n, m)]
     for _, m, n in shape.linears():
         if setting.optimizer != "poetx":
             worst = max(worst, rb(e * t * n))  # grad input; grad weight is counted
@@ -658,10 +650,9 @@ def _layer_backward_temporaries(rb: Round, shape: ModelShape, t: int, setting: S
         nb, b = max((nb_in, b_in), (nb_out, b_out), key=lambda x: x[0] * x[1] * x[1])
         cayley = 7 * rb(4 * nb * b * b)
         if accum:
-            # the step's blocks, differentiated later on the sum (rotation-link): the float32
-            # block gradients waiting for it, the layer's or this linear's
-            held = layer_sides if batched else [(nb_in, b_in), (nb_out, b_out)]
-            cayley = sum(rb(4 * nb * b * b) for nb, b in held)
+            # the step's blocks, differentiated later on the sum (rotation-link): the Grams
+            # write into the step's gradient sink (``block_grads``), nothing else is held
+            cayley = 0
         weight = 0
         if setting.w0_format != "auto":
             # dequantize: float32 copy of the codes, float32 product, then the bf16 weight that
