@@ -17,6 +17,7 @@ input-gradient scatter and the gathers of gate's and up's output gradients.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -32,6 +33,34 @@ from poetx.kernels.frame_swiglu_ref import (  # noqa: F401  (the references test
 
 # Rows staged per program: three source rows of this many bytes each fit shared memory.
 MAX_STAGED_BYTES = 64 * 1024
+
+# How a program walks its rows: ``chunk`` output positions computed at a time (``None``: the
+# whole row; smaller chunks hold fewer float32 values in registers, at the price of staging
+# each source row once per chunk for its gathers), and ``prefetch`` (issue the next row's
+# loads before this row's gathers, so the loads overlap the shared-memory work), and ``warps``
+# per program (``None``: one per 1024 positions, 4 to 16). The environment variable
+# ``POETX_FRAME_SWIGLU`` (``"chunk=8192,prefetch=1,warps=32"``) overrides them, for
+# benchmarks that run in their own processes.
+OPTIONS: dict[str, int | None] = {"chunk": None, "prefetch": 0, "warps": None}
+
+
+def _options() -> dict[str, int | None]:
+    opts = dict(OPTIONS)
+    spec = os.environ.get("POETX_FRAME_SWIGLU", "")
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        key, _, value = item.partition("=")
+        if key not in opts or not value.isdigit():
+            raise ValueError(f"POETX_FRAME_SWIGLU: expected 'chunk=N,prefetch=0|1,warps=N', "
+                             f"got {spec!r}")
+        opts[key] = int(value)
+    return opts
+
+
+def _walk(*pads: int) -> tuple[int, bool, int]:
+    """``(CHUNK, PREFETCH, num_warps)`` for rows padded to ``pads`` (powers of two)."""
+    opts = _options()
+    chunk = min(pads) if opts["chunk"] is None else min(_p2(opts["chunk"]), *pads)
+    return chunk, bool(opts["prefetch"]), opts["warps"] or _warps(max(pads))
 
 
 def _interpreting() -> bool:
@@ -80,29 +109,44 @@ def _row_span(T, rows_per_prog):
 
 
 @triton.jit
+def _load_row(ptr, pos, width, present):
+    return tl.load(ptr + pos, mask=(pos < width) & present, other=0.0)
+
+
+@triton.jit
 def _swiglu_frames_kernel(
     gate_ptr, up_ptr, h_ptr, gate_from_h, up_from_h, T, P_gate, P_up, P_h,
     stride_g, stride_u, stride_h, rows_per_prog,
     G_PAD: tl.constexpr, U_PAD: tl.constexpr, H_PAD: tl.constexpr,
+    CHUNK: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     r_start, r_end, first = _row_span(T, rows_per_prog)
     g_pos = tl.arange(0, G_PAD)
     u_pos = tl.arange(0, U_PAD)
-    h_pos = tl.arange(0, H_PAD)
-    h_ok = h_pos < P_h
     gate_ptr += first * stride_g
     up_ptr += first * stride_u
     h_ptr += first * stride_h
-    for _ in range(r_start, r_end):
-        g_row = tl.load(gate_ptr + g_pos, mask=g_pos < P_gate, other=0.0)
-        u_row = tl.load(up_ptr + u_pos, mask=u_pos < P_up, other=0.0)
-        g = _read(g_row, gate_from_h, h_pos, h_ok)
-        u = _read(u_row, up_from_h, h_pos, h_ok)
-        h = g * _sigmoid(g) * u
-        tl.store(h_ptr + h_pos, h.to(h_ptr.dtype.element_ty), mask=h_ok)
+    g_row = _load_row(gate_ptr, g_pos, P_gate, r_start < r_end)
+    u_row = _load_row(up_ptr, u_pos, P_up, r_start < r_end)
+    for r in range(r_start, r_end):
         gate_ptr += stride_g
         up_ptr += stride_u
+        if PREFETCH:  # the next row's loads in flight while this row is moved and computed
+            g_next = _load_row(gate_ptr, g_pos, P_gate, r + 1 < r_end)
+            u_next = _load_row(up_ptr, u_pos, P_up, r + 1 < r_end)
+        for c in tl.static_range(H_PAD // CHUNK):
+            h_pos = c * CHUNK + tl.arange(0, CHUNK)
+            h_ok = h_pos < P_h
+            g = _read(g_row, gate_from_h, h_pos, h_ok)
+            u = _read(u_row, up_from_h, h_pos, h_ok)
+            h = g * _sigmoid(g) * u
+            tl.store(h_ptr + h_pos, h.to(h_ptr.dtype.element_ty), mask=h_ok)
         h_ptr += stride_h
+        if PREFETCH:
+            g_row, u_row = g_next, u_next
+        else:
+            g_row = _load_row(gate_ptr, g_pos, P_gate, r + 1 < r_end)
+            u_row = _load_row(up_ptr, u_pos, P_up, r + 1 < r_end)
 
 
 @triton.jit
@@ -111,37 +155,55 @@ def _swiglu_frames_backward_kernel(
     h_from_gate, up_from_gate, h_from_up, gate_from_up, T, P_gate, P_up, P_h,
     stride_gh, stride_g, stride_u, stride_gg, stride_gu, rows_per_prog,
     G_PAD: tl.constexpr, U_PAD: tl.constexpr, H_PAD: tl.constexpr,
+    CHUNK: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     r_start, r_end, first = _row_span(T, rows_per_prog)
-    g_pos = tl.arange(0, G_PAD)
-    g_ok = g_pos < P_gate
-    u_pos = tl.arange(0, U_PAD)
-    u_ok = u_pos < P_up
-    h_pos = tl.arange(0, H_PAD)
+    g_all = tl.arange(0, G_PAD)
+    u_all = tl.arange(0, U_PAD)
+    h_all = tl.arange(0, H_PAD)
     grad_h_ptr += first * stride_gh
     gate_ptr += first * stride_g
     up_ptr += first * stride_u
     grad_gate_ptr += first * stride_gg
     grad_up_ptr += first * stride_gu
-    for _ in range(r_start, r_end):
-        gh_row = tl.load(grad_h_ptr + h_pos, mask=h_pos < P_h, other=0.0)
-        g_row = tl.load(gate_ptr + g_pos, mask=g_ok, other=0.0)
-        u_row = tl.load(up_ptr + u_pos, mask=u_ok, other=0.0)
+    gh_row = _load_row(grad_h_ptr, h_all, P_h, r_start < r_end)
+    g_row = _load_row(gate_ptr, g_all, P_gate, r_start < r_end)
+    u_row = _load_row(up_ptr, u_all, P_up, r_start < r_end)
+    for r in range(r_start, r_end):
+        if PREFETCH:
+            gh_next = _load_row(grad_h_ptr + stride_gh, h_all, P_h, r + 1 < r_end)
+            g_next = _load_row(gate_ptr + stride_g, g_all, P_gate, r + 1 < r_end)
+            u_next = _load_row(up_ptr + stride_u, u_all, P_up, r + 1 < r_end)
         # gate's frame: its own values in order, grad_h and up moved in
-        g = g_row.to(tl.float32)
-        sig = _sigmoid(g)
-        gh = _read(gh_row, h_from_gate, g_pos, g_ok)
-        grad_g = gh * _read(u_row, up_from_gate, g_pos, g_ok) * (sig * (1.0 + g * (1.0 - sig)))
-        tl.store(grad_gate_ptr + g_pos, grad_g.to(grad_gate_ptr.dtype.element_ty), mask=g_ok)
+        for c in tl.static_range(G_PAD // CHUNK):
+            g_pos = c * CHUNK + tl.arange(0, CHUNK)
+            g_ok = g_pos < P_gate
+            if CHUNK == G_PAD:
+                g = g_row.to(tl.float32)
+            else:  # this chunk of the row just read, again (from cache)
+                g = tl.load(gate_ptr + g_pos, mask=g_ok, other=0.0).to(tl.float32)
+            sig = _sigmoid(g)
+            gh = _read(gh_row, h_from_gate, g_pos, g_ok)
+            grad_g = gh * _read(u_row, up_from_gate, g_pos, g_ok) * (sig * (1.0 + g * (1.0 - sig)))
+            tl.store(grad_gate_ptr + g_pos, grad_g.to(grad_gate_ptr.dtype.element_ty), mask=g_ok)
         # up's frame: grad_h and gate moved in
-        g_u = _read(g_row, gate_from_up, u_pos, u_ok)
-        grad_u = _read(gh_row, h_from_up, u_pos, u_ok) * (g_u * _sigmoid(g_u))
-        tl.store(grad_up_ptr + u_pos, grad_u.to(grad_up_ptr.dtype.element_ty), mask=u_ok)
+        for c in tl.static_range(U_PAD // CHUNK):
+            u_pos = c * CHUNK + tl.arange(0, CHUNK)
+            u_ok = u_pos < P_up
+            g_u = _read(g_row, gate_from_up, u_pos, u_ok)
+            grad_u = _read(gh_row, h_from_up, u_pos, u_ok) * (g_u * _sigmoid(g_u))
+            tl.store(grad_up_ptr + u_pos, grad_u.to(grad_up_ptr.dtype.element_ty), mask=u_ok)
         grad_h_ptr += stride_gh
         gate_ptr += stride_g
         up_ptr += stride_u
         grad_gate_ptr += stride_gg
         grad_up_ptr += stride_gu
+        if PREFETCH:
+            gh_row, g_row, u_row = gh_next, g_next, u_next
+        else:
+            gh_row = _load_row(grad_h_ptr, h_all, P_h, r + 1 < r_end)
+            g_row = _load_row(gate_ptr, g_all, P_gate, r + 1 < r_end)
+            u_row = _load_row(up_ptr, u_all, P_up, r + 1 < r_end)
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -176,10 +238,12 @@ def swiglu_frames(gate: Tensor, up: Tensor, maps: FrameMaps) -> Tensor:
     m = _int32(maps)
     progs = _programs(gate)
     g_pad, u_pad, h_pad = _p2(gate.shape[1]), _p2(up.shape[1]), _p2(P_h)
+    chunk, prefetch, warps = _walk(g_pad, u_pad, h_pad)
     _swiglu_frames_kernel[(progs,)](
         gate, up, h, m.gate_from_h, m.up_from_h, T, gate.shape[1], up.shape[1], P_h,
         gate.stride(0), up.stride(0), h.stride(0), triton.cdiv(T, progs),
-        G_PAD=g_pad, U_PAD=u_pad, H_PAD=h_pad, num_warps=_warps(max(g_pad, u_pad, h_pad)),
+        G_PAD=g_pad, U_PAD=u_pad, H_PAD=h_pad, CHUNK=chunk, PREFETCH=prefetch,
+        num_warps=warps,
     )
     return h
 
@@ -201,10 +265,12 @@ def swiglu_frames_backward(grad_h: Tensor, gate: Tensor, up: Tensor,
     m = _int32(maps)
     progs = _programs(grad_h)
     g_pad, u_pad, h_pad = _p2(gate.shape[1]), _p2(up.shape[1]), _p2(P_h)
+    chunk, prefetch, warps = _walk(g_pad, u_pad, h_pad)
     _swiglu_frames_backward_kernel[(progs,)](
         grad_h, gate, up, grad_gate, grad_up, m.h_from_gate, m.up_from_gate, m.h_from_up,
         m.gate_from_up, T, gate.shape[1], up.shape[1], P_h, grad_h.stride(0), gate.stride(0),
         up.stride(0), grad_gate.stride(0), grad_up.stride(0), triton.cdiv(T, progs),
-        G_PAD=g_pad, U_PAD=u_pad, H_PAD=h_pad, num_warps=_warps(max(g_pad, u_pad, h_pad)),
+        G_PAD=g_pad, U_PAD=u_pad, H_PAD=h_pad, CHUNK=chunk, PREFETCH=prefetch,
+        num_warps=warps,
     )
     return grad_gate, grad_up
