@@ -1,11 +1,13 @@
 """SwiGLU between permuted frames (``poetx.kernels.frame_swiglu``): GPU time of the forward and
-backward kernels for each way a program can walk its rows (``OPTIONS``: output chunk, next-row
-prefetch, warps), at a Llama MLP's width, against a copy of the same bytes.
+backward kernels for several warps per program (``OPTIONS["warps"]``; 0 is the default rule),
+at a Llama MLP's width, against a copy of the same bytes.
 
 Each variant is checked against the float64 reference before it is timed (bf16: within one
 rounding of the output). Times are medians of CUDA-graph replays of 10 calls.
 ``--best-out FILE`` writes the fastest correct variant as a ``POETX_FRAME_SWIGLU`` value
 (forward and backward summed), for a step benchmark run after this one.
+(``bench/results/frame_swiglu_h100.json`` also has rows of two walks since removed, output
+chunks and a prefetch of the next row: slower or no faster.)
 
     python -m bench.frame_swiglu --out bench/results/frame_swiglu.json
 """
@@ -13,7 +15,6 @@ rounding of the output). Times are medians of CUDA-graph replays of 10 calls.
 from __future__ import annotations
 
 import argparse
-import itertools
 import time
 
 import torch
@@ -58,8 +59,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--cols", type=int, default=14336)
     parser.add_argument("--block", type=int, default=256)
-    parser.add_argument("--chunks", default="0,8192,4096", help="0: whole rows")
-    parser.add_argument("--warps", default="0,32", help="0: the kernels' default")
+    parser.add_argument("--warps", default="0,8,16,32", help="0: the kernels' default rule")
     parser.add_argument("--out", default="bench/results/frame_swiglu.json")
     parser.add_argument("--best-out")
     args = parser.parse_args()
@@ -92,12 +92,9 @@ def main() -> None:
     copy_dst = torch.empty_like(copy_src)
     copy_us = graph_us(lambda: copy_dst.copy_(copy_src))  # 3 rows read, 3 written
     results = []
-    chunks = [int(c) for c in args.chunks.split(",")]
-    warp_counts = [int(w) for w in args.warps.split(",")]
-    for chunk, prefetch, warps in itertools.product(chunks, [0, 1], warp_counts):
-        fs.OPTIONS.update(chunk=chunk or None, prefetch=prefetch, warps=warps or None)
-        spec = ",".join([f"prefetch={prefetch}"] + [f"chunk={chunk}"] * bool(chunk)
-                        + [f"warps={warps}"] * bool(warps))
+    for warps in [int(w) for w in args.warps.split(",")]:
+        fs.OPTIONS.update(warps=warps or None)
+        spec = f"warps={warps or fs._warps(1 << (positions - 1).bit_length())}"
         row = {"variant": spec, "tokens": T, "cols": args.cols, "block": args.block}
         try:
             h = fs.swiglu_frames(gate, up, maps)
@@ -116,7 +113,7 @@ def main() -> None:
             row["status"] = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
         results.append(row)
         print(row, flush=True)
-    fs.OPTIONS.update(chunk=None, prefetch=0, warps=None)
+    fs.OPTIONS.update(warps=None)
     for r in results:
         r["copy_us_6_rows"] = copy_us
     print_table(results, ["variant", "status", "fwd_us", "bwd_us", "fwd_vs_copy",

@@ -59,21 +59,12 @@ def interp_fs(monkeypatch):
     return frame_swiglu
 
 
-# How the programs walk their rows (``frame_swiglu.OPTIONS``): whole rows, output chunks,
-# the next row's loads issued early, both.
-WALKS = [{}, {"chunk": 32}, {"prefetch": 1}, {"chunk": 64, "prefetch": 1}]
-
-
 @pytest.mark.interpret
-@pytest.mark.parametrize("walk", WALKS, ids=lambda w: ",".join(f"{k}={v}" for k, v in w.items())
-                         or "rows")
 @pytest.mark.parametrize("cols,b", SHAPES)
-def test_kernels_interpreted(interp_fs, monkeypatch, cols, b, walk):
+def test_kernels_interpreted(interp_fs, monkeypatch, cols, b):
     """float32: the kernels' float32 products against the reference's, to float32 rounding;
     the phantom positions of each frame written as zeros. 5 rows over 2 programs, so a
-    program walks several rows and one has a row fewer, whatever the walk."""
-    for key, value in walk.items():
-        monkeypatch.setitem(interp_fs.OPTIONS, key, value)
+    program walks several rows and one has a row fewer."""
     monkeypatch.setattr(interp_fs, "_programs", lambda x: 2)
     torch.manual_seed(1)
     positions, indices, maps = _frames(cols, b)
@@ -88,15 +79,15 @@ def test_kernels_interpreted(interp_fs, monkeypatch, cols, b, walk):
         assert (got[:, index < 0] == 0).all()
 
 
-def test_walk_options_from_the_environment(monkeypatch):
+def test_warps_per_row_width(monkeypatch):
     from poetx.kernels import frame_swiglu
 
-    monkeypatch.setenv("POETX_FRAME_SWIGLU", "chunk=3000,prefetch=1,warps=32")
-    assert frame_swiglu._walk(16384, 16384, 16384) == (4096, True, 32)
-    assert frame_swiglu._walk(2048, 2048, 2048)[0] == 2048  # a chunk never exceeds the row
-    monkeypatch.setenv("POETX_FRAME_SWIGLU", "chunks=4")
+    assert [frame_swiglu._warps(w) for w in (256, 2048, 8192, 16384, 65536)] == [4, 4, 16, 32, 32]
+    monkeypatch.setenv("POETX_FRAME_SWIGLU", "warps=8")
+    assert frame_swiglu._warps(16384) == 8
+    monkeypatch.setenv("POETX_FRAME_SWIGLU", "chunk=4")
     with pytest.raises(ValueError, match="POETX_FRAME_SWIGLU"):
-        frame_swiglu._walk(2048)
+        frame_swiglu._warps(2048)
 
 
 def test_rows_too_wide_to_stage_name_the_limit():

@@ -34,34 +34,6 @@ from poetx.kernels.frame_swiglu_ref import (  # noqa: F401  (the references test
 # Rows staged per program: three source rows of this many bytes each fit shared memory.
 MAX_STAGED_BYTES = 64 * 1024
 
-# How a program walks its rows: ``chunk`` output positions computed at a time (``None``: the
-# whole row; smaller chunks hold fewer float32 values in registers, at the price of staging
-# each source row once per chunk for its gathers), and ``prefetch`` (issue the next row's
-# loads before this row's gathers, so the loads overlap the shared-memory work), and ``warps``
-# per program (``None``: one per 1024 positions, 4 to 16). The environment variable
-# ``POETX_FRAME_SWIGLU`` (``"chunk=8192,prefetch=1,warps=32"``) overrides them, for
-# benchmarks that run in their own processes.
-OPTIONS: dict[str, int | None] = {"chunk": None, "prefetch": 0, "warps": None}
-
-
-def _options() -> dict[str, int | None]:
-    opts = dict(OPTIONS)
-    spec = os.environ.get("POETX_FRAME_SWIGLU", "")
-    for item in filter(None, (part.strip() for part in spec.split(","))):
-        key, _, value = item.partition("=")
-        if key not in opts or not value.isdigit():
-            raise ValueError(f"POETX_FRAME_SWIGLU: expected 'chunk=N,prefetch=0|1,warps=N', "
-                             f"got {spec!r}")
-        opts[key] = int(value)
-    return opts
-
-
-def _walk(*pads: int) -> tuple[int, bool, int]:
-    """``(CHUNK, PREFETCH, num_warps)`` for rows padded to ``pads`` (powers of two)."""
-    opts = _options()
-    chunk = min(pads) if opts["chunk"] is None else min(_p2(opts["chunk"]), *pads)
-    return chunk, bool(opts["prefetch"]), opts["warps"] or _warps(max(pads))
-
 
 def _interpreting() -> bool:
     return not isinstance(_swiglu_frames_kernel, triton.runtime.JITFunction)
@@ -83,8 +55,28 @@ def _programs(x: Tensor) -> int:
     return min(T, 16 * _num_sms(x.device.index or 0))
 
 
+# Warps per program (``None``: :func:`_warps`). ``POETX_FRAME_SWIGLU=warps=N`` overrides it
+# for benchmarks that run in processes of their own.
+OPTIONS: dict[str, int | None] = {"warps": None}
+
+
 def _warps(width: int) -> int:
-    return max(4, min(16, width // 1024))
+    """Warps for rows padded to ``width``: one per 512 positions (16 per thread), 4 to 32.
+
+    A program holds whole rows in registers and runs one row after another, so an SM
+    overlaps loads with the shared-memory gathers only across the warps it holds. At Llama-8B's
+    14336 (16384 padded) 32 warps took the backward from 525 to 370 us and the forward from
+    218 to 190 us against 16 warps (32 positions per thread, registers capped at 128 and
+    spilling) on an H100 (``bench/results/frame_swiglu_h100.json``); output chunks and
+    prefetching the next row were slower or no faster there (the same file).
+    """
+    spec = os.environ.get("POETX_FRAME_SWIGLU", "")
+    if spec:
+        key, _, value = spec.partition("=")
+        if key != "warps" or not value.isdigit():
+            raise ValueError(f"POETX_FRAME_SWIGLU: expected 'warps=N', got {spec!r}")
+        return int(value)
+    return OPTIONS["warps"] or max(4, min(32, width // 512))
 
 
 @triton.jit
@@ -118,11 +110,12 @@ def _swiglu_frames_kernel(
     gate_ptr, up_ptr, h_ptr, gate_from_h, up_from_h, T, P_gate, P_up, P_h,
     stride_g, stride_u, stride_h, rows_per_prog,
     G_PAD: tl.constexpr, U_PAD: tl.constexpr, H_PAD: tl.constexpr,
-    CHUNK: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     r_start, r_end, first = _row_span(T, rows_per_prog)
     g_pos = tl.arange(0, G_PAD)
     u_pos = tl.arange(0, U_PAD)
+    h_pos = tl.arange(0, H_PAD)
+    h_ok = h_pos < P_h
     gate_ptr += first * stride_g
     up_ptr += first * stride_u
     h_ptr += first * stride_h
@@ -131,22 +124,13 @@ def _swiglu_frames_kernel(
     for r in range(r_start, r_end):
         gate_ptr += stride_g
         up_ptr += stride_u
-        if PREFETCH:  # the next row's loads in flight while this row is moved and computed
-            g_next = _load_row(gate_ptr, g_pos, P_gate, r + 1 < r_end)
-            u_next = _load_row(up_ptr, u_pos, P_up, r + 1 < r_end)
-        for c in tl.static_range(H_PAD // CHUNK):
-            h_pos = c * CHUNK + tl.arange(0, CHUNK)
-            h_ok = h_pos < P_h
-            g = _read(g_row, gate_from_h, h_pos, h_ok)
-            u = _read(u_row, up_from_h, h_pos, h_ok)
-            h = g * _sigmoid(g) * u
-            tl.store(h_ptr + h_pos, h.to(h_ptr.dtype.element_ty), mask=h_ok)
+        g = _read(g_row, gate_from_h, h_pos, h_ok)
+        u = _read(u_row, up_from_h, h_pos, h_ok)
+        h = g * _sigmoid(g) * u
+        tl.store(h_ptr + h_pos, h.to(h_ptr.dtype.element_ty), mask=h_ok)
         h_ptr += stride_h
-        if PREFETCH:
-            g_row, u_row = g_next, u_next
-        else:
-            g_row = _load_row(gate_ptr, g_pos, P_gate, r + 1 < r_end)
-            u_row = _load_row(up_ptr, u_pos, P_up, r + 1 < r_end)
+        g_row = _load_row(gate_ptr, g_pos, P_gate, r + 1 < r_end)
+        u_row = _load_row(up_ptr, u_pos, P_up, r + 1 < r_end)
 
 
 @triton.jit
@@ -155,55 +139,40 @@ def _swiglu_frames_backward_kernel(
     h_from_gate, up_from_gate, h_from_up, gate_from_up, T, P_gate, P_up, P_h,
     stride_gh, stride_g, stride_u, stride_gg, stride_gu, rows_per_prog,
     G_PAD: tl.constexpr, U_PAD: tl.constexpr, H_PAD: tl.constexpr,
-    CHUNK: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     r_start, r_end, first = _row_span(T, rows_per_prog)
-    g_all = tl.arange(0, G_PAD)
-    u_all = tl.arange(0, U_PAD)
-    h_all = tl.arange(0, H_PAD)
+    g_pos = tl.arange(0, G_PAD)
+    u_pos = tl.arange(0, U_PAD)
+    h_pos = tl.arange(0, H_PAD)
     grad_h_ptr += first * stride_gh
     gate_ptr += first * stride_g
     up_ptr += first * stride_u
     grad_gate_ptr += first * stride_gg
     grad_up_ptr += first * stride_gu
-    gh_row = _load_row(grad_h_ptr, h_all, P_h, r_start < r_end)
-    g_row = _load_row(gate_ptr, g_all, P_gate, r_start < r_end)
-    u_row = _load_row(up_ptr, u_all, P_up, r_start < r_end)
+    gh_row = _load_row(grad_h_ptr, h_pos, P_h, r_start < r_end)
+    g_row = _load_row(gate_ptr, g_pos, P_gate, r_start < r_end)
+    u_row = _load_row(up_ptr, u_pos, P_up, r_start < r_end)
     for r in range(r_start, r_end):
-        if PREFETCH:
-            gh_next = _load_row(grad_h_ptr + stride_gh, h_all, P_h, r + 1 < r_end)
-            g_next = _load_row(gate_ptr + stride_g, g_all, P_gate, r + 1 < r_end)
-            u_next = _load_row(up_ptr + stride_u, u_all, P_up, r + 1 < r_end)
         # gate's frame: its own values in order, grad_h and up moved in
-        for c in tl.static_range(G_PAD // CHUNK):
-            g_pos = c * CHUNK + tl.arange(0, CHUNK)
-            g_ok = g_pos < P_gate
-            if CHUNK == G_PAD:
-                g = g_row.to(tl.float32)
-            else:  # this chunk of the row just read, again (from cache)
-                g = tl.load(gate_ptr + g_pos, mask=g_ok, other=0.0).to(tl.float32)
-            sig = _sigmoid(g)
-            gh = _read(gh_row, h_from_gate, g_pos, g_ok)
-            grad_g = gh * _read(u_row, up_from_gate, g_pos, g_ok) * (sig * (1.0 + g * (1.0 - sig)))
-            tl.store(grad_gate_ptr + g_pos, grad_g.to(grad_gate_ptr.dtype.element_ty), mask=g_ok)
+        g_ok = g_pos < P_gate
+        g = g_row.to(tl.float32)
+        sig = _sigmoid(g)
+        gh = _read(gh_row, h_from_gate, g_pos, g_ok)
+        grad_g = gh * _read(u_row, up_from_gate, g_pos, g_ok) * (sig * (1.0 + g * (1.0 - sig)))
+        tl.store(grad_gate_ptr + g_pos, grad_g.to(grad_gate_ptr.dtype.element_ty), mask=g_ok)
         # up's frame: grad_h and gate moved in
-        for c in tl.static_range(U_PAD // CHUNK):
-            u_pos = c * CHUNK + tl.arange(0, CHUNK)
-            u_ok = u_pos < P_up
-            g_u = _read(g_row, gate_from_up, u_pos, u_ok)
-            grad_u = _read(gh_row, h_from_up, u_pos, u_ok) * (g_u * _sigmoid(g_u))
-            tl.store(grad_up_ptr + u_pos, grad_u.to(grad_up_ptr.dtype.element_ty), mask=u_ok)
+        u_ok = u_pos < P_up
+        g_u = _read(g_row, gate_from_up, u_pos, u_ok)
+        grad_u = _read(gh_row, h_from_up, u_pos, u_ok) * (g_u * _sigmoid(g_u))
+        tl.store(grad_up_ptr + u_pos, grad_u.to(grad_up_ptr.dtype.element_ty), mask=u_ok)
         grad_h_ptr += stride_gh
         gate_ptr += stride_g
         up_ptr += stride_u
         grad_gate_ptr += stride_gg
         grad_up_ptr += stride_gu
-        if PREFETCH:
-            gh_row, g_row, u_row = gh_next, g_next, u_next
-        else:
-            gh_row = _load_row(grad_h_ptr, h_all, P_h, r + 1 < r_end)
-            g_row = _load_row(gate_ptr, g_all, P_gate, r + 1 < r_end)
-            u_row = _load_row(up_ptr, u_all, P_up, r + 1 < r_end)
+        gh_row = _load_row(grad_h_ptr, h_pos, P_h, r + 1 < r_end)
+        g_row = _load_row(gate_ptr, g_pos, P_gate, r + 1 < r_end)
+        u_row = _load_row(up_ptr, u_pos, P_up, r + 1 < r_end)
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -238,12 +207,10 @@ def swiglu_frames(gate: Tensor, up: Tensor, maps: FrameMaps) -> Tensor:
     m = _int32(maps)
     progs = _programs(gate)
     g_pad, u_pad, h_pad = _p2(gate.shape[1]), _p2(up.shape[1]), _p2(P_h)
-    chunk, prefetch, warps = _walk(g_pad, u_pad, h_pad)
     _swiglu_frames_kernel[(progs,)](
         gate, up, h, m.gate_from_h, m.up_from_h, T, gate.shape[1], up.shape[1], P_h,
         gate.stride(0), up.stride(0), h.stride(0), triton.cdiv(T, progs),
-        G_PAD=g_pad, U_PAD=u_pad, H_PAD=h_pad, CHUNK=chunk, PREFETCH=prefetch,
-        num_warps=warps,
+        G_PAD=g_pad, U_PAD=u_pad, H_PAD=h_pad, num_warps=_warps(max(g_pad, u_pad, h_pad)),
     )
     return h
 
@@ -265,12 +232,10 @@ def swiglu_frames_backward(grad_h: Tensor, gate: Tensor, up: Tensor,
     m = _int32(maps)
     progs = _programs(grad_h)
     g_pad, u_pad, h_pad = _p2(gate.shape[1]), _p2(up.shape[1]), _p2(P_h)
-    chunk, prefetch, warps = _walk(g_pad, u_pad, h_pad)
     _swiglu_frames_backward_kernel[(progs,)](
         grad_h, gate, up, grad_gate, grad_up, m.h_from_gate, m.up_from_gate, m.h_from_up,
         m.gate_from_up, T, gate.shape[1], up.shape[1], P_h, grad_h.stride(0), gate.stride(0),
         up.stride(0), grad_gate.stride(0), grad_up.stride(0), triton.cdiv(T, progs),
-        G_PAD=g_pad, U_PAD=u_pad, H_PAD=h_pad, CHUNK=chunk, PREFETCH=prefetch,
-        num_warps=warps,
+        G_PAD=g_pad, U_PAD=u_pad, H_PAD=h_pad, num_warps=_warps(max(g_pad, u_pad, h_pad)),
     )
     return grad_gate, grad_up
