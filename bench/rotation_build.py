@@ -6,6 +6,8 @@ skew parameters). "per-layer" builds each side's blocks and its skew gradient wi
 calls (what each ``POETLinear`` did alone); "batched" runs one build and one backward for all
 sides (chunks of ``CHUNK_BLOCKS`` blocks). Times are per decoder block and scaled to the model;
 ``extra_mib`` is the peak memory of one call above what its inputs and outputs hold.
+A third row times only the products, as 7 batched cuBLAS bf16 GEMMs of the decoder block's
+blocks: what a build made of cuBLAS calls could not go below.
 ``--precisions`` sets the product precision (``POETX_CAYLEY_PRECISION``; bf16 stores the dense
 operands in bf16) and gives each precision's relative error against float64 on the first side
 (blocks and skew gradient); ``--tiles`` caps the kernels' tile (``auto``: the kernels' default).
@@ -93,8 +95,22 @@ def measure(preset: str, block: int, out_dtype: torch.dtype, precision: str,
         _, handles = build_rotation_group(thetas, block, 3, None, out_dtype)
         torch.autograd.backward(handles, grads)
 
+    # What cuBLAS makes of the same products: the build and its backward are 7 b x b x b
+    # products per block (forward S = QQ and S (S + N)^T; backward S, U, V and the two of W),
+    # here as 7 batched bf16 GEMMs over the decoder block's blocks (fp32 accumulation), with
+    # none of the prep, combinations or packing around them: a floor for a cuBLAS-based build.
+    total = sum(sizes)
+    operands = [torch.randn(total, block, block, device="cuda", dtype=torch.bfloat16)
+                for _ in range(3)]
+    product = torch.empty_like(operands[0])
+
+    def cublas_products():
+        for i in range(7):
+            torch.bmm(operands[i % 3], operands[(i + 1) % 3], out=product)
+
     rows = []
-    for name, fn in (("per-layer", per_layer), ("batched", batched)):
+    for name, fn in (("per-layer", per_layer), ("batched", batched),
+                     ("cublas-products-only", cublas_products)):
         ms = graph_ms(fn)
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -104,10 +120,12 @@ def measure(preset: str, block: int, out_dtype: torch.dtype, precision: str,
         extra = (torch.cuda.max_memory_allocated() - base) / 2**20
         for t in thetas:
             t.grad = None
+        tflops = 14 * total * block ** 3 / (ms * 1e-3) / 1e12
         rows.append({"model": preset, "block": block, "dtype": str(out_dtype).split(".")[-1],
                      "precision": precision, "tile": tile or "auto",
                      "blocks_per_decoder_block": sum(sizes),
                      "path": name, "ms_per_decoder_block": ms, "ms_per_step": ms * layers,
+                     "tflops": tflops if name == "cublas-products-only" else None,
                      "extra_mib": extra})
     # the two paths give the same blocks and gradients; both against float64
     ref = [backend.rotation_delta(t.detach(), block, 3, None, out_dtype) for t in thetas]
@@ -122,7 +140,7 @@ def measure(preset: str, block: int, out_dtype: torch.dtype, precision: str,
     err_blocks = _rel(got[0], rotation_delta_reference(theta64, block, 3, None))
     err_grad = _rel(thetas[0].grad, rotation_delta_backward_reference(
         theta64, grads[0].double(), block, 3, None))
-    for r in rows:
+    for r in rows[:2]:
         r.update(bitwise_equal=same, rel_err_blocks=err_blocks, rel_err_grad=err_grad)
     return rows
 
@@ -145,8 +163,8 @@ def main() -> None:
                 rows += [{**env, **r} for r in measure(preset, args.block_size, torch.bfloat16,
                                                        precision, cap)]
     print_table(rows, ["model", "precision", "tile", "blocks_per_decoder_block", "path",
-                       "ms_per_decoder_block", "ms_per_step", "extra_mib", "bitwise_equal",
-                       "rel_err_blocks", "rel_err_grad"])
+                       "ms_per_decoder_block", "ms_per_step", "tflops", "extra_mib",
+                       "bitwise_equal", "rel_err_blocks", "rel_err_grad"])
     write_json(args.out, rows, {})
 
 
