@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,35 @@ def environment() -> dict[str, Any]:
         "triton": triton_version,
         "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
     }
+
+
+def graph_ms(fn, calls: int = 1, reps: int = 20) -> float:
+    """Median GPU time of one call of ``fn`` in ms: ``calls`` calls captured in one CUDA graph
+    (after 3 warm-up calls on a side stream), replayed ``reps`` times. Without CUDA (a smoke
+    run under ``TRITON_INTERPRET=1``): the wall time of one call."""
+    if not torch.cuda.is_available():
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return sorted(times)[len(times) // 2]
 
 
 def print_table(rows: list[dict[str, Any]], columns: list[str]) -> str:

@@ -15,39 +15,10 @@ chunks and a prefetch of the next row: slower or no faster.)
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
-from bench.common import environment, print_table, write_json
-
-
-def graph_us(fn, calls: int = 10, reps: int = 15) -> float:
-    """Median GPU time of one call of ``fn`` (microseconds), replayed as a CUDA graph (on a
-    CPU, for a smoke run under ``TRITON_INTERPRET=1``: the wall time of one call)."""
-    if not torch.cuda.is_available():
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e6
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return sorted(times)[len(times) // 2]
+from bench.common import environment, graph_ms, print_table, write_json
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -90,7 +61,8 @@ def main() -> None:
     env = environment()
     copy_src = torch.empty(3, T, positions, device=dev, dtype=torch.bfloat16)
     copy_dst = torch.empty_like(copy_src)
-    copy_us = graph_us(lambda: copy_dst.copy_(copy_src))  # 3 rows read, 3 written
+    # 3 rows read, 3 written
+    copy_us = 1e3 * graph_ms(lambda: copy_dst.copy_(copy_src), calls=10, reps=15)
     results = []
     for warps in [int(w) for w in args.warps.split(",")]:
         fs.OPTIONS.update(warps=warps or None)
@@ -103,8 +75,10 @@ def main() -> None:
             errs += [rel_err(g[rows], r) for g, r in zip(grads, g_refs, strict=True)]
             row["max_rel_err"] = max(errs)
             row["correct"] = row["max_rel_err"] < tol
-            row["fwd_us"] = graph_us(lambda: fs.swiglu_frames(gate, up, maps))
-            row["bwd_us"] = graph_us(lambda: fs.swiglu_frames_backward(grad_h, gate, up, maps))
+            row["fwd_us"] = 1e3 * graph_ms(lambda: fs.swiglu_frames(gate, up, maps), calls=10,
+                                            reps=15)
+            row["bwd_us"] = 1e3 * graph_ms(
+                lambda: fs.swiglu_frames_backward(grad_h, gate, up, maps), calls=10, reps=15)
             # forward moves 3 rows (2 read, 1 written), backward 5 (3 read, 2 written)
             row["fwd_vs_copy"] = row["fwd_us"] / (copy_us * 3 / 6)
             row["bwd_vs_copy"] = row["bwd_us"] / (copy_us * 5 / 6)

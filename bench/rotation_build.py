@@ -24,7 +24,7 @@ import os
 
 import torch
 
-from bench.common import environment, print_table, write_json
+from bench.common import environment, graph_ms, print_table, write_json
 
 
 def block_sides(preset: str, block: int) -> tuple[list[int], int]:
@@ -37,28 +37,6 @@ def block_sides(preset: str, block: int) -> tuple[list[int], int]:
     kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
     dims = [(h, h), (h, kv), (h, kv), (h, h), (h, f), (h, f), (f, h)]
     return [-(-d // block) for pair in dims for d in pair], cfg.num_hidden_layers
-
-
-def graph_ms(fn, reps: int = 20) -> float:
-    """Median GPU time of ``fn`` replayed as a CUDA graph, in ms."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
