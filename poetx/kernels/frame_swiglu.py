@@ -55,8 +55,8 @@ def _programs(x: Tensor) -> int:
     return min(T, 16 * _num_sms(x.device.index or 0))
 
 
-# Warps per program (``None``: :func:`_warps`). ``POETX_FRAME_SWIGLU=warps=N`` overrides it
-# for benchmarks that run in processes of their own.
+# Warps per program (``None``: ``POETX_FRAME_SWIGLU=warps=N`` if set, for benchmarks that run
+# in processes of their own, else :func:`_warps`'s rule). Set here, it wins over the variable.
 OPTIONS: dict[str, int | None] = {"warps": None}
 
 
@@ -70,13 +70,15 @@ def _warps(width: int) -> int:
     spilling) on an H100 (``bench/results/frame_swiglu_h100.json``); output chunks and
     prefetching the next row were slower or no faster there (the same file).
     """
+    if OPTIONS["warps"]:
+        return OPTIONS["warps"]
     spec = os.environ.get("POETX_FRAME_SWIGLU", "")
     if spec:
         key, _, value = spec.partition("=")
         if key != "warps" or not value.isdigit():
             raise ValueError(f"POETX_FRAME_SWIGLU: expected 'warps=N', got {spec!r}")
         return int(value)
-    return OPTIONS["warps"] or max(4, min(32, width // 512))
+    return max(4, min(32, width // 512))
 
 
 @triton.jit
