@@ -626,18 +626,23 @@ def _resident_ok(b: int, dtype: torch.dtype) -> bool:
             and b % 32 == 0 and b <= 256)
 
 
-def _row_groups(units: int, row_tiles: int, slots: int) -> int:
+def _row_groups(units: int, row_tiles: int, slots: int, start_cost: int = 2) -> int:
     """Row groups per block that finish soonest when ``units`` blocks each split their
-    ``row_tiles`` into groups, one program per (block, group), ``slots`` programs at a time."""
+    ``row_tiles`` into groups, one program per (block, group), ``slots`` programs at a time;
+    a program's start (loading its block) counts as ``start_cost`` row tiles."""
     return min(range(1, row_tiles + 1),
-               key=lambda g: math.ceil(units * g / slots) * math.ceil(row_tiles / g))
+               key=lambda g: (math.ceil(units * g / slots) * (math.ceil(row_tiles / g)
+                                                              + start_cost), g))
 
 
 def _launch_rotate_resident(x, d, y, b, nb, transpose):
     T = x.shape[0]
     bm, bn = (16 if _interpreting() else 64), b // 2
     row_tiles = triton.cdiv(T, bm)
-    groups = _row_groups(nb, row_tiles, _sms(x))
+    # shared memory: the block's four quarters, two stages of two x tiles, one y tile
+    smem = (4 * bn * bn + 5 * bm * bn) * x.element_size()
+    per_sm = max(1, (220 * 1024) // smem)
+    groups = _row_groups(nb, row_tiles, _sms(x) * per_sm)
     rows = triton.cdiv(row_tiles, groups) * bm
     groups = triton.cdiv(T, rows)
     _rotate_block_kernel[(nb * groups,)](
