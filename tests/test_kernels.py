@@ -131,35 +131,6 @@ def test_rotate_interpreted(interp, dim, b, gather):
 
 
 @pytest.mark.interpret
-@pytest.mark.parametrize("dim,b", [(64, 32), (52, 32), (128, 64), (100, 64)])
-def test_rotate_interpreted_resident(interp, dim, b):
-    """The delta-resident kernel (one program per block and row group) against the reference,
-    for 16-bit inputs, divisible and padded widths, with and without permutations (staged, so
-    the kernel itself sees contiguous blocks), row counts that leave a partial row tile."""
-    br, _ = interp
-    br.OPTIONS["rotate_kernel"] = "resident"
-    nb = -(-dim // b)
-    launches = []
-    launch = br._launch_rotate_resident
-    br._launch_rotate_resident = lambda *a: (launches.append(a[3]), launch(*a))
-    try:
-        for dtype in (torch.bfloat16, torch.float16):
-            for T in (21, 40):
-                for idx in (None, padded_index(dim, nb, b)):
-                    for transpose in (False, True):
-                        x = torch.randn(T, dim).to(dtype)
-                        d = (0.3 * torch.randn(nb, b, b)).to(dtype)
-                        out = nan_like((T, dim), dtype, "cpu")
-                        y = br.block_rotate(x, d, idx, idx, dim, transpose, out=out)
-                        ref = block_rotate_reference(x.double(), d.double(), idx, idx, dim,
-                                                     transpose)
-                        assert rel_err(y, ref) < 1e-2, (dtype, T, idx is None, transpose)
-    finally:
-        br._launch_rotate_resident = launch
-    assert launches and set(launches) == {b}
-
-
-@pytest.mark.interpret
 @pytest.mark.parametrize("gather", ["direct", "staged"])
 def test_rotate_interpreted_shapes(interp, gather):
     """Input and output widths that differ from ``nb*b`` and from each other."""

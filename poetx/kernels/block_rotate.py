@@ -35,8 +35,6 @@ Design (measured on H100, see ``bench/notes_kernels.md``)
 from __future__ import annotations
 
 import functools
-import math
-import os
 import weakref
 
 import torch
@@ -56,9 +54,6 @@ OPTIONS: dict = {
     "rotate_cfg": None,  # (BM, BN, BK, num_warps, num_stages) override for 16-bit inputs
     "gram_cfg": None,  # (BI, BJ, BT, num_warps, num_stages) override for 16-bit inputs
     "gram_splits": None,  # token splits override
-    # "tiles" (one program per output tile) or "resident" (one per block and row group, the
-    # block's delta loaded once); None: POETX_ROTATE if set, else "tiles"
-    "rotate_kernel": None,
 }
 
 _MAX_STAGED_BYTES = 64 * 1024  # shared memory for one permuted row block
@@ -178,52 +173,6 @@ def _rotate_tma_kernel(
         acc = tl.dot(a, d, acc, input_precision=PREC)
     acc += xi_desc.load([t0, kb + n0]).to(tl.float32)
     y_desc.store([t0, kb + n0], acc.to(y_desc.dtype))
-
-
-@triton.jit
-def _rotate_block_kernel(
-    x_desc, d_desc, y_desc, T, nb, rows_per_prog,
-    TRANSPOSE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, UPCAST: tl.constexpr,
-):
-    """Program ``(row group, block k)`` for ``b = 2 * BN``: the block's ``M`` (``D``, or ``D^T``
-    when ``TRANSPOSE``) loaded once as four ``BN x BN`` quarters, then for each row tile
-    ``Y = X + X M^T`` from one read of ``X``'s two column halves (the identity from the same
-    tiles)."""
-    pid = tl.program_id(0)
-    k = pid % nb
-    g = pid // nb
-    kb = k * (2 * BN)
-    # mt_ij = (M_ij)^T, the (j, i) quarter of the right operand M^T
-    if TRANSPOSE:  # M[n, j] = D[j, n]: M^T = D
-        mt00 = d_desc.load([kb, 0])
-        mt01 = d_desc.load([kb, BN])
-        mt10 = d_desc.load([kb + BN, 0])
-        mt11 = d_desc.load([kb + BN, BN])
-    else:  # M = D: M^T quarters are D's quarters transposed
-        mt00 = d_desc.load([kb, 0]).T
-        mt01 = d_desc.load([kb + BN, 0]).T
-        mt10 = d_desc.load([kb, BN]).T
-        mt11 = d_desc.load([kb + BN, BN]).T
-    if UPCAST:
-        mt00 = mt00.to(tl.float32)
-        mt01 = mt01.to(tl.float32)
-        mt10 = mt10.to(tl.float32)
-        mt11 = mt11.to(tl.float32)
-    r_start = g * rows_per_prog
-    r_end = tl.minimum(T, r_start + rows_per_prog)
-    for t0 in range(r_start, r_end, BM):
-        x0 = x_desc.load([t0, kb])
-        x1 = x_desc.load([t0, kb + BN])
-        if UPCAST:
-            x0 = x0.to(tl.float32)
-            x1 = x1.to(tl.float32)
-        # y[:, half h] = x_h + x0 mt0h + x1 mt1h
-        acc0 = tl.dot(x0, mt00, x0.to(tl.float32))
-        acc0 = tl.dot(x1, mt10, acc0)
-        y_desc.store([t0, kb], acc0.to(y_desc.dtype))
-        acc1 = tl.dot(x0, mt01, x1.to(tl.float32))
-        acc1 = tl.dot(x1, mt11, acc1)
-        y_desc.store([t0, kb + BN], acc1.to(y_desc.dtype))
 
 
 @triton.jit
@@ -614,46 +563,6 @@ def inverse_index(index: Tensor, cols: int) -> Tensor:
     return inv
 
 
-def _rotate_kernel_choice() -> str:
-    choice = OPTIONS["rotate_kernel"] or os.environ.get("POETX_ROTATE", "tiles")
-    if choice not in ("tiles", "resident"):
-        raise ValueError(f"rotate kernel must be 'tiles' or 'resident', got {choice!r}")
-    return choice
-
-
-def _resident_ok(b: int, dtype: torch.dtype) -> bool:
-    return (_rotate_kernel_choice() == "resident" and dtype in (torch.bfloat16, torch.float16)
-            and b % 32 == 0 and b <= 256)
-
-
-def _row_groups(units: int, row_tiles: int, slots: int, start_cost: int = 2) -> int:
-    """Row groups per block that finish soonest when ``units`` blocks each split their
-    ``row_tiles`` into groups, one program per (block, group), ``slots`` programs at a time;
-    a program's start (loading its block) counts as ``start_cost`` row tiles."""
-    return min(range(1, row_tiles + 1),
-               key=lambda g: (math.ceil(units * g / slots) * (math.ceil(row_tiles / g)
-                                                              + start_cost), g))
-
-
-def _launch_rotate_resident(x, d, y, b, nb, transpose):
-    T = x.shape[0]
-    bm, bn = (16 if _interpreting() else 64), b // 2
-    row_tiles = triton.cdiv(T, bm)
-    # shared memory: the block's four quarters, two stages of two x tiles, one y tile
-    smem = (4 * bn * bn + 5 * bm * bn) * x.element_size()
-    per_sm = max(1, (220 * 1024) // smem)
-    groups = _row_groups(nb, row_tiles, _sms(x) * per_sm)
-    rows = triton.cdiv(row_tiles, groups) * bm
-    groups = triton.cdiv(T, rows)
-    _rotate_block_kernel[(nb * groups,)](
-        TensorDescriptor.from_tensor(x, [bm, bn]),
-        TensorDescriptor.from_tensor(d.view(nb * b, b), [bn, bn]),
-        TensorDescriptor.from_tensor(y, [bm, bn]), T, nb, rows,
-        TRANSPOSE=bool(transpose), BM=bm, BN=bn, UPCAST=_upcast(x.dtype),
-        num_warps=4, num_stages=2,
-    )
-
-
 def _launch_rotate(x, d, in_index, out_index, y, b, nb, transpose):
     T, x_cols = x.shape
     use_tma = in_index is None and out_index is None and _tma_ok(x) and _tma_ok(y)
@@ -665,9 +574,6 @@ def _launch_rotate(x, d, in_index, out_index, y, b, nb, transpose):
     grid = (triton.cdiv(T, bm) * nb * tiles,)
     common = dict(BM=bm, BN=bn, BK=bk, PREC=_prec(x.dtype), UPCAST=_upcast(x.dtype),
                   num_warps=warps, num_stages=stages)
-    if use_tma and _resident_ok(b, x.dtype):
-        _launch_rotate_resident(x, d, y, b, nb, transpose)
-        return
     if use_tma:
         d2 = d.view(nb * b, b)
         _rotate_tma_kernel[grid](
