@@ -17,6 +17,9 @@ timing.
 and the kernel/graph launches the host makes per step, each also per POET layer, and where the
 step's GPU time goes: milliseconds per kernel family (``gpu_ms_by_kind``: GEMM, Cayley-Neumann,
 block rotation, optimizer, copies...) and of the 15 costliest kernels.
+``--ops`` profiles one eager step (a captured method's step function run without its graph)
+by op: the 40 ops with the most device time, with input shapes and the calling frames
+(``top_ops_ms``), to find which copies, adds and fills a step runs and where from.
 ``poet_torch`` is imported from ``--authors-path`` (a git-ignored checkout, never copied here).
 ``--append`` merges into an existing ``--out`` (for a table split over several device calls).
 ``--train-metrics`` instead summarizes ``poetx train`` runs from their metrics.jsonl files.
@@ -128,6 +131,14 @@ def make_step(model, opt, method: str, batch: torch.Tensor, warmup: int):
                            compile_blocks=method in ("poetx", *VARIANTS, *BUILT))
 
 
+def eager_step(model, opt):
+    """The step a captured method replays, as a plain function (its blocks stay compiled)."""
+    from poetx.model.lm_loss import causal_lm_loss
+    from poetx.train.capture import train_step
+
+    return train_step(model, opt, causal_lm_loss)
+
+
 # Kernel families of a training step, by name (first match wins): where a step's GPU time goes.
 KERNEL_KINDS = (
     ("cayley-neumann", ("_cn_",)),
@@ -189,6 +200,49 @@ def count_launches(step, batch: torch.Tensor) -> dict[str, Any]:
             "top_kernels_ms": [[n, round(v, 3)] for n, v in by_name.most_common(40)]}
 
 
+def top_ops(step, batch: torch.Tensor, count: int = 40, frames: int = 4) -> list[dict]:
+    """The ops of one call of ``step`` that cost the most device time (CPU time without CUDA),
+    grouped by op, input shapes and the ``frames`` innermost Python frames that called it:
+    which copies, adds and fills a step runs, and from where (torch.profiler).
+
+    An eager step only: a CUDA-graph replay shows no ops. Each row: ``op``, ``shapes``,
+    ``calls``, ``ms`` (self time, all calls), ``stack`` (innermost frame first)."""
+    from collections import defaultdict
+
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = batch.is_cuda
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync()
+    with profile(activities=activities, record_shapes=True, with_stack=True) as prof:
+        step(batch)
+        sync()
+    totals: dict[tuple, list] = defaultdict(lambda: [0, 0.0])
+    for e in prof.events():
+        if not e.name.startswith(("aten::", "poetx::")):
+            continue
+        us = e.self_device_time_total if cuda else e.self_cpu_time_total
+        if us <= 0:
+            continue
+        # the callers are profiler ancestors: Python frames ("file.py(12): fn") and, in
+        # backward, the autograd node ("autograd::engine::evaluate_function: MulBackward0")
+        stack, parent = [], e.cpu_parent
+        while parent is not None and len(stack) < frames:
+            name = parent.name
+            if ("): " in name and not name.startswith("<built-in")) or name.startswith(
+                    "autograd::engine::evaluate_function"):
+                stack.append(name)
+            parent = parent.cpu_parent
+        key = (e.name, str(e.input_shapes)[:200], tuple(stack))
+        totals[key][0] += 1
+        totals[key][1] += us
+    rows = [{"op": op, "shapes": shapes, "calls": n, "ms": round(us / 1e3, 3),
+             "stack": list(stack)} for (op, shapes, stack), (n, us) in totals.items()]
+    rows.sort(key=lambda r: -r["ms"])
+    return rows[:count]
+
+
 def worker(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     model, opt = build_method(args.preset, args.method, args.block_size, args.authors_path)
@@ -226,6 +280,11 @@ def worker(args: argparse.Namespace) -> None:
                     row["gpu_kernels_per_poet_layer"] = counts["gpu_kernels"] / n_poet
                     row["host_launches_per_poet_layer"] = (
                         counts["host_kernel_launches"] + counts["host_graph_launches"]) / n_poet
+            if args.ops:
+                # a CUDA-graph replay hides its ops: profile the same step run eagerly
+                eager = step if args.method not in CAPTURED else eager_step(model, opt)
+                eager(batch)
+                row["top_ops_ms"] = top_ops(eager, batch)
         except torch.OutOfMemoryError:
             row.update(status="oom")
         except Exception as exc:  # recorded in the row; the next case still runs
@@ -276,7 +335,8 @@ def run_table(args: argparse.Namespace) -> None:
                    "--method", method, "--cases", args.cases, "--block-size",
                    str(args.block_size), "--warmup", str(args.warmup), "--steps",
                    str(args.steps), "--rounds", str(args.rounds), "--authors-path",
-                   args.authors_path] + (["--launches"] if args.launches else [])
+                   args.authors_path] + (["--launches"] if args.launches else []) + (
+                       ["--ops"] if args.ops else [])
             t0 = time.time()
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -333,6 +393,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--launches", action="store_true")
+    parser.add_argument("--ops", action="store_true",
+                        help="also profile one eager step by op (top_ops_ms in each row)")
     parser.add_argument("--authors-path", default="third_party")
     parser.add_argument("--timeout", type=int, default=400, help="seconds per process")
     parser.add_argument("--out", default="bench/results/step.json")

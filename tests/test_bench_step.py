@@ -66,3 +66,43 @@ def test_scale_accum_repeats_alternate_and_compare_medians():
     pair = [{"tokens_per_s": 100.0}, {"tokens_per_s": 97.0}]
     summarize("accum", pair)  # one repeat: the two runs' ratio, as before
     assert pair[1]["ratio"] == 0.97
+
+
+def test_top_ops_names_the_costly_ops_with_shapes_and_callers():
+    import torch
+
+    from bench.step import top_ops
+
+    def concatenate(parts):
+        return torch.cat(parts)
+
+    def step(batch):
+        parts = [batch * 2.0 for _ in range(8)]
+        for _ in range(20):
+            concatenate(parts)
+        return batch.sum()
+
+    rows = top_ops(step, torch.randn(256, 512), frames=6)
+    by_op = {r["op"]: r for r in rows}
+    assert rows == sorted(rows, key=lambda r: -r["ms"])
+    cat = by_op["aten::cat"]  # (the profiler records no shapes for a list of tensors)
+    assert cat["calls"] == 20
+    assert any("concatenate" in frame for frame in cat["stack"])
+    assert by_op["aten::mul"]["calls"] == 8 and "256, 512" in by_op["aten::mul"]["shapes"]
+
+
+def test_top_ops_of_a_poetx_step_name_its_forward_and_backward_callers():
+    import torch
+
+    import poetx
+    from bench.step import eager_step, top_ops
+    from tests.tiny_llama import wrapped_llama
+
+    model = wrapped_llama(poetx.POETConfig(block_size=16), dtype=torch.float32)
+    step = eager_step(model, poetx.make_optimizer(model, lr=1e-4, poet_lr=1e-4))
+    batch = torch.randint(0, 61, (2, 17))
+    step(batch)
+    rows = top_ops(step, batch, count=200)
+    frames = [f for r in rows for f in r["stack"]]
+    assert any("poetx/" in f for f in frames)
+    assert any(f.startswith("autograd::engine::evaluate_function") for f in frames)
