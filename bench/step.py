@@ -131,14 +131,6 @@ def make_step(model, opt, method: str, batch: torch.Tensor, warmup: int):
                            compile_blocks=method in ("poetx", *VARIANTS, *BUILT))
 
 
-def eager_step(model, opt):
-    """The step a captured method replays, as a plain function (its blocks stay compiled)."""
-    from poetx.model.lm_loss import causal_lm_loss
-    from poetx.train.capture import train_step
-
-    return train_step(model, opt, causal_lm_loss)
-
-
 # Kernel families of a training step, by name (first match wins): where a step's GPU time goes.
 KERNEL_KINDS = (
     ("cayley-neumann", ("_cn_",)),
@@ -282,7 +274,8 @@ def worker(args: argparse.Namespace) -> None:
                         counts["host_kernel_launches"] + counts["host_graph_launches"]) / n_poet
             if args.ops:
                 # a CUDA-graph replay hides its ops: profile the same step run eagerly
-                eager = step if args.method not in CAPTURED else eager_step(model, opt)
+                eager = step if args.method not in CAPTURED else make_train_step(
+                    model, opt, batch, 0, capture=False)
                 eager(batch)
                 row["top_ops_ms"] = top_ops(eager, batch)
         except torch.OutOfMemoryError:

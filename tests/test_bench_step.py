@@ -95,12 +95,14 @@ def test_top_ops_of_a_poetx_step_name_its_forward_and_backward_callers():
     import torch
 
     import poetx
-    from bench.step import eager_step, top_ops
+    from bench.model import make_train_step
+    from bench.step import top_ops
     from tests.tiny_llama import wrapped_llama
 
     model = wrapped_llama(poetx.POETConfig(block_size=16), dtype=torch.float32)
-    step = eager_step(model, poetx.make_optimizer(model, lr=1e-4, poet_lr=1e-4))
     batch = torch.randint(0, 61, (2, 17))
+    step = make_train_step(model, poetx.make_optimizer(model, lr=1e-4, poet_lr=1e-4), batch, 0,
+                           capture=False, compile_blocks=False)
     step(batch)
     rows = top_ops(step, batch, count=200)
     frames = [f for r in rows for f in r["stack"]]
