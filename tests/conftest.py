@@ -29,12 +29,16 @@ def built_blocks(monkeypatch) -> dict[str, int]:
     counts = {"forward": 0, "backward": 0}
     real_forward, real_backward = backend.rotation_delta, backend.rotation_delta_backward
 
+    def blocks(theta) -> int:  # one tensor, or a batched build's list of sides
+        return theta.shape[0] if isinstance(theta, torch.Tensor) else sum(t.shape[0]
+                                                                           for t in theta)
+
     def forward(theta, *args, **kwargs):
-        counts["forward"] += theta.shape[0]
+        counts["forward"] += blocks(theta)
         return real_forward(theta, *args, **kwargs)
 
     def backward(theta, *args, **kwargs):
-        counts["backward"] += theta.shape[0]
+        counts["backward"] += blocks(theta)
         return real_backward(theta, *args, **kwargs)
 
     monkeypatch.setattr(backend, "rotation_delta", forward)

@@ -278,6 +278,38 @@ def test_cayley_interpreted_bf16_products(interp, monkeypatch, b, nb, valid, ter
     assert err < 3.9e-3
 
 
+@pytest.mark.interpret
+@pytest.mark.parametrize("b,sizes,valid", [(16, (2, 1, 3), None), (32, (1, 2), 21),
+                                           (16, (3,), 9)])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_cayley_interpreted_stacked_sides(interp, b, sizes, valid, out_dtype):
+    """Several skew tensors (separate allocations, as a batched build's sides) read in place
+    through the row table give, block for block and bit for bit, what their concatenation
+    gives, forward and backward, including a padded last block; a side that is not float32
+    and contiguous falls back to the concatenated copy."""
+    _, cn = interp
+    npar = b * (b - 1) // 2
+    sides = [_theta_with_norm(nb, b, 0.5) for nb in sizes]
+    whole = torch.cat(sides)
+    g = torch.randn(whole.shape[0], b, b)
+    d_ref = cn.cayley_neumann_delta(whole, b, 3, valid, out_dtype)
+    gt_ref = cn.cayley_neumann_delta_backward(whole, g, b, 3, valid, build_dtype=out_dtype)
+    assert torch.equal(cn.cayley_neumann_delta(sides, b, 3, valid, out_dtype), d_ref)
+    assert torch.equal(cn.cayley_neumann_delta_backward(sides, g, b, 3, valid,
+                                                        build_dtype=out_dtype), gt_ref)
+    assert rel_err(d_ref, rotation_delta_reference(whole.double(), b, 3, valid)) < 4e-3
+    if len(sides) > 1:
+        table = cn._theta_rows(sides, npar)
+        assert cn._theta_rows(sides, npar) is table  # remembered for a captured replay
+        base = sides[0].data_ptr() // 4
+        want = [t.data_ptr() // 4 - base + j * npar for t in sides for j in range(t.shape[0])]
+        assert table.tolist() == want
+        strided = [sides[0], torch.cat(sides[1:]).t().contiguous().t()]  # not contiguous
+        assert torch.equal(cn.cayley_neumann_delta(strided, b, 3, valid, out_dtype), d_ref)
+    with pytest.raises(ValueError, match="columns"):
+        cn.cayley_neumann_delta([sides[0], torch.zeros(1, npar + 1)], b, 3, valid, out_dtype)
+
+
 def _theta_with_norm(nb: int, b: int, q_norm: float, device="cpu") -> torch.Tensor:
     """Skew parameters whose blocks have ``||Q||_F`` about ``q_norm``."""
     npar = b * (b - 1) // 2

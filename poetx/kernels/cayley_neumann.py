@@ -262,13 +262,22 @@ def _cn_pack_kernel(w_ptr, out_ptr, b, nb, vl_last, npar, BM: tl.constexpr, BN: 
 
 
 @triton.jit
+def _theta_row(rows_ptr, k, npar, ROWS: tl.constexpr):
+    """Offset of block ``k``'s skew parameters from ``theta_ptr`` (elements)."""
+    if ROWS:
+        return tl.load(rows_ptr + k)
+    return k.to(tl.int64) * npar
+
+
+@triton.jit
 def _cn_prep_kernel(
-    theta_ptr, g_ptr, p_ptr, k_ptr, sy_ptr, b, nb, vl_last, npar, scale,
-    HAS_G: tl.constexpr, BM: tl.constexpr,
+    theta_ptr, rows_ptr, g_ptr, p_ptr, k_ptr, sy_ptr, b, nb, vl_last, npar, scale,
+    HAS_G: tl.constexpr, ROWS: tl.constexpr, BM: tl.constexpr,
 ):
     """Dense operands of the fast path: ``P = scale Q`` and, with ``G``, ``K = G - G^T`` and
     ``Sy = G + G^T`` (all ``(nb, b, b)`` in the pointers' dtype), one ``BM x BM`` tile per
-    program."""
+    program. ``ROWS``: block ``k``'s skew parameters start at ``theta_ptr + rows[k]`` (the
+    sides of a batched build, each its own tensor), else at ``theta_ptr + k * npar``."""
     pid = tl.program_id(0)
     tiles = (b + BM - 1) // BM
     per_block = tiles * tiles
@@ -280,7 +289,7 @@ def _cn_prep_kernel(
     base = k.to(tl.int64) * b * b
     mask = (rows[:, None] < b) & (cols[None, :] < b)
     off = base + rows[:, None] * b + cols[None, :]
-    q = _q_tile(theta_ptr, k.to(tl.int64) * npar, rows, cols, b, vl)
+    q = _q_tile(theta_ptr, _theta_row(rows_ptr, k, npar, ROWS), rows, cols, b, vl)
     tl.store(p_ptr + off, scale * q, mask=mask)
     if HAS_G:
         g = tl.load(g_ptr + off, mask=mask, other=0.0)
@@ -293,9 +302,9 @@ def _cn_prep_kernel(
 
 @triton.jit
 def _cn_fwd_mm_kernel(
-    a_desc, b1_desc, b2_desc, e_desc, eq_desc, o_desc, theta_ptr, b, nb, vl_last, npar,
-    c, f_s, f_q,
-    TWO: tl.constexpr, E_S: tl.constexpr, E_Q: tl.constexpr,
+    a_desc, b1_desc, b2_desc, e_desc, eq_desc, o_desc, theta_ptr, rows_ptr, b, nb, vl_last,
+    npar, c, f_s, f_q,
+    TWO: tl.constexpr, E_S: tl.constexpr, E_Q: tl.constexpr, ROWS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
 ):
     """``out = c A (X1 + X2)^T + f_s E + f_q F`` per block (``X2`` when ``TWO``) with TMA tiles
@@ -322,8 +331,8 @@ def _cn_fwd_mm_kernel(
         res += f_q * eq_desc.load([kb + i0, j0])
     elif E_Q == "theta":
         vl = tl.where(k == nb - 1, vl_last, b)
-        res += f_q * _q_tile(theta_ptr, k.to(tl.int64) * npar, i0 + tl.arange(0, BM),
-                             j0 + tl.arange(0, BN), b, vl)
+        res += f_q * _q_tile(theta_ptr, _theta_row(rows_ptr, k, npar, ROWS),
+                             i0 + tl.arange(0, BM), j0 + tl.arange(0, BN), b, vl)
     o_desc.store([kb + i0, j0], res.to(o_desc.dtype))
 
 
@@ -483,9 +492,10 @@ def _desc(t: Tensor, shape: list[int]) -> TensorDescriptor:
     return TensorDescriptor.from_tensor(t, shape)
 
 
-def _dense_prep(theta, g, block, nb, vl, npar, storage, scale=2.0):
+def _dense_prep(theta, rows, g, block, nb, vl, npar, storage, scale=2.0):
     """``P = scale Q`` and, with ``g``, ``K = G - G^T`` and ``Sy = G + G^T``: ``(nb*b, b)``
-    ``storage`` tensors (``K``, ``Sy`` alias ``P`` without ``g``)."""
+    ``storage`` tensors (``K``, ``Sy`` alias ``P`` without ``g``). ``rows``: the row table of
+    :func:`_theta_rows`, or ``None`` (``theta`` holds every block)."""
     p = torch.empty((nb * block, block), dtype=storage, device=theta.device)
     k = sy = p
     if g is not None:
@@ -493,38 +503,39 @@ def _dense_prep(theta, g, block, nb, vl, npar, storage, scale=2.0):
         sy = torch.empty_like(p)
     tp = min(32, _largest_divisor_tile(block, 32) or 16) if _interpreting() else 64
     grid = (nb * triton.cdiv(block, tp) ** 2,)
-    _cn_prep_kernel[grid](theta, p if g is None else g, p, k, sy, block, nb, vl, npar, scale,
-                          HAS_G=g is not None, BM=tp, num_warps=4 if _interpreting() else 8)
+    _cn_prep_kernel[grid](theta, theta if rows is None else rows, p if g is None else g, p, k,
+                          sy, block, nb, vl, npar, scale, HAS_G=g is not None,
+                          ROWS=rows is not None, BM=tp, num_warps=4 if _interpreting() else 8)
     return p, k, sy
 
 
-def _fast_delta(theta, block, nb, vl, npar, cfg: _Fast, prec, out):
+def _fast_delta(theta, rows, block, nb, vl, npar, cfg: _Fast, prec, out):
     """``terms = 3``: ``N = -2Q``; ``S = Q Q = -N N^T / 4``;
     ``delta = S S + S P + 2S + 2Q = S (S + N)^T + 2S + 2Q`` (3 launches; ``2Q`` from
     ``theta``, exact)."""
-    n, _, _ = _dense_prep(theta, None, block, nb, vl, npar, cfg.storage, scale=-2.0)
+    n, _, _ = _dense_prep(theta, rows, None, block, nb, vl, npar, cfg.storage, scale=-2.0)
     s = torch.empty_like(n)
     t, bk = cfg.tile, cfg.bk
     grid = (nb * (block // t) ** 2,)
     opts = dict(BM=t, BN=t, BK=bk, PREC=prec, num_warps=cfg.warps, num_stages=cfg.stages)
-    geo = (theta, block, nb, vl, npar)
+    geo = (theta, theta if rows is None else rows, block, nb, vl, npar)
     na, st = _desc(n, [t, bk]), _desc(s, [t, t])
     nt = _desc(n, [t, t])
     _cn_fwd_mm_kernel[grid](na, na, na, st, nt, st, *geo, -0.25, 0.0, 0.0,
-                            TWO=False, E_S=False, E_Q="", **opts)
+                            TWO=False, E_S=False, E_Q="", ROWS=rows is not None, **opts)
     sa = _desc(s, [t, bk])
     # 2Q = -N: read from N where N is fp32; rebuilt from theta where N was rounded to bf16
     exact = cfg.storage == torch.float32
     _cn_fwd_mm_kernel[grid](sa, sa, na, st, nt, _desc(out.view(nb * block, block), [t, t]),
                             *geo, 1.0, 2.0, -1.0 if exact else 2.0, TWO=True, E_S=True,
-                            E_Q="desc" if exact else "theta", **opts)
+                            E_Q="desc" if exact else "theta", ROWS=rows is not None, **opts)
     return out
 
 
-def _fast_backward(theta, g, block, nb, vl, npar, cfg: _Fast, prec, out):
+def _fast_backward(theta, rows, g, block, nb, vl, npar, cfg: _Fast, prec, out):
     """``terms = 3`` backward in 3 launches: prep (``P, K, Sy``), ``S, U, V``, then ``W`` on
     tile pairs with the skew-symmetrization and packing fused."""
-    p, kk, sy = _dense_prep(theta, g, block, nb, vl, npar, cfg.storage)
+    p, kk, sy = _dense_prep(theta, rows, g, block, nb, vl, npar, cfg.storage)
     s, u, v = torch.empty_like(p), torch.empty_like(p), torch.empty_like(p)
     t, bn, bk = cfg.tile, cfg.suv_bn, cfg.bk
     a, o = [t, bk], [t, bn]
@@ -552,23 +563,79 @@ def _check_theta(theta: Tensor, block: int) -> tuple[int, int]:
     return theta.shape[0], npar
 
 
+Thetas = Tensor | list[Tensor] | tuple[Tensor, ...]
+
+_ROW_TABLES: dict = {}
+_ROW_TABLES_SIZE = 1024  # one per build call of a step (an 8B model makes ~130)
+
+
+def _theta_rows(parts: list[Tensor], npar: int) -> Tensor:
+    """``(sum nb_i,)`` int64: where block ``k`` of the stacked ``parts`` (float32, contiguous)
+    starts, in elements from ``parts[0]``'s first. The kernels read the sides of a batched
+    build through it instead of a concatenated copy (two copies of every skew parameter per
+    step). Remembered per (pointers, sizes), so a CUDA graph captured after a warm-up step
+    replays a table made outside the capture; one made during a capture is not kept."""
+    key = (parts[0].device, npar, *((t.data_ptr(), t.shape[0]) for t in parts))
+    hit = _ROW_TABLES.get(key)
+    if hit is not None:
+        return hit
+    base = parts[0].data_ptr()
+    table = torch.cat([torch.arange(t.shape[0], dtype=torch.int64, device=t.device) * npar
+                       + (t.data_ptr() - base) // t.element_size() for t in parts])
+    if not (table.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if len(_ROW_TABLES) >= _ROW_TABLES_SIZE:
+            _ROW_TABLES.pop(next(iter(_ROW_TABLES)))
+        _ROW_TABLES[key] = table
+    return table
+
+
+def _parts(theta: Thetas, block: int) -> tuple[list[Tensor], int, int]:
+    """``(parts, nb, npar)``: the sides stacked along blocks, each checked."""
+    parts = [theta] if isinstance(theta, Tensor) else list(theta)
+    if not parts:
+        raise ValueError("theta: no tensors given")
+    npar = 0
+    for t in parts:
+        npar = _check_theta(t, block)[1]
+        if t.dtype != parts[0].dtype or t.device != parts[0].device:
+            raise ValueError("theta: the stacked tensors must share dtype and device")
+    return parts, sum(t.shape[0] for t in parts), npar
+
+
+def _joined(parts: list[Tensor]) -> Tensor:
+    """The stacked sides as one contiguous float32 tensor (a copy where there are several)."""
+    theta = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return theta.contiguous().float()
+
+
+def _fast_theta(parts: list[Tensor], npar: int) -> tuple[Tensor, Tensor | None]:
+    """``(theta, rows)`` for the fast kernels: several float32 contiguous sides are read in
+    place through a row table, anything else as :func:`_joined`'s copy."""
+    if len(parts) > 1 and all(t.dtype == torch.float32 and t.is_contiguous() for t in parts):
+        return parts[0], _theta_rows(parts, npar)
+    return _joined(parts), None
+
+
 def cayley_neumann_delta(
-    theta: Tensor, block: int, terms: int, valid_last: int | None, out_dtype: torch.dtype,
+    theta: Thetas, block: int, terms: int, valid_last: int | None, out_dtype: torch.dtype,
     *, out: Tensor | None = None,
 ) -> Tensor:
     """``(nb, b(b-1)/2) -> (nb, b, b)`` blocks ``R_k - I`` in ``out_dtype``, built in fp32.
 
     Same result as ``rotation_delta_reference(theta, block, terms, valid_last)``; float64 (either
-    side) runs the reference. ``out``: optional contiguous result buffer.
+    side) runs the reference. ``theta`` may be several ``(nb_i, b(b-1)/2)`` tensors, stacked
+    along blocks (the sides of a batched build; ``valid_last`` is the last block's). ``out``:
+    optional contiguous result buffer.
     """
-    nb, npar = _check_theta(theta, block)
+    parts, nb, npar = _parts(theta, block)
+    theta = parts[0]
     if torch.float64 in (theta.dtype, out_dtype):
+        theta = parts[0] if len(parts) == 1 else torch.cat(parts)
         wide = theta.to(torch.float64)
         result = rotation_delta_reference(wide, block, terms, valid_last).to(out_dtype)
         return result if out is None else out.copy_(result)
     if terms < 1:
         raise ValueError(f"terms must be at least 1, got {terms}")
-    theta = theta.contiguous().float()
     if out is None:
         out = torch.empty(nb, block, block, dtype=out_dtype, device=theta.device)
     elif out.shape != (nb, block, block) or out.dtype != out_dtype or not out.is_contiguous():
@@ -585,12 +652,14 @@ def cayley_neumann_delta(
     c = neumann_coefficients(terms)  # c[p] for p = 0 .. terms+1
     mm = dict(prec=prec, cfg=cfg)
     if terms == 1:  # Q (2I + Q)
+        theta = _joined(parts)
         _launch_mm(theta, None, None, out, block, nb, vl, npar, 0, 0, c[1], c[2],
                    a_from_q=True, b_has_q=True, **mm)
         return out
     fast_cfg = _fast_config(block, prec) if fast else None
     if fast_cfg is not None:
-        return _fast_delta(theta, block, nb, vl, npar, fast_cfg, prec, out)
+        return _fast_delta(*_fast_theta(parts, npar), block, nb, vl, npar, fast_cfg, prec, out)
+    theta = _joined(parts)
     scratch = torch.empty(nb, block, block, dtype=torch.float32, device=theta.device)
     if terms == 3:  # S = Q Q; delta = S (S + 2I + 2Q) + 2Q
         _launch_mm(theta, None, None, scratch, block, nb, vl, npar, 0, 0, 0, 1,
@@ -612,24 +681,25 @@ def cayley_neumann_delta(
 
 
 def cayley_neumann_delta_backward(
-    theta: Tensor, grad_delta: Tensor, block: int, terms: int, valid_last: int | None,
+    theta: Thetas, grad_delta: Tensor, block: int, terms: int, valid_last: int | None,
     *, out: Tensor | None = None, build_dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """Gradient of ``sum(grad_delta * cayley_neumann_delta(theta))`` w.r.t. ``theta`` (theta's
-    dtype). ``terms != 3`` and float64 run the PyTorch reference. ``out``: optional result.
-    ``build_dtype``: the dtype the blocks were built in; a bfloat16 build gets bf16 products
-    here too (see the module notes), others tf32."""
-    nb, npar = _check_theta(theta, block)
+    dtype; for several stacked tensors, ``(sum nb_i, b(b-1)/2)``). ``terms != 3`` and float64
+    run the PyTorch reference. ``out``: optional result. ``build_dtype``: the dtype the blocks
+    were built in; a bfloat16 build gets bf16 products here too (see the module notes), others
+    tf32."""
+    parts, nb, npar = _parts(theta, block)
+    theta = parts[0]
     if grad_delta.shape != (nb, block, block):
         raise ValueError(f"grad_delta must be {(nb, block, block)}, got {tuple(grad_delta.shape)}")
     if torch.float64 in (theta.dtype, grad_delta.dtype) or terms != 3:
         wide = torch.float64 if torch.float64 in (theta.dtype, grad_delta.dtype) else torch.float32
         result = rotation_delta_backward_reference(
-            theta.to(wide), grad_delta.to(wide), block, terms, valid_last
+            _joined(parts).to(wide), grad_delta.to(wide), block, terms, valid_last
         ).to(theta.dtype)
         return result if out is None else out.copy_(result)
     out_dtype = theta.dtype
-    theta = theta.contiguous().float()
     g = grad_delta.contiguous().float()
     if out is None:
         out = torch.empty(nb, npar, dtype=out_dtype, device=theta.device)
@@ -642,7 +712,9 @@ def cayley_neumann_delta_backward(
     prec = _precision("bf16" if fast and build_dtype == torch.bfloat16 else "tf32")
     fast_cfg = _fast_config(block, prec) if fast else None
     if fast_cfg is not None:
-        return _fast_backward(theta, g, block, nb, vl, npar, fast_cfg, prec, out)
+        return _fast_backward(*_fast_theta(parts, npar), g, block, nb, vl, npar, fast_cfg, prec,
+                              out)
+    theta = _joined(parts)
     cfg = _tiles(block, nb)
     bm, bn, bk, warps = cfg
     grid = (nb * triton.cdiv(block, bm) * triton.cdiv(block, bn),)

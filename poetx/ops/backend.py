@@ -102,35 +102,46 @@ def _into(result: Tensor, out: Tensor | None) -> Tensor:
     return result if out is None else out.copy_(result)
 
 
+def _stacked(theta: Tensor | list[Tensor]) -> Tensor:
+    return theta if isinstance(theta, Tensor) else torch.cat(theta)
+
+
 def rotation_delta(
-    theta: Tensor, block: int, terms: int | None, valid_last: int | None, out_dtype: torch.dtype,
-    out: Tensor | None = None,
+    theta: Tensor | list[Tensor], block: int, terms: int | None, valid_last: int | None,
+    out_dtype: torch.dtype, out: Tensor | None = None,
 ) -> Tensor:
     """``(nb, b(b-1)/2) -> (nb, b, b)`` blocks ``R_k - I`` in ``out_dtype`` (written into the
-    contiguous ``out`` when given).
+    contiguous ``out`` when given). ``theta`` may be a list of such tensors, stacked along
+    blocks (the Triton path reads them in place, the reference concatenates them).
 
     Built in float32 at least (float64 when either side is float64)."""
-    if terms is not None and use_triton(theta):
+    first = theta if isinstance(theta, Tensor) else theta[0]
+    if terms is not None and use_triton(first):
         from poetx.kernels.cayley_neumann import cayley_neumann_delta
 
         return cayley_neumann_delta(theta, block, terms, valid_last, out_dtype, out=out)
+    theta = _stacked(theta)
     wide = torch.float64 if torch.float64 in (theta.dtype, out_dtype) else torch.float32
     return _into(rotation_delta_reference(theta.to(wide), block, terms, valid_last).to(out_dtype),
                  out)
 
 
 def rotation_delta_backward(
-    theta: Tensor, grad_delta: Tensor, block: int, terms: int | None, valid_last: int | None,
-    out: Tensor | None = None, build_dtype: torch.dtype = torch.float32,
+    theta: Tensor | list[Tensor], grad_delta: Tensor, block: int, terms: int | None,
+    valid_last: int | None, out: Tensor | None = None,
+    build_dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """Gradient of ``sum(grad_delta * rotation_delta(theta))`` w.r.t. ``theta`` (theta's dtype;
-    written into the contiguous ``out`` when given). ``build_dtype``: the ``out_dtype`` the
-    blocks were built in (the kernels match their product precision to it)."""
-    if terms is not None and use_triton(theta):
+    written into the contiguous ``out`` when given; for a list, w.r.t. the stacked tensors).
+    ``build_dtype``: the ``out_dtype`` the blocks were built in (the kernels match their
+    product precision to it)."""
+    first = theta if isinstance(theta, Tensor) else theta[0]
+    if terms is not None and use_triton(first):
         from poetx.kernels.cayley_neumann import cayley_neumann_delta_backward
 
         return cayley_neumann_delta_backward(theta, grad_delta, block, terms, valid_last,
                                              out=out, build_dtype=build_dtype)
+    theta = _stacked(theta)
     return _into(rotation_delta_backward_reference(theta, grad_delta, block, terms,
                                                    valid_last).to(theta.dtype), out)
 

@@ -53,8 +53,10 @@ def _chunks(sizes: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-def _cat(tensors: list[Tensor]) -> Tensor:
-    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+def _stack(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor | list[Tensor]:
+    """What ``backend.rotation_delta`` takes for consecutive sides: the tensor itself, or the
+    list (the kernels read the sides in place; no concatenated copy)."""
+    return tensors[0] if len(tensors) == 1 else list(tensors)
 
 
 def _build(thetas: list[Tensor], block: int, terms: int | None, valid_last: int | None,
@@ -68,8 +70,8 @@ def _build(thetas: list[Tensor], block: int, terms: int | None, valid_last: int 
         for i, (a, b) in enumerate(chunks):
             n = sum(sizes[a:b])
             last = valid_last if i == len(chunks) - 1 else None
-            backend.rotation_delta(_cat([t.detach() for t in thetas[a:b]]), block, terms, last,
-                                   out_dtype, out=deltas[start:start + n])
+            backend.rotation_delta(_stack([t.detach() for t in thetas[a:b]]), block, terms,
+                                   last, out_dtype, out=deltas[start:start + n])
             start += n
     return deltas
 
@@ -245,8 +247,9 @@ def _theta_grads(thetas: tuple[Tensor, ...], data: Tensor, filled: list[bool], b
     for i, (a, b) in enumerate(chunks):
         n = sum(sizes[a:b])
         last = valid_last if i == len(chunks) - 1 else None
-        grad_theta = backend.rotation_delta_backward(_cat(thetas[a:b]), data[start:start + n],
-                                                     block, terms, last, build_dtype=out_dtype)
+        grad_theta = backend.rotation_delta_backward(_stack(thetas[a:b]),
+                                                     data[start:start + n], block, terms, last,
+                                                     build_dtype=out_dtype)
         start += n
         out += grad_theta.split(sizes[a:b]) if b - a > 1 else [grad_theta]
     return [g if f else None for g, f in zip(out, filled, strict=True)]
