@@ -13,6 +13,10 @@ Fast path (``b`` a multiple of 16, ``terms = 3``, the default; dense tiles throu
   all blocks; the backward also writes ``K = G - G^T`` and ``Sy = G + G^T``). Building ``Q``
   tiles inside the product loops instead (the general path below) was ALU-bound on the index
   arithmetic: 9-16 TFLOP/s on H100.
+* Several skew tensors (the sides of a batched build, ``poetx.ops.rotation_group``) are read in
+  place: the prep kernel and the forward epilogue find block ``k``'s parameters at
+  ``theta + rows[k]`` (:func:`_theta_rows`, an int64 table remembered per pointers and sizes so
+  a captured step replays one made in its warm-up), instead of a concatenated copy.
 * Forward, 3 launches: prep (``N = -2Q``); ``S = Q Q``; ``delta = S (S + N)^T + 2S + 2Q``
   (``= 2Q + 2Q^2 + 2Q^3 + Q^4``) in one accumulator, two ``b^3`` products per block. Every B
   operand is read K-major at ``[J, kk]`` using ``S^T = S`` and ``N^T = -N`` (tf32 wgmma wants

@@ -3,9 +3,9 @@
 Each ``POETLinear`` side builds ``(nb, b, b)`` blocks ``R - I`` from its ``(nb, b(b-1)/2)`` skew
 parameters. Built side by side that is ~3 small launches per side and direction, each with a
 grid too small to fill the GPU; here the sides of a group (e.g. one decoder block) that share
-block size, Neumann terms and dtype are concatenated and built by one
-``backend.rotation_delta`` call per chunk of consecutive sides (at most :data:`CHUNK_BLOCKS`
-blocks unless one side has more), and their gradients go back through one
+block size, Neumann terms and dtype are built by one ``backend.rotation_delta`` call per chunk
+of consecutive sides (at most :data:`CHUNK_BLOCKS` blocks unless one side has more; given as
+a list, which the kernels read in place), and their gradients go back through one
 ``backend.rotation_delta_backward`` call per chunk.
 
 Only the last side of a group may have a padded last block (``valid_last``): the kernels
