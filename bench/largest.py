@@ -49,6 +49,8 @@ def rows_from_metrics(records: list[dict[str, Any]], command: str, env: dict[str
     """One row per logged record of interest (the start, train steps, evaluations); the
     start row carries the run's ``config.json`` (``config``), which the planner check reads."""
     rows = []
+    from poetx.model.lm_loss import PLANNER_LOSS
+
     for r in records:
         if r.get("type") == "train":
             rows.append({"kind": "train", "step": r["step"], "loss": r["loss"],
@@ -62,7 +64,7 @@ def rows_from_metrics(records: list[dict[str, Any]], command: str, env: dict[str
         elif r.get("type") == "event" and r.get("event") == "start":
             rows.append({"kind": "start", "step": r["step"], "message": r["message"],
                          "parameters": r.get("parameters"), "trainable": r.get("trainable"),
-                         "config": config})
+                         "config": config, "loss_impl": PLANNER_LOSS})
     return [{**env, "command": command, **row} for row in rows]
 
 

@@ -1,4 +1,5 @@
-"""Cross-entropy of the LM head, forward+backward: poetx's chunked loss vs Liger-Kernel's fused
+"""Cross-entropy of the LM head, forward+backward: poetx's chunked loss (logits kept or
+recomputed) vs Liger-Kernel's fused
 linear cross-entropy vs full float32 logits (bf16 inputs, CUDA-event median, peak memory above
 the inputs, relative error of the loss and both gradients against float32 full logits).
 
@@ -25,7 +26,11 @@ CASES = {"llama-8b 1x1024": (1024, 4096, 128256), "llama-8b 2x2048": (4096, 4096
 
 def _impls():
     impls = {
+        # the batch's logits kept for backward where they fit (the default) ...
         "chunked": lambda h, w, t: chunked_cross_entropy(h, w, t, auto_chunk_tokens(w.shape[0])),
+        # ... and recomputed in vocabulary chunks (larger batches)
+        "chunked-recompute": lambda h, w, t: chunked_cross_entropy(
+            h, w, t, auto_chunk_tokens(w.shape[0]), keep_logits_bytes=0),
         "full_fp32_logits": lambda h, w, t: torch.nn.functional.cross_entropy(
             (h @ w.t()).float(), t),
     }

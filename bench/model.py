@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from bench.common import environment, print_table, write_json
+from poetx.model.lm_loss import PLANNER_LOSS
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,7 @@ def worker(args: argparse.Namespace) -> None:
     for seq in [int(s) for s in args.seqs.split(",")]:
         row = {"model": args.models, "seq_len": seq, "batch": args.batch, "method": args.method,
                "block_size": args.block_size if method.poetx else None,
-               "loss_impl": "vocab-chunked",  # poetx.model.lm_loss since issue 13
+               "loss_impl": PLANNER_LOSS,
                "cuda_graphs": graphs,
                # make_train_step compiles the decoder blocks of a captured poetx step
                "compile_blocks": graphs and method.poetx,

@@ -53,6 +53,7 @@ from typing import Any
 import torch
 
 from bench.common import environment, print_table, write_json
+from poetx.model.lm_loss import PLANNER_LOSS
 from poetx.train.metrics import read_metrics
 
 COLUMNS = ["case", "optimizer", "preset", "world", "parallel", "batch", "grad_accum",
@@ -209,7 +210,8 @@ class Runner:
                                     "seq_len")}
         row.update(parallel=spec.get("parallel", "auto"), grad_accum=spec.get("grad_accum", 1),
                    global_batch=spec["batch"] * spec.get("grad_accum", 1) * spec["world"],
-                   command=shown, wall_s=round(time.perf_counter() - t0, 1))
+                   command=shown, wall_s=round(time.perf_counter() - t0, 1),
+                   loss_impl=PLANNER_LOSS)
         if "repeat" in spec:
             row["repeat"] = spec["repeat"]
         config = out / "config.json"

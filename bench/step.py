@@ -42,6 +42,7 @@ import torch
 from bench.common import environment, print_table, write_json
 from bench.model import METHODS, build, make_train_step
 from poetx.config import POETConfig as PoetxConfig
+from poetx.model.lm_loss import PLANNER_LOSS
 
 DEFAULT_CASES = "llama-130m:16x512,llama-8b:1x1024,llama-8b:2x2048"
 DEFAULT_METHODS = "adamw,adamw-compile,poetx-eager,poetx,authors"
@@ -243,7 +244,7 @@ def worker(args: argparse.Namespace) -> None:
     for batch_size, seq in parse_cases(args.cases)[args.preset]:
         row = {"model": args.preset, "batch": batch_size, "seq_len": seq, "method": args.method,
                "block_size": None if args.method.startswith("adamw") else args.block_size,
-               "mlp_frames": mlp_frames_of(args.method)}
+               "mlp_frames": mlp_frames_of(args.method), "loss_impl": PLANNER_LOSS}
         step = None
         try:
             torch.cuda.synchronize()

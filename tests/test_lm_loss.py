@@ -8,21 +8,54 @@ from poetx.model.lm_loss import causal_lm_loss, chunked_cross_entropy
 from poetx.model.loss_chunks import auto_chunk_tokens, vocab_chunk
 
 
+@pytest.mark.parametrize("keep_logits_bytes", [0, 1 << 20], ids=["recomputed", "kept"])
 @pytest.mark.parametrize("chunk", [1, 7, 64])
-def test_chunked_cross_entropy_matches_full_logits(chunk):
+def test_chunked_cross_entropy_matches_full_logits(chunk, keep_logits_bytes):
     hidden = torch.randn(29, 16, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 50, (29,))
     targets[3] = -100
-    loss = chunked_cross_entropy(hidden, weight, targets, chunk)
+    loss = chunked_cross_entropy(hidden, weight, targets, chunk, keep_logits_bytes)
     ref = nn.functional.cross_entropy(hidden @ weight.T, targets, ignore_index=-100)
-    torch.testing.assert_close(loss.double(), ref)
+    assert loss.dtype == torch.float64  # float64 inputs accumulate in float64
+    torch.testing.assert_close(loss, ref)
     loss.backward()
     gh, gw = hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None
     ref.backward()
     torch.testing.assert_close(gh, hidden.grad)
     torch.testing.assert_close(gw, weight.grad)
+
+
+def test_kept_logits_follow_the_byte_limit_and_the_need_for_a_gradient():
+    """The whole logits are kept (the one tensor of ``tokens x vocab`` saved) only where they
+    fit the limit and backward will run; a second backward of the same graph is refused, as
+    the first wrote the gradient over them."""
+    hidden = torch.randn(12, 8, requires_grad=True)
+    weight = torch.randn(40, 8, requires_grad=True)
+    targets = torch.randint(0, 40, (12,))
+
+    def saved_shapes(limit, grad=True):
+        shapes = []
+        with torch.set_grad_enabled(grad), torch.autograd.graph.saved_tensors_hooks(
+                lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+            loss = chunked_cross_entropy(hidden, weight, targets, 5, limit)
+        return loss, shapes
+
+    loss, shapes = saved_shapes(12 * 40 * 4)
+    assert (12, 40) in shapes
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        loss.backward()
+    assert (12, 40) not in saved_shapes(12 * 40 * 4 - 1)[1]
+    assert saved_shapes(1 << 20, grad=False)[1] == []
+
+
+def test_chunked_cross_entropy_names_bad_shapes():
+    with pytest.raises(ValueError, match="targets"):
+        chunked_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(3).long())
+    with pytest.raises(ValueError, match=r"\(N, H\) and \(V, H\)"):
+        chunked_cross_entropy(torch.randn(4, 8), torch.randn(10, 6), torch.zeros(4).long())
 
 
 @pytest.mark.parametrize(("vocab", "tokens"), [(128256, 1024), (128256, 4096), (32000, 8192),
@@ -43,7 +76,7 @@ def test_rounded_vocabulary_chunks_keep_the_loss_exact():
     hidden = torch.randn(40, 8, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(300, 8, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 300, (40,))
-    loss = chunked_cross_entropy(hidden, weight, targets, 20)
+    loss = chunked_cross_entropy(hidden, weight, targets, 20, keep_logits_bytes=0)
     ref = nn.functional.cross_entropy(hidden @ weight.T, targets)
     torch.testing.assert_close(loss.double(), ref)  # the sum is kept in float32
     grads = torch.autograd.grad(loss, (hidden, weight))
@@ -122,15 +155,17 @@ def test_sliding_window_models_keep_their_masks():
 
 
 @pytest.mark.gpu
-def test_chunked_cross_entropy_bf16_on_cuda_matches_float32():
-    """The CUDA path (16-bit GEMMs with float32 accumulation of the weight gradient) against
-    float32 full logits: bf16-input error, no more."""
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("keep_logits_bytes", [0, 1 << 30], ids=["recomputed", "kept"])
+def test_chunked_cross_entropy_bf16_on_cuda_matches_float32(keep_logits_bytes):
+    """The CUDA path (the Triton kernels over bf16 logits, 16-bit GEMMs with float32
+    accumulation) against float32 full logits: bf16-input error, no more."""
     hidden = torch.randn(300, 64, device="cuda")
     weight = torch.randn(1000, 64, device="cuda") * 0.1
     targets = torch.randint(0, 1000, (300,), device="cuda")
     targets[7] = -100
     h, w = hidden.bfloat16().requires_grad_(), weight.bfloat16().requires_grad_()
-    loss = chunked_cross_entropy(h, w, targets, 64)
+    loss = chunked_cross_entropy(h, w, targets, 64, keep_logits_bytes)
     loss.backward()
     hr, wr = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
     ref = nn.functional.cross_entropy(hr @ wr.T, targets, ignore_index=-100)

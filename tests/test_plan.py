@@ -206,7 +206,8 @@ def test_saved_activations_are_what_autograd_keeps(setting):
 
     s = saved_activations(SHAPE, SEQ, BATCH, setting, cuda_allocator=False)
     # The loss's token count is an int64 (not hooked above); the planner counts it separately.
-    want = SHAPE.layers * s["kept_layer"] + s["final_norm"] + s["loss_lse"]
+    want = SHAPE.layers * s["kept_layer"] + s["final_norm"] + s["loss_lse"] + s["loss_logits"]
+    assert s["loss_logits"] == BATCH * SEQ * SHAPE.vocab * 2  # kept: they fit the limit
     if not setting.checkpointing:
         # under checkpointing cos/sin reach the layers as checkpoint inputs: alive, but not
         # through autograd's hooks
@@ -248,7 +249,7 @@ def test_saved_activations_of_compiled_blocks_are_what_autograd_keeps():
         torch._dynamo.reset()
     s = saved_activations(SHAPE, SEQ, BATCH, setting, cuda_allocator=False)
     assert sum(saved.values()) == (SHAPE.layers * s["kept_layer"] + s["final_norm"]
-                                   + s["loss_lse"] + s["rope"])
+                                   + s["loss_lse"] + s["loss_logits"] + s["rope"])
     eager = saved_activations(SHAPE, SEQ, BATCH, Setting(mode="fast", block_size=64),
                               cuda_allocator=False)
     assert eager["layer"] - s["layer"] == 2 * 4 * BATCH * SEQ * SHAPE.hidden
@@ -542,7 +543,8 @@ def test_saved_activations_under_accumulation_leave_the_blocks_to_the_step(setti
         loss.backward()
     got = sum(v for ptr, v in saved.items() if ptr not in step_blocks)
     s = saved_activations(SHAPE, SEQ, BATCH, setting, cuda_allocator=False)
-    assert got == SHAPE.layers * s["kept_layer"] + s["final_norm"] + s["loss_lse"] + s["rope"]
+    assert got == (SHAPE.layers * s["kept_layer"] + s["final_norm"] + s["loss_lse"]
+                   + s["loss_logits"] + s["rope"])
     if setting.mode == "fast":
         assert set(step_blocks) <= set(saved)
 

@@ -1,7 +1,9 @@
-"""Dispatch of the four kernels the layer needs: Triton on CUDA, the PyTorch reference elsewhere.
+"""Dispatch of the kernels the layers and the loss need: Triton on CUDA, the PyTorch
+reference elsewhere.
 
-Signatures match the references in ``poetx.kernels.block_rotate_ref`` and
-``poetx.ortho.cayley``; see those for the index and shape conventions.
+Signatures match the references in ``poetx.kernels.block_rotate_ref``,
+``poetx.kernels.cross_entropy_ref`` and ``poetx.ortho.cayley``; see those for the index and
+shape conventions.
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ from poetx.kernels.block_rotate_ref import (
     fan_in_reference,
     fan_out_reference,
     gather_columns,
+)
+from poetx.kernels.cross_entropy_ref import (
+    cross_entropy_grad_reference,
+    logsumexp_pick_reference,
 )
 from poetx.kernels.frame_swiglu_ref import (
     FrameMaps,
@@ -161,3 +167,27 @@ def swiglu_frames_backward(grad_h: Tensor, gate: Tensor, up: Tensor,
 
         return kernel(grad_h, gate, up, maps)
     return swiglu_frames_backward_reference(grad_h, gate, up, maps)
+
+
+def logsumexp_pick(logits: Tensor, targets: Tensor,
+                   out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """``(N, V)`` logits -> each row's log-sum-exp and target logit (``(N,)`` float32, float64
+    for float64 logits; written into ``out`` when given)."""
+    if use_triton(logits) and logits.dtype != torch.float64:
+        from poetx.kernels.cross_entropy import logsumexp_pick as kernel
+
+        return kernel(logits, targets, out)
+    lse, picked = logsumexp_pick_reference(logits, targets)
+    if out is None:
+        return lse, picked
+    return out[0].copy_(lse), out[1].copy_(picked)
+
+
+def cross_entropy_grad_(logits: Tensor, lse: Tensor, targets: Tensor, row_weights: Tensor,
+                        offset: int = 0) -> Tensor:
+    """The logits' cross-entropy gradient, written over them (``cross_entropy_ref``)."""
+    if use_triton(logits) and logits.dtype != torch.float64:
+        from poetx.kernels.cross_entropy import cross_entropy_grad_ as kernel
+
+        return kernel(logits, lse, targets, row_weights, offset)
+    return logits.copy_(cross_entropy_grad_reference(logits, lse, targets, row_weights, offset))

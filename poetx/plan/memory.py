@@ -81,7 +81,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from poetx.config import MLP_FRAMES, MLP_PERMUTATIONS, PERMUTED_SAVES
-from poetx.model.loss_chunks import LOGITS_BUDGET, auto_chunk_tokens, vocab_chunk
+from poetx.model.loss_chunks import LOGITS_BUDGET, auto_chunk_tokens, keeps_logits, vocab_chunk
 
 Round = Callable[[int], int]
 
@@ -104,9 +104,11 @@ MODES = ("fast", "mem")
 W0_FORMATS = ("auto", "int8", "fp8")
 DENSE_OPTIMIZERS = ("adamw", "adamw-kahan", "adamw-fp32-master", "adamw8bit")
 ROTATION_STATES = ("fp32", "8bit")
-# "vocab-chunked": poetx.model.lm_loss today; "token-chunked": the loss before issue 13 (float32
-# head gradient), kept to check the planner against the peaks recorded with it
-LOSSES = ("vocab-chunked", "token-chunked")
+# "fused": poetx.model.lm_loss today (the cross-entropy kernels; a batch's logits kept for
+# backward where they fit); "vocab-chunked": the loss of issue 13 (float32 copies of each
+# chunk's logits, logits always recomputed in backward); "token-chunked": the loss before
+# issue 13 (float32 head gradient). The older two check the planner against recorded peaks.
+LOSSES = ("fused", "vocab-chunked", "token-chunked")
 W0_RESIDUALS = ("host", "device", "off")
 # torchao AdamW8bit: tensors of at least this many values that the block divides get 8-bit
 # states (uint8 codes, one float32 scale per block and a 256-entry float32 code table each)
@@ -163,8 +165,9 @@ class Setting:
         w0_residual: where the rounding residual of a low-precision ``W0`` lives
             (``"device"`` costs ``W0``'s size again).
         cuda_graphs: the step is replayed as a CUDA graph (its pool stays reserved).
-        loss: ``"vocab-chunked"`` (the code's loss) or ``"token-chunked"`` (the loss of the
-            code before issue 13, with a float32 head gradient; for recorded rows).
+        loss: ``"fused"`` (the code's loss), ``"vocab-chunked"`` (the loss of issue 13, with
+            float32 copies of its logits) or ``"token-chunked"`` (the loss before issue 13,
+            with a float32 head gradient); the older two for recorded rows.
         grad_accum: micro-batches per optimizer step (``--grad-accum``); the batch size
             given to :func:`predict` is one micro-batch's.
         compile_blocks: the decoder blocks are compiled around their POET layers
@@ -190,7 +193,7 @@ class Setting:
     step_in_backward: bool = False
     w0_residual: str = "host"
     cuda_graphs: bool = False
-    loss: str = "vocab-chunked"
+    loss: str = "fused"
     grad_accum: int = 1
     compile_blocks: bool = False
     permuted_saves: str = "auto"
@@ -424,7 +427,7 @@ def predict(
     if legacy_loss:
         saved["loss_lse"] = 0
     all_saved = (n_layers * kept_layer + saved["rope"] + saved["final_norm"]
-                 + saved["loss_count"] + saved["loss_lse"])
+                 + saved["loss_count"] + saved["loss_lse"] + saved["loss_logits"])
 
     moments: list[tuple[str, dict[str, int]]] = []
 
@@ -442,11 +445,11 @@ def predict(
         parts["optimizer_temporaries"] += optimizer
         moments.append((name, parts))
 
-    loss_fwd, loss_bwd = (_token_chunked_loss_temporaries if legacy_loss else
-                          _loss_temporaries)(rb, t, d, vocab, e)
-    # the forward's lse buffer is allocated before the chunks and saved for backward
-    moment("loss-forward", carried, activations=all_saved - saved["loss_lse"],
-           loss=loss_fwd + saved["loss_lse"])
+    loss_fwd, loss_bwd = _LOSS_TEMPORARIES[setting.loss](rb, t, d, vocab, e)
+    # the forward's lse buffer (and kept logits) are allocated in the loss and saved for
+    # backward
+    fresh = saved["loss_lse"] + saved["loss_logits"]
+    moment("loss-forward", carried, activations=all_saved - fresh, loss=loss_fwd + fresh)
     moment("loss-backward", carried, activations=all_saved, loss=loss_bwd)
 
     in_bwd = setting.step_in_backward
@@ -494,7 +497,10 @@ def predict(
 
     if setting.cuda_graphs:
         _, step_peak = max(moments, key=lambda item: sum(item[1].values()))
-        outside = _outside_graph_temporaries(rb, shape, t, setting, e, saved, loss_fwd)
+        # evaluation runs without a gradient: the loss recomputes its chunks, keeps nothing
+        eval_loss = (_fused_loss_temporaries(rb, t, d, vocab, e, keep=False)[0]
+                     + saved["loss_lse"] if setting.loss == "fused" else loss_fwd)
+        outside = _outside_graph_temporaries(rb, shape, t, setting, e, saved, eval_loss)
         moment("outside the graph (merge / eval)", {},
                backward=sum(step_peak.values()) - sum(persistent.values()) + outside)
 
@@ -512,15 +518,19 @@ def saved_activations(shape: ModelShape, seq_len: int, batch_size: int, setting:
     ``kept_layer`` (what each layer keeps until its backward: ``layer``, or only its input under
     checkpointing), ``rope`` (rotary ``cos``/``sin`` of one sequence, shared by the batch and
     the layers), ``final_norm`` (the final RMSNorm with its output, which the loss saves) and
-    ``loss_count`` (the loss's token count, an int64 kept on the device so nothing syncs) and
-    ``loss_lse`` (each token's float32 log-sum-exp, kept by the loss for its backward).
+    ``loss_count`` (the loss's token count, an int64 kept on the device so nothing syncs),
+    ``loss_lse`` (each token's float32 log-sum-exp, kept by the loss for its backward) and
+    ``loss_logits`` (the batch's logits in the model dtype, which the ``"fused"`` loss keeps
+    where they fit ``KEEP_LOGITS_BYTES``).
     """
     rb: Round = block_bytes if cuda_allocator else _exact
     e, t, d = dtype_bytes, seq_len * batch_size, shape.hidden
     layer = _saved_layer_bytes(rb, shape, t, setting, e)
     kept = rb(t * d * e) if setting.checkpointing else layer
+    kept_logits = setting.loss == "fused" and keeps_logits(t, shape.vocab, e)
     return {"layer": layer, "kept_layer": kept, "rope": 2 * rb(seq_len * shape.head_dim * e),
-            "final_norm": _norm_saved(rb, t, d, e), "loss_count": rb(8), "loss_lse": rb(4 * t)}
+            "final_norm": _norm_saved(rb, t, d, e), "loss_count": rb(8), "loss_lse": rb(4 * t),
+            "loss_logits": rb(t * shape.vocab * e) if kept_logits else 0}
 
 
 def _layer_theta_sizes(linears: list[tuple[str, int, int]], block_size: int) -> list[int]:
@@ -663,8 +673,36 @@ def _layer_backward_temporaries(rb: Round, shape: ModelShape, t: int, setting: S
     return worst
 
 
+def _fused_loss_temporaries(rb: Round, t: int, d: int, vocab: int, e: int,
+                            keep: bool | None = None) -> tuple[int, int]:
+    """Peak scratch of ``chunked_cross_entropy`` in forward and in backward (bytes), beyond
+    what it saves (``loss_lse``, ``loss_logits``). ``keep``: whether the logits are kept
+    (``None``: as ``keeps_logits`` decides for a training step)."""
+    if keep is None:
+        keep = keeps_logits(t, vocab, e)
+    # the sum: each token's (lse - picked), its validity, their product
+    total = 2 * rb(4 * t) + rb(t)
+    valid_and_weights = rb(t) + rb(4 * t)
+    if keep:
+        # forward: the target logits beside the kept logits; backward: the gradient is written
+        # over the kept logits, then the head's and the hidden states' gradients
+        return (rb(4 * t) + total,
+                valid_and_weights + rb(vocab * d * e) + rb(t * d * e))
+    c = auto_chunk_tokens(vocab)
+    chunks = [min(c, t - s) for s in range(0, t, c)]
+    fwd = rb(4 * t) + max(max(rb(r * vocab * e) for r in chunks), total)
+    # backward, per chunk of the vocabulary: its logits (overwritten by their gradient); for
+    # the whole backward the head gradient and the float32 hidden-gradient accumulator, which
+    # is converted to the model dtype at the end
+    vc = vocab_chunk(c, vocab, t)
+    rows = [min(vc, vocab - s) for s in range(0, vocab, vc)]
+    held = rb(vocab * d * e) + rb(t * d * 4) + valid_and_weights
+    return fwd, held + max(max(rb(t * r * e) for r in rows), rb(t * d * e))
+
+
 def _loss_temporaries(rb: Round, t: int, d: int, vocab: int, e: int) -> tuple[int, int]:
-    """Peak scratch of ``chunked_cross_entropy`` in forward and in backward (bytes)."""
+    """Peak scratch of the issue-13 loss (float32 copies of each chunk's logits) in forward
+    and in backward (bytes)."""
     c = auto_chunk_tokens(vocab)
     chunks = [min(c, t - s) for s in range(0, t, c)]
 
@@ -708,6 +746,10 @@ def _token_chunked_loss_temporaries(rb: Round, t: int, d: int, vocab: int, e: in
     last = chunks[-1]
     end = convert + per(last, 4) + per(last, e)
     return fwd, grad_w32 + grad_hidden + max(loop, end)
+
+
+_LOSS_TEMPORARIES = {"fused": _fused_loss_temporaries, "vocab-chunked": _loss_temporaries,
+                     "token-chunked": _token_chunked_loss_temporaries}
 
 
 def _dense_states(rb: Round, setting: Setting, embed_sizes: list[int], norm_sizes: list[int],
