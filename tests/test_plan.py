@@ -341,6 +341,10 @@ def test_step_predictions_match_the_recorded_gpu_peaks():
     fused = compare_step(fused_rows)
     assert len(fused) == 2 and fused[0]["measured_gib"] - fused[1]["measured_gib"] > 3
     records += fused
+    # the fused cross-entropy (logits kept for backward) against the loss before it, one call
+    kept = compare_step(json.loads((REPO / "bench/results/step_fused_ce_h100.json").read_text()))
+    assert {r["peak_at"] for r in kept} >= {"loss-backward", "layer-backward (last layer)"}
+    records += kept
     for r in records:
         assert r["status"] == "ok" and abs(r["error_pct"]) <= GPU_TOLERANCE_PCT, r
         assert "H100" in r["measured_on"] and "step.py" in r["measured_by"]
