@@ -34,10 +34,14 @@ def cross_entropy_grad_reference(logits: Tensor, lse: Tensor, targets: Tensor,
                                  row_weights: Tensor, offset: int = 0) -> Tensor:
     """``(N, V)`` gradient of ``sum_i row_weights[i] * CE_i`` with respect to ``logits``
     (the columns ``offset .. offset + V`` of the vocabulary), in the logits' dtype."""
+    if logits.shape[1] == 0:
+        return logits.clone()
     wide = logits.to(accumulation_dtype(logits.dtype))
     grad = (wide - lse.to(wide.dtype).unsqueeze(1)).exp()
     local = targets - offset
     inside = (local >= 0) & (local < logits.shape[1])
-    rows = torch.arange(logits.shape[0], device=logits.device)[inside]
-    grad[rows, local[inside]] -= 1
+    # A masked scatter, not boolean indexing: that would wait for the device to count the
+    # selected rows (this path also runs on CUDA for float64 or with Triton disabled).
+    grad.scatter_add_(1, local.clamp(0, logits.shape[1] - 1).unsqueeze(1),
+                      -inside.to(grad.dtype).unsqueeze(1))
     return (grad * row_weights.to(wide.dtype).unsqueeze(1)).to(logits.dtype)
