@@ -32,7 +32,7 @@ for stage in "$@"; do
         | grep -v "Writing model shards" | tee "$OUT/integrations.txt" | tail -12 ;;
     capture)  # whole-step capture and the kernels/loss it relies on
       timeout 300 python3 -m pytest -q -s -m gpu tests/test_capture.py tests/test_trainer.py \
-        tests/test_kernels.py tests/test_lm_loss.py 2>&1 | tail -25 | tee "$OUT/gpu_tests_capture.txt" ;;
+        tests/test_kernels.py tests/test_lm_loss.py tests/test_cross_entropy_kernels.py 2>&1 | tail -25 | tee "$OUT/gpu_tests_capture.txt" ;;
     loss)  # chunked CE vs Liger's fused linear CE (wheel carried in .whl, see bench/loss.py)
       ls .whl/liger_kernel-*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index \
         --no-deps --target /tmp/site .whl/liger_kernel-*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
