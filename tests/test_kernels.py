@@ -545,6 +545,40 @@ def test_poet_linear_gpu_matches_cpu_float64(n, m, b, mode, dtype):
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize("rows", [3, 4, 11])
+def test_row_kernels_walk_several_rows_per_program(interp, rows):
+    """The staged gather, the fan-out and the fan-in with several rows per program (the
+    compiled default takes 2 or more; the interpreter otherwise runs one), the last program
+    ragged: exact against the references."""
+    from poetx.kernels.block_rotate_ref import fan_in_reference, fan_out_reference
+
+    br, _ = interp
+    br.OPTIONS["rows_per_program"] = rows
+    dim, b, T = 13, 8, 11
+    nb = -(-dim // b)
+    x = torch.randn(T, dim)
+    index = padded_index(dim, nb, b)
+    assert torch.equal(br.permute_columns(x, index, nb * b), gather_columns(x, index, nb * b))
+    indices = torch.stack([index, padded_index(dim, nb, b)])
+    assert torch.equal(br.fan_out(x, indices, nb * b), fan_out_reference(x, indices, nb * b))
+    grads = [torch.randn(T, nb * b) for _ in range(2)]
+    for g, i in zip(grads, indices, strict=True):
+        g[:, i < 0] = 0.0
+    assert torch.equal(br.fan_in(grads, indices, dim), fan_in_reference(grads, indices, dim))
+
+
+def test_rows_per_program_from_the_environment(monkeypatch):
+    from poetx.kernels import block_rotate as br
+
+    monkeypatch.setitem(br.OPTIONS, "rows_per_program", None)
+    monkeypatch.setenv("POETX_PERMUTE_ROWS", "8")
+    assert br._min_rows() == 8
+    monkeypatch.setenv("POETX_PERMUTE_ROWS", "many")
+    with pytest.raises(ValueError, match="POETX_PERMUTE_ROWS"):
+        br._min_rows()
+
+
+@pytest.mark.interpret
 @pytest.mark.parametrize("dim,b", [(12, 4), (13, 8), (40, 16)])
 @pytest.mark.parametrize("k", [1, 2, 3, 5])
 def test_fan_out_and_fan_in_interpreted(interp, dim, b, k):

@@ -35,6 +35,7 @@ Design (measured on H100, see ``bench/notes_kernels.md``)
 from __future__ import annotations
 
 import functools
+import os
 import weakref
 
 import torch
@@ -54,6 +55,11 @@ OPTIONS: dict = {
     "rotate_cfg": None,  # (BM, BN, BK, num_warps, num_stages) override for 16-bit inputs
     "gram_cfg": None,  # (BI, BJ, BT, num_warps, num_stages) override for 16-bit inputs
     "gram_splits": None,  # token splits override
+    # Rows each program of the row kernels (staged gather, fan-out, fan-in) takes at least;
+    # None: POETX_PERMUTE_ROWS if set (for benchmarks that run in processes of their own),
+    # else as many programs as 16 per SM (2 rows each at 4096 tokens on an H100). More rows
+    # spread each program's load of its index vector (8 bytes a position) over more rows.
+    "rows_per_program": None,
 }
 
 _MAX_STAGED_BYTES = 64 * 1024  # shared memory for one permuted row block
@@ -466,8 +472,20 @@ def permute_columns(x: Tensor, index: Tensor, out_cols: int, out: Tensor | None 
 FAN_MAX = 3  # permutations per fan-out launch (the kernels' K)
 
 
+def _min_rows() -> int | None:
+    if OPTIONS["rows_per_program"]:
+        return OPTIONS["rows_per_program"]
+    spec = os.environ.get("POETX_PERMUTE_ROWS", "")
+    if spec and not spec.isdigit():
+        raise ValueError(f"POETX_PERMUTE_ROWS: expected a number of rows, got {spec!r}")
+    return int(spec) if spec else None
+
+
 def _row_programs(T: int, x: Tensor) -> int:
     progs = T if _interpreting() else min(T, 16 * _sms(x))
+    rows = _min_rows()
+    if rows:
+        progs = min(progs, triton.cdiv(T, rows))
     return triton.cdiv(T, triton.cdiv(T, progs))
 
 
