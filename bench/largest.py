@@ -48,9 +48,9 @@ def rows_from_metrics(records: list[dict[str, Any]], command: str, env: dict[str
                       config: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """One row per logged record of interest (the start, train steps, evaluations); the
     start row carries the run's ``config.json`` (``config``), which the planner check reads."""
-    rows = []
     from poetx.model.lm_loss import PLANNER_LOSS
 
+    rows = []
     for r in records:
         if r.get("type") == "train":
             rows.append({"kind": "train", "step": r["step"], "loss": r["loss"],

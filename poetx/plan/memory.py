@@ -498,8 +498,10 @@ def predict(
     if setting.cuda_graphs:
         _, step_peak = max(moments, key=lambda item: sum(item[1].values()))
         # evaluation runs without a gradient: the loss recomputes its chunks, keeps nothing
-        eval_loss = (_fused_loss_temporaries(rb, t, d, vocab, e, keep=False)[0]
-                     + saved["loss_lse"] if setting.loss == "fused" else loss_fwd)
+        eval_loss = loss_fwd
+        if setting.loss == "fused":
+            eval_loss = (_fused_loss_temporaries(rb, t, d, vocab, e, keep=False)[0]
+                         + saved["loss_lse"])
         outside = _outside_graph_temporaries(rb, shape, t, setting, e, saved, eval_loss)
         moment("outside the graph (merge / eval)", {},
                backward=sum(step_peak.values()) - sum(persistent.values()) + outside)
