@@ -148,6 +148,43 @@ def test_rotate_interpreted_shapes(interp, gather):
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize("kernel", ["persistent", "persistent-mma"])
+@pytest.mark.parametrize("dim,b,T", [(64, 16, 70), (128, 64, 45), (48, 16, 32)])
+def test_rotate_interpreted_persistent(interp, kernel, dim, b, T):
+    """The persistent rotation kernels (each program walks several output tiles; blocks of
+    several column tiles and K steps; a ragged last row tile) against the float64 reference
+    and the tile kernel."""
+    br, _ = interp
+    nb = dim // b
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
+        for transpose in (False, True):
+            x = torch.randn(T, dim).to(dtype)
+            d = (0.3 * torch.randn(nb, b, b)).to(dtype)
+            br.OPTIONS["rotate_kernel"] = "tile"
+            tiled = br.block_rotate(x, d, None, None, dim, transpose)
+            br.OPTIONS["rotate_kernel"] = kernel
+            out = nan_like((T, dim), dtype, "cpu")
+            y = br.block_rotate(x, d, None, None, dim, transpose, out=out)
+            ref = block_rotate_reference(x.double(), d.double(), None, None, dim, transpose)
+            assert rel_err(y, ref) < tol, (dtype, transpose)
+            # the same products in another order of the fp32 sum: one rounding of the output
+            assert rel_err(y, tiled) < (2e-7 if dtype == torch.float32 else 8e-3)
+
+
+def test_rotate_kernel_choice_from_the_environment(monkeypatch):
+    from poetx.kernels import block_rotate as br
+
+    monkeypatch.setitem(br.OPTIONS, "rotate_kernel", None)
+    monkeypatch.setenv("POETX_ROTATE_KERNEL", "persistent")
+    assert br._rotate_kernel_choice() == "persistent"
+    monkeypatch.delenv("POETX_ROTATE_KERNEL")
+    assert br._rotate_kernel_choice() == "tile"
+    monkeypatch.setenv("POETX_ROTATE_KERNEL", "fast")
+    with pytest.raises(ValueError, match="POETX_ROTATE_KERNEL"):
+        br._rotate_kernel_choice()
+
+
+@pytest.mark.interpret
 @pytest.mark.parametrize("dim,b", SMALL)
 @pytest.mark.parametrize("gather", ["direct", "staged"])
 def test_gram_interpreted(interp, dim, b, gather):
@@ -417,6 +454,35 @@ def test_rotate_gpu(dtype, dim, b, gather):
             ref = block_rotate_reference(x.double(), d.double(), ii, oi, dim, transpose)
             err = rel_err(y, ref)
             assert err < GPU_TOL[dtype], (in_idx, out_idx, transpose, err)
+    finally:
+        br.OPTIONS.update(saved)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("kernel", ["persistent", "persistent-mma"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dim,b,T", [(4096, 256, 4096), (14336, 256, 1000), (1024, 256, 333),
+                                     (4096, 512, 2048)])
+def test_rotate_gpu_persistent(kernel, dtype, dim, b, T):
+    """The persistent rotation kernels at the step's shapes (and a ragged row count) against
+    the float64 reference and the tile kernel."""
+    from poetx.kernels import block_rotate as br
+
+    saved = dict(br.OPTIONS)
+    try:
+        nb = dim // b
+        for transpose in (False, True):
+            x = torch.randn(T, dim, device="cuda").to(dtype)
+            d = (0.05 * torch.randn(nb, b, b, device="cuda")).to(dtype)
+            br.OPTIONS["rotate_kernel"] = "tile"
+            tiled = br.block_rotate(x, d, None, None, dim, transpose)
+            br.OPTIONS["rotate_kernel"] = kernel
+            out = nan_like((T, dim), dtype, "cuda")
+            y = br.block_rotate(x, d, None, None, dim, transpose, out=out)
+            ref = block_rotate_reference(x.double(), d.double(), None, None, dim, transpose)
+            assert rel_err(y, ref) < GPU_TOL[dtype], transpose
+            assert rel_err(y, tiled) < GPU_TOL[dtype], transpose
     finally:
         br.OPTIONS.update(saved)
 

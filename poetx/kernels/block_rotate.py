@@ -60,6 +60,12 @@ OPTIONS: dict = {
     # else as many programs as 16 per SM (2 rows each at 4096 tokens on an H100). More rows
     # spread each program's load of its index vector (8 bytes a position) over more rows.
     "rows_per_program": None,
+    # The rotation's kernel on the TMA path: None = POETX_ROTATE_KERNEL if set, else "tile"
+    # (one program per output tile); "persistent" (programs walk the tiles, the next tile's
+    # loads overlapping this one's stores); "persistent-mma" (that, with the identity term
+    # added by products, so no load waits in the epilogue). Both persistent ones unmeasured.
+    "rotate_kernel": None,
+    "persistent_ctas": 2,  # persistent programs per SM
 }
 
 _MAX_STAGED_BYTES = 64 * 1024  # shared memory for one permuted row block
@@ -179,6 +185,55 @@ def _rotate_tma_kernel(
         acc = tl.dot(a, d, acc, input_precision=PREC)
     acc += xi_desc.load([t0, kb + n0]).to(tl.float32)
     y_desc.store([t0, kb + n0], acc.to(y_desc.dtype))
+
+
+@triton.jit
+def _rotate_persistent_kernel(
+    x_desc, xi_desc, d_desc, e_desc, y_desc, b, tiles_per_block, col_tiles, num_tiles,
+    TRANSPOSE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, PROGRAMS: tl.constexpr,
+    IDENTITY_MMA: tl.constexpr,
+):
+    """:func:`_rotate_tma_kernel` as a persistent kernel: ``PROGRAMS`` programs walk the output
+    tiles, the tile loop flattened into the ``K`` loop so the next tile's loads are in flight
+    while this tile's epilogue stores (the tile kernel waits for them at every tile start).
+    ``IDENTITY_MMA``: the identity term added by products with tiles of the ``(b, b)``
+    identity ``e_desc`` (exact: one nonzero product per output, fp32 accumulation), so the
+    epilogue loads nothing; else ``x``'s tile is loaded there, as in the tile kernel."""
+    start = tl.program_id(0)
+    k_steps = b // BK
+    tile_c = start - PROGRAMS  # the epilogue's tile, recomputed (not carried through the loop)
+    for tile in tl.range(start, num_tiles, PROGRAMS, flatten=True):
+        pid_t = tile // col_tiles
+        pid_c = tile % col_tiles
+        kb = (pid_c // tiles_per_block) * b
+        n0 = (pid_c % tiles_per_block) * BN
+        t0 = pid_t * BM
+        acc = tl.full((BM, BN), 0.0, tl.float32)
+        for ks in range(k_steps):
+            kk = ks * BK
+            a = x_desc.load([t0, kb + kk])
+            if TRANSPOSE:  # noqa: SIM108  (B[j, i] = D[j, i])
+                d = d_desc.load([kb + kk, n0])
+            else:  # B[j, i] = D[i, j]
+                d = d_desc.load([kb + n0, kk]).T
+            if UPCAST:
+                a = a.to(tl.float32)
+                d = d.to(tl.float32)
+            acc = tl.dot(a, d, acc, input_precision=PREC)
+            if IDENTITY_MMA:
+                e = e_desc.load([kk, n0])
+                if UPCAST:
+                    e = e.to(tl.float32)
+                acc = tl.dot(a, e, acc, input_precision=PREC)
+        tile_c += PROGRAMS
+        pid_c = tile_c % col_tiles
+        kb = (pid_c // tiles_per_block) * b
+        n0 = (pid_c % tiles_per_block) * BN
+        t0 = (tile_c // col_tiles) * BM
+        if not IDENTITY_MMA:
+            acc += xi_desc.load([t0, kb + n0]).to(tl.float32)
+        y_desc.store([t0, kb + n0], acc.to(y_desc.dtype))
 
 
 @triton.jit
@@ -581,6 +636,58 @@ def inverse_index(index: Tensor, cols: int) -> Tensor:
     return inv
 
 
+_ROTATE_KERNELS = ("tile", "persistent", "persistent-mma")
+
+
+def _rotate_kernel_choice() -> str:
+    choice = OPTIONS["rotate_kernel"] or os.environ.get("POETX_ROTATE_KERNEL", "") or "tile"
+    if choice not in _ROTATE_KERNELS:
+        raise ValueError(f"POETX_ROTATE_KERNEL / OPTIONS['rotate_kernel'] must be one of "
+                         f"{_ROTATE_KERNELS}, got {choice!r}")
+    return choice
+
+
+_IDENTITY_CACHE: dict = {}
+
+
+def _identity(b: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The ``(b, b)`` identity the persistent rotation's identity products read. Made once per
+    size, dtype and device; one made while a CUDA graph is captured is not remembered (its
+    values exist only once the graph replays)."""
+    key = (b, dtype, device)
+    eye = _IDENTITY_CACHE.get(key)
+    if eye is None:
+        eye = torch.eye(b, dtype=dtype, device=device)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _IDENTITY_CACHE[key] = eye
+    return eye
+
+
+# Pipeline stages of the persistent kernels where no rotate_cfg is set: the most that leave
+# room for 2 programs per SM (sm_90 compile, 128 x 128 x 32 tiles: 98 KB of shared memory for
+# "persistent" at 2 stages, with x's tile staged for the epilogue; 107 KB for
+# "persistent-mma" at 3).
+_PERSISTENT_STAGES = {"persistent": 2, "persistent-mma": 3}
+
+
+def _launch_rotate_persistent(x, d, y, b, nb, tiles, transpose, common):
+    if OPTIONS["rotate_cfg"] is None and not _interpreting():
+        common = dict(common, num_stages=_PERSISTENT_STAGES[_rotate_kernel_choice()])
+    bm, bn, bk = common["BM"], common["BN"], common["BK"]
+    num_tiles = triton.cdiv(x.shape[0], bm) * nb * tiles
+    per_sm = OPTIONS["persistent_ctas"]
+    programs = min(num_tiles, (4 if _interpreting() else _sms(x)) * per_sm)
+    mma = _rotate_kernel_choice() == "persistent-mma"
+    eye = _identity(b, x.dtype, x.device) if mma else d.view(nb * b, b)
+    _rotate_persistent_kernel[(programs,)](
+        TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(x, [bm, bn]),
+        TensorDescriptor.from_tensor(d.view(nb * b, b), [bk, bn] if transpose else [bn, bk]),
+        TensorDescriptor.from_tensor(eye, [bk, bn]),
+        TensorDescriptor.from_tensor(y, [bm, bn]), b, tiles, nb * tiles, num_tiles,
+        TRANSPOSE=bool(transpose), PROGRAMS=programs, IDENTITY_MMA=mma, **common,
+    )
+
+
 def _launch_rotate(x, d, in_index, out_index, y, b, nb, transpose):
     T, x_cols = x.shape
     use_tma = in_index is None and out_index is None and _tma_ok(x) and _tma_ok(y)
@@ -592,6 +699,9 @@ def _launch_rotate(x, d, in_index, out_index, y, b, nb, transpose):
     grid = (triton.cdiv(T, bm) * nb * tiles,)
     common = dict(BM=bm, BN=bn, BK=bk, PREC=_prec(x.dtype), UPCAST=_upcast(x.dtype),
                   num_warps=warps, num_stages=stages)
+    if use_tma and _rotate_kernel_choice() != "tile":
+        _launch_rotate_persistent(x, d, y, b, nb, tiles, transpose, common)
+        return
     if use_tma:
         d2 = d.view(nb * b, b)
         _rotate_tma_kernel[grid](
