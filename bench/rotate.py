@@ -24,13 +24,9 @@ VARIANTS = [
     ("tile", None, None),
     ("persistent", 1, (128, 128, 32, 4, 3)),
     ("persistent", 2, (128, 128, 32, 4, 2)),
-    ("persistent", 1, (128, 128, 32, 8, 3)),
-    ("persistent", 2, (128, 128, 32, 8, 2)),
     ("persistent-mma", 2, (128, 128, 32, 4, 3)),
     ("persistent-mma", 2, (128, 128, 32, 8, 3)),
-    ("persistent-mma", 2, (128, 128, 32, 4, 2)),
     ("persistent-mma", 3, (64, 128, 32, 4, 3)),
-    ("persistent", 3, (64, 128, 32, 4, 3)),
 ]
 
 

@@ -28,6 +28,7 @@ by op: the 40 ops with the most device time, with input shapes and the calling f
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import subprocess
@@ -171,6 +172,7 @@ def count_launches(step, batch: torch.Tensor) -> dict[str, Any]:
     kernels = host_kernel = host_graph = memops = 0
     by_kind: Counter[str] = Counter()
     by_name: Counter[str] = Counter()
+    calls: Counter[str] = Counter()
     for e in prof.events():
         name = e.name
         if e.device_type == torch.autograd.DeviceType.CUDA:
@@ -181,6 +183,7 @@ def count_launches(step, batch: torch.Tensor) -> dict[str, Any]:
             ms = e.time_range.elapsed_us() / 1e3
             by_kind[kernel_kind(name)] += ms
             by_name[name[:120]] += ms
+            calls[name[:120]] += 1
         elif name in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx",
                       "cudaLaunchKernelExC"):
             host_kernel += 1
@@ -190,7 +193,8 @@ def count_launches(step, batch: torch.Tensor) -> dict[str, Any]:
             "host_graph_launches": host_graph,
             "gpu_ms_by_kind": {k: round(v, 3) for k, v in by_kind.most_common()},
             "gpu_ms_sum": round(sum(by_kind.values()), 3),
-            "top_kernels_ms": [[n, round(v, 3)] for n, v in by_name.most_common(40)]}
+            "top_kernels_ms": [[n, round(v, 3)] for n, v in by_name.most_common(40)],
+            "top_kernels_calls": [[n, calls[n]] for n, _ in by_name.most_common(40)]}
 
 
 def top_ops(step, batch: torch.Tensor, count: int = 40, frames: int = 4) -> list[dict]:
@@ -274,9 +278,15 @@ def worker(args: argparse.Namespace) -> None:
                     row["host_launches_per_poet_layer"] = (
                         counts["host_kernel_launches"] + counts["host_graph_launches"]) / n_poet
             if args.ops:
-                # a CUDA-graph replay hides its ops: profile the same step run eagerly
-                eager = step if args.method not in CAPTURED else make_train_step(
-                    model, opt, batch, 0, capture=False)
+                # a CUDA-graph replay hides its ops: profile the same step run eagerly, with
+                # the captured one dropped first (its graph's memory pool would stay beside
+                # the eager step's and run an 8B step out of memory)
+                eager = step
+                if args.method in CAPTURED:
+                    step = eager = None
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    eager = make_train_step(model, opt, batch, 0, capture=False)
                 eager(batch)
                 row["top_ops_ms"] = top_ops(eager, batch)
         except torch.OutOfMemoryError:

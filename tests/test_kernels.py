@@ -185,6 +185,28 @@ def test_rotate_kernel_choice_from_the_environment(monkeypatch):
 
 
 @pytest.mark.interpret
+def test_scatter_reads_the_attached_inverse(interp):
+    """A rotation scattering by an index reads the inverse attached to it, until the index
+    is changed in place (then it inverts the index again)."""
+    from poetx.kernels.block_rotate_ref import attach_inverse
+
+    br, _ = interp
+    b, nb, T = 8, 3, 5
+    dim = nb * b
+    x = torch.randn(T, dim)
+    d = 0.3 * torch.randn(nb, b, b)
+    index = padded_index(dim, nb, b)
+    other = padded_index(dim, nb, b)
+    # attach the inverse of another permutation: the scatter follows it
+    attach_inverse(index, torch.argsort(other).to(torch.int32))
+    y = br.block_rotate(x, d, None, index, dim)
+    assert torch.equal(y, br.block_rotate(x, d, None, other.clone(), dim))
+    index.copy_(index.clone())  # changed in place: the attachment no longer holds
+    ref = block_rotate_reference(x.double(), d.double(), None, index, dim)
+    assert rel_err(br.block_rotate(x, d, None, index, dim), ref) < 1e-6
+
+
+@pytest.mark.interpret
 @pytest.mark.parametrize("dim,b", SMALL)
 @pytest.mark.parametrize("gather", ["direct", "staged"])
 def test_gram_interpreted(interp, dim, b, gather):
@@ -670,6 +692,14 @@ def test_fan_out_and_fan_in_interpreted(interp, dim, b, k):
         assert torch.equal(br.fan_in(grads, indices, dim),
                            fan_in_reference(grads, indices, dim))
     assert br.fan_in([None] * k, indices, dim) is None
+    # the layers' form: separate index vectors read in place, their inverses given
+    rows = [indices[i].clone() for i in range(k)]
+    inverses = [torch.argsort(r[:dim]).to(torch.int32) for r in rows]
+    assert torch.equal(br.fan_out(x, rows, positions), out)
+    grads[0] = torch.randn(T, positions)
+    grads[0][:, indices[0] < 0] = 0.0
+    assert torch.equal(br.fan_in(grads, rows, dim, inverses),
+                       fan_in_reference(grads, indices, dim))
 
 
 @pytest.mark.gpu

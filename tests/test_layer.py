@@ -152,6 +152,38 @@ def test_state_dict_round_trip_through_safetensors():
     torch.save(layer.state_dict(), buf)  # plain torch serialization works as well
 
 
+def _assert_inverses_attached(layer):
+    from poetx.kernels.block_rotate_ref import attached_inverse
+
+    for side in ("in", "out"):
+        index = getattr(layer, f"index_{side}")
+        dim = getattr(layer, f"layout_{side}").dim
+        inverse = attached_inverse(index, dim)
+        assert inverse is getattr(layer, f"inv_{side}"), side
+        assert torch.equal(index[inverse.long()], torch.arange(dim)), side
+
+
+def test_indices_carry_their_inverses_through_merges_loads_and_moves():
+    """The scatters read a layer's ``inv_in`` / ``inv_out`` (attached to its indices) instead
+    of inverting: after a merge redraws the permutations, a state is loaded, or the layer is
+    converted, the attachments hold and invert the indices."""
+    layer, _ = make_layer(20, 12, 8)
+    _assert_inverses_attached(layer)
+    layer.merge_()
+    _assert_inverses_attached(layer)
+    other = POETLinear(20, 12, config=layer.config, name="other", dtype=torch.float64)
+    other.load_state_dict(layer.state_dict())
+    _assert_inverses_attached(other)
+    other.float()
+    _assert_inverses_attached(other)
+    import copy
+
+    from poetx.kernels.block_rotate_ref import attached_inverse
+
+    twin = copy.deepcopy(other)  # the copy's attribute names the original's storage
+    assert attached_inverse(twin.index_out, 12) is None
+
+
 def test_permutations_are_reproducible_from_seed_and_name():
     cfg = POETConfig(block_size=8, seed=3)
     a = POETLinear(32, 16, config=cfg, name="blocks.0.q")

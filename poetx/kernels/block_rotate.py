@@ -37,6 +37,7 @@ from __future__ import annotations
 import functools
 import os
 import weakref
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -45,6 +46,7 @@ from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from poetx.kernels.block_rotate_ref import (  # noqa: F401  (the references tested against)
+    attached_inverse,
     block_gram_reference,
     block_rotate_reference,
 )
@@ -354,23 +356,25 @@ def _permute_kernel(
 
 @triton.jit
 def _fan_out_kernel(
-    src_ptr, idx_ptr, dst_ptr, T, src_cols, dst_cols, stride_s, plane, rows_per_prog,
+    src_ptr, idx0_ptr, idx1_ptr, idx2_ptr, dst_ptr, T, src_cols, dst_cols, stride_s, plane,
+    rows_per_prog,
     K: tl.constexpr, SRC_PAD: tl.constexpr, DST_PAD: tl.constexpr,
 ):
-    """``dst[k, t, p] = src[t, idx[k, p]]`` for ``k < K`` (at most 3), zero where
-    ``idx[k, p] < 0``: the staged gather of :func:`_permute_kernel` for several permutations of
-    one tensor, each row read once. ``idx`` is ``(K, dst_cols)`` int32, ``dst`` contiguous
+    """``dst[k, t, p] = src[t, idx_k[p]]`` for ``k < K`` (at most 3), zero where
+    ``idx_k[p] < 0``: the staged gather of :func:`_permute_kernel` for several permutations of
+    one tensor, each row read once. ``idx_k``: integer vectors of at least ``dst_cols``
+    entries (the layers' own padded indices, read in place); ``dst`` contiguous
     ``(K, T, dst_cols)``, ``plane = T * dst_cols``."""
     pid = tl.program_id(0)
     p = tl.arange(0, DST_PAD)
     p_ok = p < dst_cols
-    ind0 = tl.load(idx_ptr + p, mask=p_ok, other=-1)
+    ind0 = tl.load(idx0_ptr + p, mask=p_ok, other=-1).to(tl.int32)
     ind1 = ind0
     ind2 = ind0
     if K > 1:
-        ind1 = tl.load(idx_ptr + dst_cols + p, mask=p_ok, other=-1)
+        ind1 = tl.load(idx1_ptr + p, mask=p_ok, other=-1).to(tl.int32)
     if K > 2:
-        ind2 = tl.load(idx_ptr + 2 * dst_cols + p, mask=p_ok, other=-1)
+        ind2 = tl.load(idx2_ptr + p, mask=p_ok, other=-1).to(tl.int32)
     s = tl.arange(0, SRC_PAD)
     s_ok = s < src_cols
     r_start = pid * rows_per_prog
@@ -393,24 +397,24 @@ def _fan_out_kernel(
 
 @triton.jit
 def _fan_in_kernel(
-    g0_ptr, g1_ptr, g2_ptr, inv_ptr, out_ptr, T, src_cols, cols, stride_g, stride_o,
-    rows_per_prog,
+    g0_ptr, g1_ptr, g2_ptr, inv0_ptr, inv1_ptr, inv2_ptr, out_ptr, T, src_cols, cols, stride_g,
+    stride_o, rows_per_prog,
     K: tl.constexpr, ADD: tl.constexpr, SRC_PAD: tl.constexpr, DST_PAD: tl.constexpr,
 ):
-    """``out[t, c] (+)= sum_k g_k[t, inv[k, c]]`` (float32 sum in order, ``K`` at most 3; ``ADD``:
-    onto ``out``'s values): the backward of :func:`_fan_out_kernel`, each permuted gradient
-    read once and the sum written once. ``inv`` is ``(K, cols)`` int32, every entry a real
-    position."""
+    """``out[t, c] (+)= sum_k g_k[t, inv_k[c]]`` (float32 sum in order, ``K`` at most 3;
+    ``ADD``: onto ``out``'s values): the backward of :func:`_fan_out_kernel`, each permuted
+    gradient read once and the sum written once. ``inv_k``: ``(cols,)`` int32, every entry a
+    real position."""
     pid = tl.program_id(0)
     c = tl.arange(0, DST_PAD)
     c_ok = c < cols
-    inv0 = tl.load(inv_ptr + c, mask=c_ok, other=0)
+    inv0 = tl.load(inv0_ptr + c, mask=c_ok, other=0)
     inv1 = inv0
     inv2 = inv0
     if K > 1:
-        inv1 = tl.load(inv_ptr + cols + c, mask=c_ok, other=0)
+        inv1 = tl.load(inv1_ptr + c, mask=c_ok, other=0)
     if K > 2:
-        inv2 = tl.load(inv_ptr + 2 * cols + c, mask=c_ok, other=0)
+        inv2 = tl.load(inv2_ptr + c, mask=c_ok, other=0)
     s = tl.arange(0, SRC_PAD)
     s_ok = s < src_cols
     r_start = pid * rows_per_prog
@@ -550,34 +554,49 @@ def _fan_warps(k: int, src_pad: int, dst_pad: int) -> int:
     return max(8 if k > 1 else 4, min(16, max(src_pad, dst_pad) // 1024))
 
 
-def fan_out(x: Tensor, indices: Tensor, positions: int) -> Tensor:
+def _index_rows(indices: Tensor | Sequence[Tensor], positions: int) -> list[Tensor]:
+    rows = list(indices)
+    for row in rows:
+        if row.dim() != 1 or row.numel() < positions or row.is_floating_point():
+            raise ValueError(f"indices: each must be an integer vector of at least {positions} "
+                             f"entries; got {row.dtype} {tuple(row.shape)}")
+    return [row if row.is_contiguous() else row.contiguous() for row in rows]
+
+
+def fan_out(x: Tensor, indices: Tensor | Sequence[Tensor], positions: int) -> Tensor:
     """``(T, cols)`` -> ``(K, T, positions)``: ``out[k] = gather_columns(x, indices[k],
-    positions)`` for the ``(K, positions)`` padded indices, ``x`` read once per ``FAN_MAX``
-    of them. Several layers reading the same input get their permuted copies in one pass."""
-    K = indices.shape[0]
+    positions)`` for the ``K`` padded indices (a ``(K, >= positions)`` tensor or ``K``
+    vectors, read in place), ``x`` read once per ``FAN_MAX`` of them. Several layers reading
+    the same input get their permuted copies in one pass."""
+    rows = _index_rows(indices, positions)
+    K = len(rows)
     x = x.contiguous()
     T, cols = x.shape
     out = torch.empty(K, T, positions, dtype=x.dtype, device=x.device)
     if T == 0 or positions == 0 or K == 0:
         return out
-    idx = indices[:, :positions].to(torch.int32).contiguous()
     src_pad, dst_pad = _p2(cols, 2), _p2(positions, 2)
     progs = _row_programs(T, x)
     rows_per_prog = triton.cdiv(T, progs)
     for k0 in range(0, K, FAN_MAX):
-        k = min(FAN_MAX, K - k0)
+        chunk = rows[k0:k0 + FAN_MAX]
+        k = len(chunk)
         _fan_out_kernel[(progs,)](
-            x, idx[k0:], out[k0:], T, cols, positions, x.stride(0), T * positions, rows_per_prog,
+            x, chunk[0], chunk[1 % k], chunk[2 % k], out[k0:], T, cols, positions, x.stride(0),
+            T * positions, rows_per_prog,
             K=k, SRC_PAD=src_pad, DST_PAD=dst_pad, num_warps=_fan_warps(k, src_pad, dst_pad),
         )
     return out
 
 
-def fan_in(grads: list[Tensor | None], indices: Tensor, cols: int) -> Tensor | None:
+def fan_in(grads: list[Tensor | None], indices: Tensor | Sequence[Tensor], cols: int,
+           inverses: Sequence[Tensor] | None = None) -> Tensor | None:
     """``sum_k scatter_columns(grads[k], indices[k], cols)`` in float32, returned in the
     gradients' dtype: the backward of :func:`fan_out`. ``None`` entries (a layer that did not
-    run) count as zero; all ``None`` gives ``None``."""
-    present = [(g.contiguous(), inverse_index(indices[k], cols))
+    run) count as zero; all ``None`` gives ``None``. ``inverses``: each index's inverse
+    (``(cols,)`` int32, :func:`inverse_index`'s), where the caller keeps them."""
+    present = [(g.contiguous(), inverses[k] if inverses is not None
+                else inverse_index(indices[k], cols))
                for k, g in enumerate(grads) if g is not None]
     if not present:
         return None
@@ -595,13 +614,13 @@ def fan_in(grads: list[Tensor | None], indices: Tensor, cols: int) -> Tensor | N
         chunk = present[k0:k0 + FAN_MAX]
         if any(g.shape != (T, positions) for g, _ in chunk):
             raise ValueError("fan_in: the gradients must share one (T, positions) shape")
-        gs = [g for g, _ in chunk]
-        inv = torch.stack([i for _, i in chunk])
+        k = len(chunk)
+        (g_0, i_0), (g_1, i_1), (g_2, i_2) = chunk[0], chunk[1 % k], chunk[2 % k]
         _fan_in_kernel[(progs,)](
-            gs[0], gs[1 % len(gs)], gs[2 % len(gs)], inv, out, T, positions, cols,
+            g_0, g_1, g_2, i_0, i_1, i_2, out, T, positions, cols,
             g0.stride(0), out.stride(0), rows_per_prog,
-            K=len(gs), ADD=k0 > 0, SRC_PAD=src_pad, DST_PAD=dst_pad,
-            num_warps=_fan_warps(len(gs), src_pad, dst_pad),
+            K=k, ADD=k0 > 0, SRC_PAD=src_pad, DST_PAD=dst_pad,
+            num_warps=_fan_warps(k, src_pad, dst_pad),
         )
     return out
 
@@ -613,13 +632,17 @@ _INVERSE_CACHE_SIZE = 4096
 
 
 def inverse_index(index: Tensor, cols: int) -> Tensor:
-    """``(P,)`` padded index -> ``(cols,)`` int32 with ``inv[index[p]] = p``.
+    """``(P,)`` padded index -> ``(cols,)`` int32 with ``inv[index[p]] = p``: the inverse
+    attached to ``index`` (``block_rotate_ref.attach_inverse``) while it holds, else computed.
 
     Remembered for the last few index tensors (keyed by identity, storage and version counter,
     checked through a weak reference), so a layer's permutation buffer is inverted once per
     change instead of once per call. While a CUDA graph is being captured the inversion is
     always recorded: the graph must see the index's contents at replay, which a merge changes
     in place, not the ones at capture time."""
+    attached = attached_inverse(index, cols)
+    if attached is not None:
+        return attached
     capturing = index.is_cuda and torch.cuda.is_current_stream_capturing()
     key = (id(index), index.data_ptr(), index._version, cols)
     hit = None if capturing else _INVERSE_CACHE.get(key)

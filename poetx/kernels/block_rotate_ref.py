@@ -67,6 +67,32 @@ def block_gram_reference(
     return torch.einsum("tki,tkj->kij", ap, bp)
 
 
+_ATTACHED_INVERSE = "_poetx_inverse"
+
+
+def attach_inverse(index: Tensor, inverse: Tensor) -> None:
+    """Declare ``inverse`` (``(cols,)`` int32, ``inverse[index[p]] = p``) the inverse of the
+    padded ``index`` as it is now, for the Triton scatters to read instead of inverting
+    ``index`` on every call. It holds until ``index`` is next changed in place (its version
+    counter moves); an owner that changes both together attaches again. A CUDA graph captured
+    with it reads ``inverse`` at replay, so whoever changes ``index`` in place between replays
+    must change ``inverse`` with it (``POETLinear`` does both in one place)."""
+    setattr(index, _ATTACHED_INVERSE, (inverse, index._version, index.data_ptr()))
+
+
+def attached_inverse(index: Tensor, cols: int) -> Tensor | None:
+    """The inverse attached to ``index`` if it still holds and has ``cols`` entries."""
+    attached = getattr(index, _ATTACHED_INVERSE, None)
+    if attached is None:
+        return None
+    # A copy of the tensor (deepcopy) carries the attribute but not the storage it was for.
+    inverse, version, storage = attached
+    if (version != index._version or storage != index.data_ptr() or inverse.shape != (cols,)
+            or inverse.dtype != torch.int32 or inverse.device != index.device):
+        return None
+    return inverse
+
+
 def fan_out_reference(x: Tensor, indices: Tensor, positions: int) -> Tensor:
     """``(T, cols)`` -> ``(K, T, positions)``: ``x`` gathered by each row of ``indices``
     ``(K, >= positions)``, the permuted copies that layers reading the same ``x`` compute on."""

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from poetx.config import POETConfig
+from poetx.kernels.block_rotate_ref import attach_inverse
 from poetx.kernels.quant_ref import STORAGE_DTYPES, dequantize, num_groups, quantize
 from poetx.ops.backend import rotation_delta
 from poetx.ops.rotated_gemm import dense_w0, op_dtype, poet_linear, poet_linear_prebuilt
@@ -168,6 +169,12 @@ class POETLinear(nn.Module):
         self.register_buffer("w0_residual_scale", scale)
 
     def _apply(self, fn, recurse=True):
+        try:
+            return self._apply_keeping_residual(fn, recurse)
+        finally:
+            self._attach_inverses()  # the buffers may be new tensors
+
+    def _apply_keeping_residual(self, fn, recurse):
         if self.config.w0_residual != "host":
             return super()._apply(fn, recurse)
         # Keep the residual where it is (CPU): it is only read and written during merges.
@@ -184,6 +191,7 @@ class POETLinear(nn.Module):
                               unexpected_keys, error_msgs):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        self._attach_inverses()  # loaded with the indices they invert
         # A state saved by a float32 layer (no residual) loads into a bf16 / int8 one: the
         # residual starts at zero, as for a freshly stored W0.
         for name in _RESIDUAL_BUFFERS:
@@ -274,6 +282,14 @@ class POETLinear(nn.Module):
             inv = torch.empty(layout.dim, dtype=torch.int32)
             inv[perm] = torch.arange(layout.dim, dtype=torch.int32)
             getattr(self, f"inv_{side}").copy_(inv)
+        self._attach_inverses()
+
+    def _attach_inverses(self) -> None:
+        # The scatters by index_in / index_out read inv_in / inv_out instead of inverting the
+        # index on every call (and in every captured step); each change of the indices here
+        # changes the inverses with it, in place, so a captured graph stays right.
+        for side in ("in", "out"):
+            attach_inverse(getattr(self, f"index_{side}"), getattr(self, f"inv_{side}"))
 
     # forward ----------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:

@@ -16,7 +16,6 @@ own gather for what does not match.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from poetx.ops.fan_out import fan_out
@@ -75,8 +74,9 @@ class SharedInputs:
         run = self.runs.get(layer)
         if run is None or run[0] is not layer:
             return None
-        indices = torch.stack([m.index_in for m in run])
-        copies = fan_out(x.reshape(-1, x.shape[-1]), indices, layer.layout_in.padded_dim)
+        # The layers' own buffers, read in place (no stacked copy, no inversion each step).
+        copies = fan_out(x.reshape(-1, x.shape[-1]), [m.index_in for m in run],
+                         layer.layout_in.padded_dim, [m.inv_in for m in run])
         for member, copy in zip(run[1:], copies[1:], strict=True):
             self.pending[member] = (x, copy)
         return copies[0]

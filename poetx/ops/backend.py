@@ -8,6 +8,8 @@ shape conventions.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -69,8 +71,9 @@ def permute(x: Tensor, index: Tensor, positions: int) -> Tensor:
     return gather_columns(x, index[:positions], positions)
 
 
-def fan_out(x: Tensor, indices: Tensor, positions: int) -> Tensor:
-    """``(T, cols) -> (K, T, positions)``: ``x`` gathered by each row of ``indices``."""
+def fan_out(x: Tensor, indices: Tensor | Sequence[Tensor], positions: int) -> Tensor:
+    """``(T, cols) -> (K, T, positions)``: ``x`` gathered by each of ``indices`` (the rows of a
+    ``(K, >= positions)`` tensor, or ``K`` vectors)."""
     if use_triton(x) and x.dtype != torch.float64:
         from poetx.kernels.block_rotate import fan_out as kernel
 
@@ -78,13 +81,15 @@ def fan_out(x: Tensor, indices: Tensor, positions: int) -> Tensor:
     return fan_out_reference(x, indices, positions)
 
 
-def fan_in(grads: list[Tensor | None], indices: Tensor, cols: int) -> Tensor | None:
-    """The backward of :func:`fan_out`: the gradients scattered back and summed."""
+def fan_in(grads: list[Tensor | None], indices: Tensor | Sequence[Tensor], cols: int,
+           inverses: Sequence[Tensor] | None = None) -> Tensor | None:
+    """The backward of :func:`fan_out`: the gradients scattered back and summed.
+    ``inverses``: the indices' inverses (``(cols,)`` int32) where the caller keeps them."""
     first = next((g for g in grads if g is not None), None)
     if first is not None and use_triton(first) and first.dtype != torch.float64:
         from poetx.kernels.block_rotate import fan_in as kernel
 
-        return kernel(grads, indices, cols)
+        return kernel(grads, indices, cols, inverses)
     return fan_in_reference(grads, indices, cols)
 
 
