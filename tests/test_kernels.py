@@ -728,3 +728,22 @@ def test_fan_out_and_fan_in_gpu(dtype, dim, b, k):
         assert torch.equal(got, ref)
     else:  # rounded to the dtype between launches
         assert rel_err(got, ref) < GPU_TOL[dtype]
+
+
+def test_gram_split_rules(monkeypatch):
+    """The default fills the SMs once; ``waves`` takes the fewest splits whose whole waves of
+    one program per SM cost least (within 2%), bounded by ``most``."""
+    from poetx.kernels import block_rotate as br
+
+    monkeypatch.delenv("POETX_GRAM_SPLITS", raising=False)
+    assert [br._gram_splits(t, 132, 32) for t in (8, 32, 112)] == [16, 4, 1]
+    monkeypatch.setenv("POETX_GRAM_SPLITS", "waves")
+    for tiles in (8, 32, 112, 224):
+        s = br._gram_splits(tiles, 132, 32)
+        waves = -(-tiles * s // 132) / s
+        assert all(waves <= 1.02 * (-(-tiles * r // 132) / r) for r in range(1, 33)), tiles
+    assert br._gram_splits(112, 132, 32) == 7  # 784 programs: 5.9 waves of 132
+    assert br._gram_splits(112, 132, 3) <= 3
+    monkeypatch.setenv("POETX_GRAM_SPLITS", "many")
+    with pytest.raises(ValueError, match="POETX_GRAM_SPLITS"):
+        br._gram_splits(8, 132, 32)

@@ -787,6 +787,23 @@ def block_rotate(
     return permute_columns(rotated, inverse_index(out_index, out_cols), out_cols, out=y)
 
 
+def _gram_splits(tiles: int, sms: int, most: int) -> int:
+    """Token splits of a Gram of ``tiles`` output tiles. Default: as many as fill the SMs once
+    (``sms // tiles``; none where the tiles alone are more: 112 programs on 132 SMs for a
+    14336-wide Gram). ``POETX_GRAM_SPLITS=waves``: the fewest splits within 2% of the least
+    time in whole waves of one program per SM (``ceil(tiles * s / sms) / s``), at most
+    ``most`` (6 for those 112 tiles: 672 programs, 5.1 waves). Unmeasured."""
+    rule = os.environ.get("POETX_GRAM_SPLITS", "")
+    if rule not in ("", "fill", "waves"):
+        raise ValueError(f"POETX_GRAM_SPLITS must be 'fill' or 'waves', got {rule!r}")
+    if rule != "waves":
+        return max(1, sms // tiles)
+    candidates = range(1, max(1, most) + 1)
+    cost = {s: -(-tiles * s // sms) / s for s in candidates}
+    best = min(cost.values())
+    return min(s for s in candidates if cost[s] <= 1.02 * best)
+
+
 def block_gram(
     a: Tensor, b: Tensor, a_index: Tensor | None, b_index: Tensor | None, nb: int, block: int,
     *, out: Tensor | None = None, accumulate: bool = False,
@@ -830,7 +847,7 @@ def block_gram(
     tiles = nb * triton.cdiv(block, bi) * triton.cdiv(block, bj)
     splits = OPTIONS["gram_splits"]
     if splits is None:
-        splits = 1 if _interpreting() else max(1, _sms(a) // tiles)
+        splits = 1 if _interpreting() else _gram_splits(tiles, _sms(a), triton.cdiv(T, 4 * bt))
     splits = max(1, min(splits, triton.cdiv(T, 4 * bt)))
     t_per = triton.cdiv(triton.cdiv(T, splits), bt) * bt
     splits = triton.cdiv(T, t_per)
