@@ -191,12 +191,11 @@ def _rotate_tma_kernel(
 
 @triton.jit
 def _rotate_persistent_kernel(
-    x_desc, xi_desc, d_desc, e_desc, y_desc, b, tiles_per_block, col_tiles, num_tiles,
+    x_desc, xi_desc, d_desc, e_desc, y_desc, b, tiles_per_block, col_tiles, num_tiles, programs,
     TRANSPOSE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, PROGRAMS: tl.constexpr,
-    IDENTITY_MMA: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, IDENTITY_MMA: tl.constexpr,
 ):
-    """:func:`_rotate_tma_kernel` as a persistent kernel: ``PROGRAMS`` programs walk the output
+    """:func:`_rotate_tma_kernel` as a persistent kernel: ``programs`` programs walk the output
     tiles, the tile loop flattened into the ``K`` loop so the next tile's loads are in flight
     while this tile's epilogue stores (the tile kernel waits for them at every tile start).
     ``IDENTITY_MMA``: the identity term added by products with tiles of the ``(b, b)``
@@ -204,8 +203,8 @@ def _rotate_persistent_kernel(
     epilogue loads nothing; else ``x``'s tile is loaded there, as in the tile kernel."""
     start = tl.program_id(0)
     k_steps = b // BK
-    tile_c = start - PROGRAMS  # the epilogue's tile, recomputed (not carried through the loop)
-    for tile in tl.range(start, num_tiles, PROGRAMS, flatten=True):
+    tile_c = start - programs  # the epilogue's tile, recomputed (not carried through the loop)
+    for tile in tl.range(start, num_tiles, programs, flatten=True):
         pid_t = tile // col_tiles
         pid_c = tile % col_tiles
         kb = (pid_c // tiles_per_block) * b
@@ -228,7 +227,7 @@ def _rotate_persistent_kernel(
                 if UPCAST:
                     e = e.to(tl.float32)
                 acc = tl.dot(a, e, acc, input_precision=PREC)
-        tile_c += PROGRAMS
+        tile_c += programs
         pid_c = tile_c % col_tiles
         kb = (pid_c // tiles_per_block) * b
         n0 = (pid_c % tiles_per_block) * BN
@@ -706,8 +705,8 @@ def _launch_rotate_persistent(x, d, y, b, nb, tiles, transpose, common):
         TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(x, [bm, bn]),
         TensorDescriptor.from_tensor(d.view(nb * b, b), [bk, bn] if transpose else [bn, bk]),
         TensorDescriptor.from_tensor(eye, [bk, bn]),
-        TensorDescriptor.from_tensor(y, [bm, bn]), b, tiles, nb * tiles, num_tiles,
-        TRANSPOSE=bool(transpose), PROGRAMS=programs, IDENTITY_MMA=mma, **common,
+        TensorDescriptor.from_tensor(y, [bm, bn]), b, tiles, nb * tiles, num_tiles, programs,
+        TRANSPOSE=bool(transpose), IDENTITY_MMA=mma, **common,
     )
 
 
