@@ -155,20 +155,27 @@ def test_rotate_interpreted_persistent(interp, kernel, dim, b, T):
     several column tiles and K steps; a ragged last row tile) against the float64 reference
     and the tile kernel."""
     br, _ = interp
-    nb = dim // b
     for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
-        for transpose in (False, True):
-            x = torch.randn(T, dim).to(dtype)
-            d = (0.3 * torch.randn(nb, b, b)).to(dtype)
-            br.OPTIONS["rotate_kernel"] = "tile"
-            tiled = br.block_rotate(x, d, None, None, dim, transpose)
-            br.OPTIONS["rotate_kernel"] = kernel
-            out = nan_like((T, dim), dtype, "cpu")
-            y = br.block_rotate(x, d, None, None, dim, transpose, out=out)
-            ref = block_rotate_reference(x.double(), d.double(), None, None, dim, transpose)
-            assert rel_err(y, ref) < tol, (dtype, transpose)
-            # the same products in another order of the fp32 sum: one rounding of the output
-            assert rel_err(y, tiled) < (2e-7 if dtype == torch.float32 else 8e-3)
+        # the same products in another order of the fp32 sum: one rounding of the output
+        _check_persistent(br, kernel, dim, b, T, dtype, 0.3, "cpu", tol,
+                          2e-7 if dtype == torch.float32 else 8e-3)
+
+
+def _check_persistent(br, kernel, dim, b, T, dtype, scale, device, tol_ref, tol_tile):
+    """The rotation by ``kernel`` against the float64 reference and the tile kernel, both
+    directions, into a NaN-filled output."""
+    nb = dim // b
+    for transpose in (False, True):
+        x = torch.randn(T, dim, device=device).to(dtype)
+        d = (scale * torch.randn(nb, b, b, device=device)).to(dtype)
+        br.OPTIONS["rotate_kernel"] = "tile"
+        tiled = br.block_rotate(x, d, None, None, dim, transpose)
+        br.OPTIONS["rotate_kernel"] = kernel
+        y = br.block_rotate(x, d, None, None, dim, transpose,
+                            out=nan_like((T, dim), dtype, device))
+        ref = block_rotate_reference(x.double(), d.double(), None, None, dim, transpose)
+        assert rel_err(y, ref) < tol_ref, (dtype, transpose)
+        assert rel_err(y, tiled) < tol_tile, (dtype, transpose)
 
 
 def test_rotate_kernel_choice_from_the_environment(monkeypatch):
@@ -493,18 +500,8 @@ def test_rotate_gpu_persistent(kernel, dtype, dim, b, T):
 
     saved = dict(br.OPTIONS)
     try:
-        nb = dim // b
-        for transpose in (False, True):
-            x = torch.randn(T, dim, device="cuda").to(dtype)
-            d = (0.05 * torch.randn(nb, b, b, device="cuda")).to(dtype)
-            br.OPTIONS["rotate_kernel"] = "tile"
-            tiled = br.block_rotate(x, d, None, None, dim, transpose)
-            br.OPTIONS["rotate_kernel"] = kernel
-            out = nan_like((T, dim), dtype, "cuda")
-            y = br.block_rotate(x, d, None, None, dim, transpose, out=out)
-            ref = block_rotate_reference(x.double(), d.double(), None, None, dim, transpose)
-            assert rel_err(y, ref) < GPU_TOL[dtype], transpose
-            assert rel_err(y, tiled) < GPU_TOL[dtype], transpose
+        _check_persistent(br, kernel, dim, b, T, dtype, 0.05, "cuda", GPU_TOL[dtype],
+                          GPU_TOL[dtype])
     finally:
         br.OPTIONS.update(saved)
 

@@ -176,17 +176,25 @@ def _rotate_tma_kernel(
     kb = k * b
     acc = tl.full((BM, BN), 0.0, tl.float32)
     for kk in range(0, b, BK):
-        a = x_desc.load([t0, kb + kk])
-        if TRANSPOSE:  # noqa: SIM108  (B[j, i] = D[j, i])
-            d = d_desc.load([kb + kk, n0])
-        else:  # B[j, i] = D[i, j]
-            d = d_desc.load([kb + n0, kk]).T
-        if UPCAST:
-            a = a.to(tl.float32)
-            d = d.to(tl.float32)
-        acc = tl.dot(a, d, acc, input_precision=PREC)
+        acc, _ = _rotation_k_step(x_desc, d_desc, t0, kb, kk, n0, acc, TRANSPOSE, PREC, UPCAST)
     acc += xi_desc.load([t0, kb + n0]).to(tl.float32)
     y_desc.store([t0, kb + n0], acc.to(y_desc.dtype))
+
+
+@triton.jit
+def _rotation_k_step(x_desc, d_desc, t0, kb, kk, n0, acc, TRANSPOSE: tl.constexpr,
+                     PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + X[t0:, kb+kk:] B[kk:, n0:]`` for one ``K`` step of the TMA rotations, and the
+    ``x`` tile it loaded."""
+    a = x_desc.load([t0, kb + kk])
+    if TRANSPOSE:  # noqa: SIM108  (B[j, i] = D[j, i])
+        d = d_desc.load([kb + kk, n0])
+    else:  # B[j, i] = D[i, j]
+        d = d_desc.load([kb + n0, kk]).T
+    if UPCAST:
+        a = a.to(tl.float32)
+        d = d.to(tl.float32)
+    return tl.dot(a, d, acc, input_precision=PREC), a
 
 
 @triton.jit
@@ -213,15 +221,8 @@ def _rotate_persistent_kernel(
         acc = tl.full((BM, BN), 0.0, tl.float32)
         for ks in range(k_steps):
             kk = ks * BK
-            a = x_desc.load([t0, kb + kk])
-            if TRANSPOSE:  # noqa: SIM108  (B[j, i] = D[j, i])
-                d = d_desc.load([kb + kk, n0])
-            else:  # B[j, i] = D[i, j]
-                d = d_desc.load([kb + n0, kk]).T
-            if UPCAST:
-                a = a.to(tl.float32)
-                d = d.to(tl.float32)
-            acc = tl.dot(a, d, acc, input_precision=PREC)
+            acc, a = _rotation_k_step(x_desc, d_desc, t0, kb, kk, n0, acc, TRANSPOSE, PREC,
+                                      UPCAST)
             if IDENTITY_MMA:
                 e = e_desc.load([kk, n0])
                 if UPCAST:
