@@ -178,6 +178,55 @@ def _check_persistent(br, kernel, dim, b, T, dtype, scale, device, tol_ref, tol_
         assert rel_err(y, tiled) < tol_tile, (dtype, transpose)
 
 
+@pytest.mark.interpret
+@pytest.mark.parametrize("T,nb,b,out_cols", [(70, 3, 32, 96), (33, 2, 64, 128), (40, 3, 32, 88)])
+def test_rotate_gram_interpreted(interp, T, nb, b, out_cols):
+    """The one-pass backward side (transposed rotation and Gram of one gradient) against the
+    float64 references and the two kernels it replaces; a padded last block (fewer output
+    columns than positions), the Gram stored, added into a buffer, written into a given one."""
+    br, _ = interp
+    br.OPTIONS["rotate_gram"] = "fused"
+    g = torch.randn(T, nb * b).to(torch.bfloat16)
+    act = torch.randn(T, nb * b).to(torch.bfloat16)
+    d = (0.3 * torch.randn(nb, b, b)).to(torch.bfloat16)
+    assert br.rotate_gram_fusible(g, d, act, out_cols)
+    y, gram = br.block_rotate_gram(g, d, act, out_cols)
+    ref_y = block_rotate_reference(g.double(), d.double(), None, None, out_cols, True)
+    ref_gram = block_gram_reference(g.double(), act.double(), None, None, nb, b)
+    assert y.shape == (T, out_cols) and gram.dtype == torch.float32
+    assert rel_err(y, ref_y) < 1e-2  # bf16 output
+    assert rel_err(gram, ref_gram) < 1e-5
+    br.OPTIONS["rotate_gram"] = "separate"
+    assert not br.rotate_gram_fusible(g, d, act, out_cols)
+    assert rel_err(y, br.block_rotate(g, d, None, None, out_cols, True)) < 8e-3
+    assert rel_err(gram, br.block_gram(g, act, None, None, nb, b)) < 1e-6
+    br.OPTIONS["rotate_gram"] = "fused"
+    into = torch.full((nb, b, b), float("nan"))
+    _, written = br.block_rotate_gram(g, d, act, out_cols, out=into)
+    assert written is into and rel_err(into, ref_gram) < 1e-5
+    _, added = br.block_rotate_gram(g, d, act, out_cols, out=into, accumulate=True)
+    assert added is into and rel_err(into, 2 * ref_gram) < 1e-5
+    # float32 operands are not fused: the two kernels run
+    y32, gram32 = br.block_rotate_gram(g.float(), d.float(), act.float(), out_cols)
+    assert rel_err(gram32, ref_gram) < 1e-5
+
+
+def test_rotate_gram_choice_from_the_environment(monkeypatch):
+    from poetx.kernels import block_rotate as br
+
+    g = torch.zeros(4, 64, dtype=torch.bfloat16)
+    d = torch.zeros(2, 32, 32, dtype=torch.bfloat16)
+    monkeypatch.setitem(br.OPTIONS, "rotate_gram", None)
+    monkeypatch.delenv("POETX_ROTATE_GRAM", raising=False)
+    assert not br.rotate_gram_fusible(g, d, g, 64)
+    monkeypatch.setenv("POETX_ROTATE_GRAM", "fused")
+    assert br.rotate_gram_fusible(g, d, g, 64)
+    assert not br.rotate_gram_fusible(g, torch.zeros(1, 512, 512), g, 64)  # b > 256
+    monkeypatch.setenv("POETX_ROTATE_GRAM", "both")
+    with pytest.raises(ValueError, match="POETX_ROTATE_GRAM"):
+        br.rotate_gram_fusible(g, d, g, 64)
+
+
 def test_rotate_kernel_choice_from_the_environment(monkeypatch):
     from poetx.kernels import block_rotate as br
 
@@ -609,10 +658,12 @@ def _layer_pair(n, m, b, mode, dtype):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("n,m,b", [(1024, 2736, 256), (2048, 512, 512)])
+@pytest.mark.parametrize("n,m,b", [(1024, 2736, 256), (2048, 512, 512), (4096, 1024, 256)])
 @pytest.mark.parametrize("mode", ["fast", "mem"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_poet_linear_gpu_matches_cpu_float64(n, m, b, mode, dtype):
+@pytest.mark.parametrize("rotate_gram", ["separate", "fused"])
+def test_poet_linear_gpu_matches_cpu_float64(monkeypatch, n, m, b, mode, dtype, rotate_gram):
+    monkeypatch.setenv("POETX_ROTATE_GRAM", rotate_gram)
     fast, ref = _layer_pair(n, m, b, mode, dtype)
     x = torch.randn(3, 171, n, device="cuda").to(dtype).requires_grad_(True)
     gy = torch.randn(3, 171, m, device="cuda").to(dtype)

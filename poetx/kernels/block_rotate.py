@@ -68,6 +68,11 @@ OPTIONS: dict = {
     # added by products, so no load waits in the epilogue). Both persistent ones unmeasured.
     "rotate_kernel": None,
     "persistent_ctas": 2,  # persistent programs per SM
+    # A layer's backward, each side: None = POETX_ROTATE_GRAM if set, else "separate" (the
+    # rotation and the Gram as two kernels, each reading the gradient); "fused"
+    # (_rotate_gram_kernel, one read). Unmeasured.
+    "rotate_gram": None,
+    "rotate_gram_cfg": None,  # (BT, num_warps, num_stages) override of the fused pass
 }
 
 _MAX_STAGED_BYTES = 64 * 1024  # shared memory for one permuted row block
@@ -319,6 +324,66 @@ def _gram_tma_kernel(
             tl.atomic_add(out_ptr + (kb + i)[:, None] * bsz + j[None, :], acc, sem="relaxed")
     else:
         o_desc.store([kb + i0, j0], acc)
+
+
+@triton.jit
+def _rotate_gram_kernel(
+    g_desc, a_desc, d_desc, y_desc, o_desc, o_ptr, T, t_per_split,
+    BN: tl.constexpr, BT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    ATOMIC: tl.constexpr, TMA_REDUCE: tl.constexpr,
+):
+    """One side of a layer's backward in one pass over its gradient ``G`` ``(T, nb*b)``,
+    ``b = 2 BN``: ``Y = G + G D`` (the transposed rotation: ``Y[:, kb+c] = G[:, kb+c] +
+    sum_j G[:, kb+j] D_k[j, c]``) and the block gradient ``Gram_k = G_k^T A_k`` summed over
+    this program's tokens. Program ``(block k, half h, token split)``: output columns
+    ``[h BN, (h+1) BN)`` of block ``k``, for the rotation and for the Gram (both row halves).
+    ``G``'s two column halves are read once for the rotation, the Gram and the identity term;
+    ``D_k``'s column panel (two ``BN x BN`` quarters) once per program."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    h = pid % 2
+    kb = (pid // 2) * (2 * BN)
+    n0 = h * BN
+    t_start = split * t_per_split
+    t_end = tl.minimum(T, t_start + t_per_split)
+    d0 = d_desc.load([kb, n0])  # D_k[0:BN, n0:n0+BN]
+    d1 = d_desc.load([kb + BN, n0])  # D_k[BN:2BN, n0:n0+BN]
+    if UPCAST:
+        d0 = d0.to(tl.float32)
+        d1 = d1.to(tl.float32)
+    gram0 = tl.full((BN, BN), 0.0, tl.float32)
+    gram1 = tl.full((BN, BN), 0.0, tl.float32)
+    for t0 in range(t_start, t_end, BT):
+        g0 = g_desc.load([t0, kb])
+        g1 = g_desc.load([t0, kb + BN])
+        a = a_desc.load([t0, kb + n0])
+        if UPCAST:
+            g0 = g0.to(tl.float32)
+            g1 = g1.to(tl.float32)
+            a = a.to(tl.float32)
+        # the identity term, exact: the rotation's accumulator starts from G's own columns
+        if h == 0:  # noqa: SIM108
+            y = g0.to(tl.float32)
+        else:
+            y = g1.to(tl.float32)
+        y = tl.dot(g0, d0, y, input_precision=PREC)
+        y = tl.dot(g1, d1, y, input_precision=PREC)
+        y_desc.store([t0, kb + n0], y.to(y_desc.dtype))
+        gram0 = tl.dot(g0.T, a, gram0, input_precision=PREC)
+        gram1 = tl.dot(g1.T, a, gram1, input_precision=PREC)
+    if ATOMIC:
+        if TMA_REDUCE:
+            o_desc.atomic_add([kb, n0], gram0)
+            o_desc.atomic_add([kb + BN, n0], gram1)
+        else:
+            i = kb + tl.arange(0, BN)
+            j = n0 + tl.arange(0, BN)
+            tl.atomic_add(o_ptr + i[:, None] * (2 * BN) + j[None, :], gram0, sem="relaxed")
+            tl.atomic_add(o_ptr + (i + BN)[:, None] * (2 * BN) + j[None, :], gram1,
+                          sem="relaxed")
+    else:
+        o_desc.store([kb, n0], gram0)
+        o_desc.store([kb + BN, n0], gram1)
 
 
 @triton.jit
@@ -802,6 +867,83 @@ def _gram_splits(tiles: int, sms: int, most: int) -> int:
     cost = {s: -(-tiles * s // sms) / s for s in candidates}
     best = min(cost.values())
     return min(s for s in candidates if cost[s] <= 1.02 * best)
+
+
+def _rotate_gram_cfg(b: int) -> tuple[int, int, int]:
+    """``(BT, num_warps, num_stages)`` of the fused backward pass (``BN = b / 2``). On sm_90 at
+    b = 256: two ``128 x 128`` float32 Gram accumulators take 128 registers a thread at 8
+    warps, and ``D``'s panel (64 KB) stays in shared memory beside 2 stages of tiles."""
+    if _interpreting():
+        return 16, 4, 1
+    if OPTIONS["rotate_gram_cfg"] is not None:
+        return OPTIONS["rotate_gram_cfg"]
+    return 64, 8, 2
+
+
+def rotate_gram_fusible(g: Tensor, delta: Tensor, act: Tensor, out_cols: int) -> bool:
+    """Whether :func:`block_rotate_gram` runs its one-pass kernel on these operands (16-bit
+    ``g`` and ``act`` of one dtype, contiguous for TMA; ``b`` a power of two from 32 to 256;
+    ``out_cols`` a multiple of 8) and ``POETX_ROTATE_GRAM=fused`` asks for it."""
+    choice = OPTIONS["rotate_gram"] or os.environ.get("POETX_ROTATE_GRAM", "") or "separate"
+    if choice not in ("separate", "fused"):
+        raise ValueError(f"POETX_ROTATE_GRAM / OPTIONS['rotate_gram'] must be 'separate' or "
+                         f"'fused', got {choice!r}")
+    if choice != "fused":
+        return False
+    b = delta.shape[-1]
+    return (g.dtype in (torch.bfloat16, torch.float16) and act.dtype == g.dtype
+            and g.dim() == 2 and act.dim() == 2 and g.shape[0] == act.shape[0]
+            and 32 <= b <= 256 and b & (b - 1) == 0 and out_cols % 8 == 0
+            and _tma_ok(g.contiguous()) and _tma_ok(act.contiguous()))
+
+
+def block_rotate_gram(
+    g: Tensor, delta: Tensor, act: Tensor, out_cols: int, *, out: Tensor | None = None,
+    accumulate: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """``(block_rotate(g, delta, None, None, out_cols, transpose=True), block_gram(g, act,
+    None, None, nb, b))`` in one pass over ``g`` (``(T, >= ...)``, both read without an
+    index): what a layer's backward computes on each side. ``out`` / ``accumulate`` as in
+    :func:`block_gram`. Operands :func:`rotate_gram_fusible` turns down run the two kernels."""
+    nb, b, _ = delta.shape
+    if not rotate_gram_fusible(g, delta, act, out_cols):
+        return (block_rotate(g, delta, None, None, out_cols, transpose=True),
+                block_gram(g, act, None, None, nb, b, out=out, accumulate=accumulate))
+    g = g.contiguous()
+    act = act.contiguous()
+    T = g.shape[0]
+    if out is not None and (out.shape != (nb, b, b) or out.dtype != torch.float32
+                            or not out.is_contiguous()):
+        raise ValueError("out must be a contiguous (nb, b, b) float32 tensor")
+    y = torch.empty(T, out_cols, dtype=g.dtype, device=g.device)
+    if T == 0 or nb == 0:
+        gram = torch.zeros(nb, b, b, dtype=torch.float32, device=g.device) if out is None \
+            else (out if accumulate else out.zero_())
+        return y, gram
+    bt, warps, stages = _rotate_gram_cfg(b)
+    bn = b // 2
+    programs = nb * 2
+    most = triton.cdiv(T, 4 * bt)
+    splits = 1 if _interpreting() else _gram_splits(programs, _sms(g), most)
+    splits = max(1, min(splits, most))
+    t_per = triton.cdiv(triton.cdiv(T, splits), bt) * bt
+    splits = triton.cdiv(T, t_per)
+    atomic = splits > 1 or accumulate
+    if out is None:
+        out = (torch.zeros if atomic else torch.empty)(nb, b, b, dtype=torch.float32,
+                                                        device=g.device)
+    elif atomic and not accumulate:
+        out.zero_()
+    d = delta.to(g.dtype).contiguous()
+    _rotate_gram_kernel[(programs, splits)](
+        TensorDescriptor.from_tensor(g, [bt, bn]), TensorDescriptor.from_tensor(act, [bt, bn]),
+        TensorDescriptor.from_tensor(d.view(nb * b, b), [bn, bn]),
+        TensorDescriptor.from_tensor(y, [bt, bn]),
+        TensorDescriptor.from_tensor(out.view(nb * b, b), [bn, bn]), out, T, t_per,
+        BN=bn, BT=bt, PREC=_prec(g.dtype), UPCAST=_upcast(g.dtype), ATOMIC=atomic,
+        TMA_REDUCE=not _interpreting(), num_warps=warps, num_stages=stages,
+    )
+    return y, out
 
 
 def block_gram(
