@@ -6,12 +6,12 @@ set -uo pipefail
 export PYTHONPATH=$PWD
 LIMIT=${LIMIT:-560}
 room() { [ $((LIMIT - SECONDS)) -gt "$1" ]; }
-timeout 80 python3 -m pytest -q -x -m gpu tests/test_kernels.py tests/test_capture.py \
-  -k "persistent or fan or capture or inverse or gram_gpu" 2>&1 | tail -3 > "$OUT/gpu_tests.txt"
+timeout 120 python3 -m pytest -q -x -m gpu tests/test_kernels.py tests/test_capture.py \
+  -k "persistent or fan or capture or inverse or gram_gpu or poet_linear_gpu" 2>&1 | tail -3 > "$OUT/gpu_tests.txt"
 cat "$OUT/gpu_tests.txt"
 STEP_TIMEOUT=110 bench/ab_step.sh "new=.:"
 room 215 && STEP_TIMEOUT=$((LIMIT - SECONDS - 5)) METHODS=authors bench/ab_step.sh "authors=.:"
-for spec in "mma=.:POETX_ROTATE_KERNEL=persistent-mma" "gram=.:POETX_GRAM_SPLITS=waves" \
-            "base=.stage/base:" "both=.:POETX_ROTATE_KERNEL=persistent-mma,POETX_GRAM_SPLITS=waves"; do
+for spec in "fused=.:POETX_ROTATE_GRAM=fused" "mma=.:POETX_ROTATE_KERNEL=persistent-mma" \
+            "base=.stage/base:" "gram=.:POETX_GRAM_SPLITS=waves"; do
   room 65 && STEP_TIMEOUT=$((LIMIT - SECONDS - 5)) bench/ab_step.sh "$spec"
 done

@@ -3,11 +3,13 @@
     python3 -m bench.rotate --out bench/results/rotate_kernels.json
 
 For each width (the step's rotated activations at 4096 tokens, b = 256, bf16) and direction,
-times ``block_rotate`` with no index (what the step runs after its staged permutations) under
-CUDA-graph replay, for the tile kernel (one program per output tile) and the persistent
-kernels (``OPTIONS["rotate_kernel"]``) at several programs per SM and tile shapes, against a
-copy of the same bytes. Each variant's output is checked against the tile kernel's (one bf16
-rounding apart at most). Prints a table, writes JSON.
+times under CUDA-graph replay: a backward side (the transposed rotation and the Gram of one
+gradient) as two kernels and as one pass (``OPTIONS["rotate_gram"]``); then ``block_rotate``
+with no index (what the step runs after its staged permutations) for the tile kernel (one
+program per output tile) and the persistent kernels (``OPTIONS["rotate_kernel"]``) at several
+programs per SM and tile shapes, against a copy of the same bytes. Each variant's output is
+checked against the first's (``max_err``: largest difference over the largest value). Prints
+a table, writes JSON.
 """
 
 from __future__ import annotations
@@ -71,9 +73,39 @@ def _width_rows(tokens: int, width: int, b: int, calls: int) -> list[dict]:
     return rows
 
 
+def _backward_side_rows(tokens: int, width: int, b: int, calls: int) -> list[dict]:
+    """A layer's backward side: the transposed rotation and the Gram of one gradient, as two
+    kernels and as one pass (``POETX_ROTATE_GRAM``), into a gradient buffer."""
+    nb = width // b
+    gs = [torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    act = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16)
+    d = (0.02 * torch.randn(nb, b, b, device="cuda")).to(torch.bfloat16)
+    sink = torch.empty(nb, b, b, device="cuda")
+    rows, want = [], None
+    for choice in ("separate", "fused"):
+        br.OPTIONS["rotate_gram"] = choice
+        try:
+            got = br.block_rotate_gram(gs[0], d, act, width, out=sink)
+            got = (got[0].clone(), got[1].clone())
+            want = want or got
+            err = max(((g.float() - w.float()).abs().max() / w.float().abs().max()).item()
+                      for g, w in zip(got, want, strict=True))
+            ms = graph_ms(lambda: [br.block_rotate_gram(gs[i % 3], d, act, width, out=sink)
+                                   for i in range(calls)]) / calls
+        finally:
+            br.OPTIONS["rotate_gram"] = None
+        # the rotation reads G and writes Y, the Gram reads G and A: what the two kernels move
+        nbytes = 4 * tokens * width * 2
+        rows.append(dict(width=width, transpose=True, kernel=f"rotation+gram {choice}",
+                         ctas=None, cfg=None, us=ms * 1e3, tb_s=nbytes / ms / 1e9, max_err=err))
+        print(f"{width} rotation+gram {choice}: {ms * 1e3:.1f} us err {err:.2e}", flush=True)
+    return rows
+
+
 def run(tokens: int, widths: list[int], b: int, calls: int) -> list[dict]:
     rows = []
     for width in widths:
+        rows += _backward_side_rows(tokens, width, b, calls)
         rows += _width_rows(tokens, width, b, calls)
         torch.cuda.empty_cache()
     return rows
