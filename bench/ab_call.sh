@@ -14,4 +14,8 @@ room 215 && STEP_TIMEOUT=$((LIMIT - SECONDS - 5)) METHODS=authors bench/ab_step.
 for spec in "fused=.:POETX_ROTATE_GRAM=fused" "mma=.:POETX_ROTATE_KERNEL=persistent-mma" \
             "base=.stage/base:" "gram=.:POETX_GRAM_SPLITS=waves"; do
   room 65 && STEP_TIMEOUT=$((LIMIT - SECONDS - 5)) bench/ab_step.sh "$spec"
+  if [ "${spec%%=*}" = fused ]; then  # every layer keeping its input permuted (~4 GB more)
+    room 65 && STEP_TIMEOUT=$((LIMIT - SECONDS - 5)) METHODS=poetx-permsaveall \
+      bench/ab_step.sh "saveall=.:"
+  fi
 done

@@ -165,6 +165,8 @@ STEP_METHODS: dict[str, dict[str, Any]] = {
     # the name of today's default in the branch that measured it (step_fused_frames_h100.json)
     "poetx-fusedmlp": {"mode": "fast", "cuda_graphs": True, "compile_blocks": True},
     "poetx-nocompile": {"mode": "fast", "cuda_graphs": True},
+    "poetx-permsaveall": {"mode": "fast", "cuda_graphs": True, "compile_blocks": True,
+                          "permuted_saves": "all"},
     "adamw": {"optimizer": "adamw"},
 }
 

@@ -52,20 +52,22 @@ DEFAULT_METHODS = "adamw,adamw-compile,poetx-eager,poetx,authors"
 # poetx-nocompile: captured, blocks not compiled (poetx train --no-compile-blocks).
 # poetx-noshared: as poetx, but every layer gathers its own input (shared_inputs="off");
 # poetx-nopermsave: as poetx, but down_proj keeps its input as given (permuted_saves="off");
+# poetx-permsaveall: as poetx, with every layer keeping its input permuted (permuted_saves="all");
 # poetx-sharedmlp: as poetx, with one permutation for an MLP's gate/up outputs and down input
 # (mlp_permutations="shared", chosen when the model is built); poetx-unfusedmlp: as poetx, but
 # each MLP layer gathers and scatters its own activations (mlp_frames="off", the default
 # before the fused SwiGLU frames; same permutations and values).
 VARIANTS = {"poetx-perlayer": {"batch_rotations": "off"},
             "poetx-noshared": {"shared_inputs": "off"},
-            "poetx-nopermsave": {"permuted_saves": "off"}}
+            "poetx-nopermsave": {"permuted_saves": "off"},
+            "poetx-permsaveall": {"permuted_saves": "all"}}
 STEP_METHODS = ("adamw", "adamw-compile", "poetx-eager", "poetx", "poetx-perlayer",
-                "poetx-nocompile", "poetx-noshared", "poetx-nopermsave", "poetx-sharedmlp",
-                "poetx-unfusedmlp", "authors")
+                "poetx-nocompile", "poetx-noshared", "poetx-nopermsave", "poetx-permsaveall",
+                "poetx-sharedmlp", "poetx-unfusedmlp", "authors")
 BUILT = {"poetx-sharedmlp": {"mlp_permutations": "shared"},
          "poetx-unfusedmlp": {"mlp_frames": "off"}}
 CAPTURED = ("poetx", "poetx-perlayer", "poetx-nocompile", "poetx-noshared", "poetx-nopermsave",
-            "poetx-sharedmlp", "poetx-unfusedmlp")
+            "poetx-permsaveall", "poetx-sharedmlp", "poetx-unfusedmlp")
 
 
 def mlp_frames_of(method: str) -> str | None:

@@ -27,7 +27,7 @@ W0_RESIDUALS = ("host", "device", "off")
 ADAM_RESTARTS = ("rewarm", "reset")
 BATCH_ROTATIONS = ("auto", "on", "off")
 SHARED_INPUTS = ("auto", "on", "off")
-PERMUTED_SAVES = ("auto", "off")
+PERMUTED_SAVES = ("auto", "off", "all")
 MLP_PERMUTATIONS = ("independent", "shared")
 MLP_FRAMES = ("off", "fused")
 MAX_NEUMANN_TERMS = 16
@@ -96,7 +96,10 @@ class POETConfig:
             MLP's down projection, whose input ``act(gate) * up`` no other operation saves.
             ``"auto"``: layers named ``down_proj``; ``"off"``: none. (Elsewhere the input is
             usually kept by other operations too, or shared by sibling layers, and would then
-            be kept twice.)
+            be kept twice.) ``"all"``: every layer, which spares backward a permutation pass
+            over each input (five a Llama block besides ``down_proj``: q/k/v, gate/up, and
+            ``o_proj``'s) for the memory of one more copy of each (q/k/v and gate/up keep their
+            fan-out copies; about 4 GB at Llama-8B, 4096 tokens).
         mlp_permutations: ``"independent"`` (the method as published): every layer draws its
             own permutations. ``"shared"``: in each MLP with ``gate_proj``, ``up_proj`` and
             ``down_proj`` (a Llama MLP: ``down(act(gate(x)) * up(x))``), the gate and up
@@ -154,7 +157,8 @@ class POETConfig:
                                  "in one pass for all of them (auto: on CUDA)",
                                  choices=SHARED_INPUTS, group="POET-X")
     permuted_saves: str = setting("auto", "layers that keep their input permuted for backward "
-                                  "(auto: down_proj, whose input nothing else keeps)",
+                                  "(auto: down_proj, whose input nothing else keeps; all: "
+                                  "every layer, one more copy of each input)",
                                   choices=PERMUTED_SAVES, group="POET-X")
     mlp_permutations: str = setting("independent", "permutations of an MLP's gate/up outputs "
                                     "and down input: independent (as published) or shared (one "

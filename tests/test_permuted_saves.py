@@ -108,8 +108,10 @@ def test_which_layers_save_their_input_permuted():
     assert not saves("model.layers.0.mlp.up_proj", "auto")
     assert not saves("model.layers.0.self_attn.o_proj", "auto")
     assert not saves("model.layers.0.mlp.down_proj", "off")
+    assert saves("model.layers.0.self_attn.o_proj", "all")
+    assert saves("model.layers.0.mlp.up_proj", "all")
     with pytest.raises(ValueError, match="permuted_saves"):
-        POETConfig(permuted_saves="all")
+        POETConfig(permuted_saves="every")
 
 
 @pytest.mark.parametrize("mode", ["fast", "mem"])
@@ -131,6 +133,25 @@ def test_a_model_whose_down_projections_save_permuted_inputs_equals_one_that_doe
             layer.layer_name += "_proj"
             downs.append(layer)
     assert len(downs) == 2 and all(layer.saves_permuted_input for layer in downs)
+    x = torch.randn(2, 3, D, dtype=torch.float64)
+    for _ in range(2):
+        _assert_same(_run(other, x), _run(ref, x))
+
+
+@pytest.mark.parametrize("mode", ["fast", "mem"])
+@pytest.mark.parametrize("checkpointed", ["", "call-plain"])
+@pytest.mark.parametrize("shared", ["off", "on"])
+def test_a_model_whose_layers_all_save_permuted_inputs_equals_one_that_does_not(
+        mode, checkpointed, shared):
+    """``permuted_saves="all"``: every layer keeps its input permuted (the fanned-out q/k/v
+    and gate/up their copies): same outputs and gradients as keeping every input as given,
+    over the learning forward and the next."""
+    ref, other = _towers(mode, checkpointed, shared=shared)
+    for _, layer in poet_layers(ref):
+        layer.config = replace(layer.config, permuted_saves="off")
+    for _, layer in poet_layers(other):
+        layer.config = replace(layer.config, permuted_saves="all")
+        assert layer.saves_permuted_input
     x = torch.randn(2, 3, D, dtype=torch.float64)
     for _ in range(2):
         _assert_same(_run(other, x), _run(ref, x))

@@ -189,7 +189,9 @@ def _recording_saved(model) -> tuple[dict[int, int], Any]:
 SAVES = [Setting(mode="fast", block_size=64, permuted_saves="off"),
          Setting(mode="mem", block_size=64, mlp_permutations="shared"),
          Setting(mode="fast", block_size=64, mlp_frames="fused"),
-         Setting(mode="mem", block_size=64, mlp_frames="fused")]
+         Setting(mode="mem", block_size=64, mlp_frames="fused"),
+         Setting(mode="fast", block_size=64, permuted_saves="all"),
+         Setting(mode="fast", block_size=64, mlp_frames="fused", permuted_saves="all")]
 
 
 @pytest.mark.parametrize("setting", SETTINGS[:6] + SAVES,

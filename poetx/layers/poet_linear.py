@@ -333,8 +333,11 @@ class POETLinear(nn.Module):
     def saves_permuted_input(self) -> bool:
         """Whether backward keeps the input as the forward permuted it (``permuted_saves``;
         an input arriving permuted, on a shared side, is kept as it comes anyway)."""
-        return (self.config.permuted_saves == "auto" and not self.frame_in
-                and not self.input_in_frame
+        if self.frame_in or self.input_in_frame:
+            return False
+        if self.config.permuted_saves == "all":
+            return True
+        return (self.config.permuted_saves == "auto"
                 and self.layer_name.rsplit(".", 1)[-1] == "down_proj")
 
     # dense views and merging --------------------------------------------------------------------

@@ -174,7 +174,8 @@ class Setting:
             (``poetx.model.compile_blocks``; ``poetx train`` does it where the step is a CUDA
             graph, so it counts only with ``cuda_graphs`` and POET-X).
         permuted_saves: ``"auto"``: POET-X's ``down_proj`` keeps its input permuted, padded to
-            whole blocks (``POETConfig.permuted_saves``); ``"off"``: as given.
+            whole blocks (``POETConfig.permuted_saves``); ``"off"``: as given; ``"all"``:
+            every linear keeps a permuted copy, and the norms' outputs are no longer kept.
         mlp_permutations: ``POETConfig.mlp_permutations``; ``"shared"``: ``down_proj``'s input
             arrives permuted and is kept as it comes, unpadded.
         mlp_frames: ``POETConfig.mlp_frames``; ``"fused"`` (with independent permutations):
@@ -626,8 +627,16 @@ def _saved_layer_bytes(rb: Round, shape: ModelShape, t: int, setting: Setting, e
     product = i
     poet = setting.optimizer == "poetx"
     fused = poet and setting.mlp_frames == "fused" and setting.mlp_permutations != "shared"
-    if poet and setting.permuted_saves == "auto" and setting.mlp_permutations != "shared":
+    if (poet and setting.permuted_saves in ("auto", "all")
+            and setting.mlp_permutations != "shared"):
         product = math.prod(num_blocks(i, setting.block_size))
+    if poet and setting.permuted_saves == "all":
+        # every other linear keeps its input permuted, padded to whole blocks; the two norms'
+        # outputs, which only q/k/v and gate/up kept, are no longer kept (the attention
+        # output still is, by the attention)
+        total += sum(rb(e * t * math.prod(num_blocks(n, setting.block_size)))
+                     for name, _, n in shape.linears() if name != "down_proj")
+        total -= 2 * rb(e * t * d)
     if fused:  # gate and up outputs (the frame-SwiGLU node), down's input as it comes
         total += 3 * rb(e * t * i)
     else:
