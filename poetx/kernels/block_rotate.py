@@ -869,6 +869,43 @@ def _gram_splits(tiles: int, sms: int, most: int) -> int:
     return min(s for s in candidates if cost[s] <= 1.02 * best)
 
 
+def _check_gram_out(out: Tensor | None, nb: int, b: int) -> None:
+    if out is not None and (out.shape != (nb, b, b) or out.dtype != torch.float32
+                            or not out.is_contiguous()):
+        raise ValueError("out must be a contiguous (nb, b, b) float32 tensor")
+
+
+def _empty_gram(out: Tensor | None, nb: int, b: int, device, accumulate: bool) -> Tensor:
+    """The Gram of no tokens: zeros, or ``out`` as it is when adding to it."""
+    if out is None:
+        return torch.zeros(nb, b, b, dtype=torch.float32, device=device)
+    return out if accumulate else out.zero_()
+
+
+def _token_split(T: int, programs: int, bt: int, t: Tensor) -> tuple[int, int]:
+    """``(splits, tokens per split)`` of a Gram over ``T`` tokens with ``programs`` output
+    programs and ``bt``-token steps (``OPTIONS["gram_splits"]`` or :func:`_gram_splits`)."""
+    most = triton.cdiv(T, 4 * bt)
+    splits = OPTIONS["gram_splits"]
+    if splits is None:
+        splits = 1 if _interpreting() else _gram_splits(programs, _sms(t), most)
+    splits = max(1, min(splits, most))
+    t_per = triton.cdiv(triton.cdiv(T, splits), bt) * bt
+    return triton.cdiv(T, t_per), t_per
+
+
+def _gram_buffer(out: Tensor | None, nb: int, b: int, device, atomic: bool,
+                 accumulate: bool) -> Tensor:
+    """Where a Gram's kernel writes: ``out`` (zeroed where split sums add into it anew) or a
+    new buffer (zeros where they add)."""
+    if out is None:
+        return (torch.zeros if atomic else torch.empty)(nb, b, b, dtype=torch.float32,
+                                                        device=device)
+    if atomic and not accumulate:
+        out.zero_()
+    return out
+
+
 def _rotate_gram_cfg(b: int) -> tuple[int, int, int]:
     """``(BT, num_warps, num_stages)`` of the fused backward pass (``BN = b / 2``). On sm_90 at
     b = 256: two ``128 x 128`` float32 Gram accumulators take 128 registers a thread at 8
@@ -912,28 +949,16 @@ def block_rotate_gram(
     g = g.contiguous()
     act = act.contiguous()
     T = g.shape[0]
-    if out is not None and (out.shape != (nb, b, b) or out.dtype != torch.float32
-                            or not out.is_contiguous()):
-        raise ValueError("out must be a contiguous (nb, b, b) float32 tensor")
+    _check_gram_out(out, nb, b)
     y = torch.empty(T, out_cols, dtype=g.dtype, device=g.device)
     if T == 0 or nb == 0:
-        gram = torch.zeros(nb, b, b, dtype=torch.float32, device=g.device) if out is None \
-            else (out if accumulate else out.zero_())
-        return y, gram
+        return y, _empty_gram(out, nb, b, g.device, accumulate)
     bt, warps, stages = _rotate_gram_cfg(b)
     bn = b // 2
     programs = nb * 2
-    most = triton.cdiv(T, 4 * bt)
-    splits = 1 if _interpreting() else _gram_splits(programs, _sms(g), most)
-    splits = max(1, min(splits, most))
-    t_per = triton.cdiv(triton.cdiv(T, splits), bt) * bt
-    splits = triton.cdiv(T, t_per)
+    splits, t_per = _token_split(T, programs, bt, g)
     atomic = splits > 1 or accumulate
-    if out is None:
-        out = (torch.zeros if atomic else torch.empty)(nb, b, b, dtype=torch.float32,
-                                                        device=g.device)
-    elif atomic and not accumulate:
-        out.zero_()
+    out = _gram_buffer(out, nb, b, g.device, atomic, accumulate)
     d = delta.to(g.dtype).contiguous()
     _rotate_gram_kernel[(programs, splits)](
         TensorDescriptor.from_tensor(g, [bt, bn]), TensorDescriptor.from_tensor(act, [bt, bn]),
@@ -968,13 +993,9 @@ def block_gram(
     a = a.contiguous()
     b = b.contiguous()
     T = a.shape[0]
-    if out is not None and (out.shape != (nb, block, block) or out.dtype != torch.float32
-                            or not out.is_contiguous()):
-        raise ValueError("out must be a contiguous (nb, b, b) float32 tensor")
+    _check_gram_out(out, nb, block)
     if T == 0 or nb == 0:
-        if out is None:
-            return torch.zeros(nb, block, block, dtype=torch.float32, device=a.device)
-        return out if accumulate else out.zero_()
+        return _empty_gram(out, nb, block, a.device, accumulate)
     positions = nb * block
     if _gather_mode(a, a.shape[1], b.shape[1], positions) == "staged":
         if a_index is not None:
@@ -987,18 +1008,9 @@ def block_gram(
     if not use_tma:
         bi, bj, bt, warps, stages = _gram_cfg(block, a.dtype, False)
     tiles = nb * triton.cdiv(block, bi) * triton.cdiv(block, bj)
-    splits = OPTIONS["gram_splits"]
-    if splits is None:
-        splits = 1 if _interpreting() else _gram_splits(tiles, _sms(a), triton.cdiv(T, 4 * bt))
-    splits = max(1, min(splits, triton.cdiv(T, 4 * bt)))
-    t_per = triton.cdiv(triton.cdiv(T, splits), bt) * bt
-    splits = triton.cdiv(T, t_per)
+    splits, t_per = _token_split(T, tiles, bt, a)
     atomic = splits > 1 or accumulate
-    if out is None:
-        out = (torch.zeros if atomic else torch.empty)(
-            nb, block, block, dtype=torch.float32, device=a.device)
-    elif atomic and not accumulate:
-        out.zero_()
+    out = _gram_buffer(out, nb, block, a.device, atomic, accumulate)
     common = dict(ATOMIC=atomic, BI=bi, BJ=bj, BT=bt, PREC=_prec(a.dtype),
                   UPCAST=_upcast(a.dtype), num_warps=warps, num_stages=stages)
     if use_tma:
