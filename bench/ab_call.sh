@@ -6,16 +6,14 @@ set -uo pipefail
 export PYTHONPATH=$PWD
 LIMIT=${LIMIT:-560}
 room() { [ $((LIMIT - SECONDS)) -gt "$1" ]; }
-timeout 120 python3 -m pytest -q -x -m gpu tests/test_kernels.py tests/test_capture.py \
+timeout 100 python3 -m pytest -q -x -m gpu tests/test_kernels.py tests/test_capture.py \
   -k "persistent or fan or capture or inverse or gram_gpu or poet_linear_gpu" 2>&1 | tail -3 > "$OUT/gpu_tests.txt"
 cat "$OUT/gpu_tests.txt"
 STEP_TIMEOUT=110 bench/ab_step.sh "new=.:"
 room 215 && STEP_TIMEOUT=$((LIMIT - SECONDS - 5)) METHODS=authors bench/ab_step.sh "authors=.:"
-for spec in "fused=.:POETX_ROTATE_GRAM=fused" "mma=.:POETX_ROTATE_KERNEL=persistent-mma" \
-            "base=.stage/base:" "gram=.:POETX_GRAM_SPLITS=waves"; do
-  room 65 && STEP_TIMEOUT=$((LIMIT - SECONDS - 5)) bench/ab_step.sh "$spec"
-  if [ "${spec%%=*}" = fused ]; then  # every layer keeping its input permuted (~4 GB more)
-    room 65 && STEP_TIMEOUT=$((LIMIT - SECONDS - 5)) METHODS=poetx-permsaveall \
-      bench/ab_step.sh "saveall=.:"
-  fi
+# the two with the most to gain first (saveall: every layer keeps its input permuted, ~4 GB)
+for spec in "fused=.:POETX_ROTATE_GRAM=fused" "saveall=.:" "base=.stage/base:" \
+            "mma=.:POETX_ROTATE_KERNEL=persistent-mma" "gram=.:POETX_GRAM_SPLITS=waves"; do
+  method=poetx; [ "${spec%%=*}" = saveall ] && method=poetx-permsaveall
+  room 65 && STEP_TIMEOUT=$((LIMIT - SECONDS - 5)) METHODS=$method bench/ab_step.sh "$spec"
 done
