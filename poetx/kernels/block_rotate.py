@@ -931,7 +931,15 @@ def rotate_gram_fusible(g: Tensor, delta: Tensor, act: Tensor, out_cols: int) ->
     return (g.dtype in (torch.bfloat16, torch.float16) and act.dtype == g.dtype
             and g.dim() == 2 and act.dim() == 2 and g.shape[0] == act.shape[0]
             and 32 <= b <= 256 and b & (b - 1) == 0 and out_cols % 8 == 0
-            and _tma_ok(g.contiguous()) and _tma_ok(act.contiguous()))
+            and _tma_ok_made_contiguous(g) and _tma_ok_made_contiguous(act))
+
+
+def _tma_ok_made_contiguous(t: Tensor) -> bool:
+    """:func:`_tma_ok` of ``t.contiguous()`` without making the copy to ask (a fresh copy is
+    aligned; only its row length can disqualify it)."""
+    if t.is_contiguous():
+        return _tma_ok(t)
+    return t.dim() == 2 and (t.shape[1] * t.element_size()) % 16 == 0 and t.numel() > 0
 
 
 def block_rotate_gram(
