@@ -62,17 +62,6 @@ OPTIONS: dict = {
     # else as many programs as 16 per SM (2 rows each at 4096 tokens on an H100). More rows
     # spread each program's load of its index vector (8 bytes a position) over more rows.
     "rows_per_program": None,
-    # The rotation's kernel on the TMA path: None = POETX_ROTATE_KERNEL if set, else "tile"
-    # (one program per output tile); "persistent" (programs walk the tiles, the next tile's
-    # loads overlapping this one's stores); "persistent-mma" (that, with the identity term
-    # added by products, so no load waits in the epilogue). Both persistent ones unmeasured.
-    "rotate_kernel": None,
-    "persistent_ctas": 2,  # persistent programs per SM
-    # A layer's backward, each side: None = POETX_ROTATE_GRAM if set, else "separate" (the
-    # rotation and the Gram as two kernels, each reading the gradient); "fused"
-    # (_rotate_gram_kernel, one read). Unmeasured.
-    "rotate_gram": None,
-    "rotate_gram_cfg": None,  # (BT, num_warps, num_stages) override of the fused pass
 }
 
 _MAX_STAGED_BYTES = 64 * 1024  # shared memory for one permuted row block
@@ -181,66 +170,17 @@ def _rotate_tma_kernel(
     kb = k * b
     acc = tl.full((BM, BN), 0.0, tl.float32)
     for kk in range(0, b, BK):
-        acc, _ = _rotation_k_step(x_desc, d_desc, t0, kb, kk, n0, acc, TRANSPOSE, PREC, UPCAST)
+        a = x_desc.load([t0, kb + kk])
+        if TRANSPOSE:  # noqa: SIM108  (B[j, i] = D[j, i])
+            d = d_desc.load([kb + kk, n0])
+        else:  # B[j, i] = D[i, j]
+            d = d_desc.load([kb + n0, kk]).T
+        if UPCAST:
+            a = a.to(tl.float32)
+            d = d.to(tl.float32)
+        acc = tl.dot(a, d, acc, input_precision=PREC)
     acc += xi_desc.load([t0, kb + n0]).to(tl.float32)
     y_desc.store([t0, kb + n0], acc.to(y_desc.dtype))
-
-
-@triton.jit
-def _rotation_k_step(x_desc, d_desc, t0, kb, kk, n0, acc, TRANSPOSE: tl.constexpr,
-                     PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """``acc + X[t0:, kb+kk:] B[kk:, n0:]`` for one ``K`` step of the TMA rotations, and the
-    ``x`` tile it loaded."""
-    a = x_desc.load([t0, kb + kk])
-    if TRANSPOSE:  # noqa: SIM108  (B[j, i] = D[j, i])
-        d = d_desc.load([kb + kk, n0])
-    else:  # B[j, i] = D[i, j]
-        d = d_desc.load([kb + n0, kk]).T
-    if UPCAST:
-        a = a.to(tl.float32)
-        d = d.to(tl.float32)
-    return tl.dot(a, d, acc, input_precision=PREC), a
-
-
-@triton.jit
-def _rotate_persistent_kernel(
-    x_desc, xi_desc, d_desc, e_desc, y_desc, b, tiles_per_block, col_tiles, num_tiles, programs,
-    TRANSPOSE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, IDENTITY_MMA: tl.constexpr,
-):
-    """:func:`_rotate_tma_kernel` as a persistent kernel: ``programs`` programs walk the output
-    tiles, the tile loop flattened into the ``K`` loop so the next tile's loads are in flight
-    while this tile's epilogue stores (the tile kernel waits for them at every tile start).
-    ``IDENTITY_MMA``: the identity term added by products with tiles of the ``(b, b)``
-    identity ``e_desc`` (exact: one nonzero product per output, fp32 accumulation), so the
-    epilogue loads nothing; else ``x``'s tile is loaded there, as in the tile kernel."""
-    start = tl.program_id(0)
-    k_steps = b // BK
-    tile_c = start - programs  # the epilogue's tile, recomputed (not carried through the loop)
-    for tile in tl.range(start, num_tiles, programs, flatten=True):
-        pid_t = tile // col_tiles
-        pid_c = tile % col_tiles
-        kb = (pid_c // tiles_per_block) * b
-        n0 = (pid_c % tiles_per_block) * BN
-        t0 = pid_t * BM
-        acc = tl.full((BM, BN), 0.0, tl.float32)
-        for ks in range(k_steps):
-            kk = ks * BK
-            acc, a = _rotation_k_step(x_desc, d_desc, t0, kb, kk, n0, acc, TRANSPOSE, PREC,
-                                      UPCAST)
-            if IDENTITY_MMA:
-                e = e_desc.load([kk, n0])
-                if UPCAST:
-                    e = e.to(tl.float32)
-                acc = tl.dot(a, e, acc, input_precision=PREC)
-        tile_c += programs
-        pid_c = tile_c % col_tiles
-        kb = (pid_c // tiles_per_block) * b
-        n0 = (pid_c % tiles_per_block) * BN
-        t0 = (tile_c // col_tiles) * BM
-        if not IDENTITY_MMA:
-            acc += xi_desc.load([t0, kb + n0]).to(tl.float32)
-        y_desc.store([t0, kb + n0], acc.to(y_desc.dtype))
 
 
 @triton.jit
@@ -324,66 +264,6 @@ def _gram_tma_kernel(
             tl.atomic_add(out_ptr + (kb + i)[:, None] * bsz + j[None, :], acc, sem="relaxed")
     else:
         o_desc.store([kb + i0, j0], acc)
-
-
-@triton.jit
-def _rotate_gram_kernel(
-    g_desc, a_desc, d_desc, y_desc, o_desc, o_ptr, T, t_per_split,
-    BN: tl.constexpr, BT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-    ATOMIC: tl.constexpr, TMA_REDUCE: tl.constexpr,
-):
-    """One side of a layer's backward in one pass over its gradient ``G`` ``(T, nb*b)``,
-    ``b = 2 BN``: ``Y = G + G D`` (the transposed rotation: ``Y[:, kb+c] = G[:, kb+c] +
-    sum_j G[:, kb+j] D_k[j, c]``) and the block gradient ``Gram_k = G_k^T A_k`` summed over
-    this program's tokens. Program ``(block k, half h, token split)``: output columns
-    ``[h BN, (h+1) BN)`` of block ``k``, for the rotation and for the Gram (both row halves).
-    ``G``'s two column halves are read once for the rotation, the Gram and the identity term;
-    ``D_k``'s column panel (two ``BN x BN`` quarters) once per program."""
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
-    h = pid % 2
-    kb = (pid // 2) * (2 * BN)
-    n0 = h * BN
-    t_start = split * t_per_split
-    t_end = tl.minimum(T, t_start + t_per_split)
-    d0 = d_desc.load([kb, n0])  # D_k[0:BN, n0:n0+BN]
-    d1 = d_desc.load([kb + BN, n0])  # D_k[BN:2BN, n0:n0+BN]
-    if UPCAST:
-        d0 = d0.to(tl.float32)
-        d1 = d1.to(tl.float32)
-    gram0 = tl.full((BN, BN), 0.0, tl.float32)
-    gram1 = tl.full((BN, BN), 0.0, tl.float32)
-    for t0 in range(t_start, t_end, BT):
-        g0 = g_desc.load([t0, kb])
-        g1 = g_desc.load([t0, kb + BN])
-        a = a_desc.load([t0, kb + n0])
-        if UPCAST:
-            g0 = g0.to(tl.float32)
-            g1 = g1.to(tl.float32)
-            a = a.to(tl.float32)
-        # the identity term, exact: the rotation's accumulator starts from G's own columns
-        if h == 0:  # noqa: SIM108
-            y = g0.to(tl.float32)
-        else:
-            y = g1.to(tl.float32)
-        y = tl.dot(g0, d0, y, input_precision=PREC)
-        y = tl.dot(g1, d1, y, input_precision=PREC)
-        y_desc.store([t0, kb + n0], y.to(y_desc.dtype))
-        gram0 = tl.dot(g0.T, a, gram0, input_precision=PREC)
-        gram1 = tl.dot(g1.T, a, gram1, input_precision=PREC)
-    if ATOMIC:
-        if TMA_REDUCE:
-            o_desc.atomic_add([kb, n0], gram0)
-            o_desc.atomic_add([kb + BN, n0], gram1)
-        else:
-            i = kb + tl.arange(0, BN)
-            j = n0 + tl.arange(0, BN)
-            tl.atomic_add(o_ptr + i[:, None] * (2 * BN) + j[None, :], gram0, sem="relaxed")
-            tl.atomic_add(o_ptr + (i + BN)[:, None] * (2 * BN) + j[None, :], gram1,
-                          sem="relaxed")
-    else:
-        o_desc.store([kb, n0], gram0)
-        o_desc.store([kb + BN, n0], gram1)
 
 
 @triton.jit
@@ -724,58 +604,6 @@ def inverse_index(index: Tensor, cols: int) -> Tensor:
     return inv
 
 
-_ROTATE_KERNELS = ("tile", "persistent", "persistent-mma")
-
-
-def _rotate_kernel_choice() -> str:
-    choice = OPTIONS["rotate_kernel"] or os.environ.get("POETX_ROTATE_KERNEL", "") or "tile"
-    if choice not in _ROTATE_KERNELS:
-        raise ValueError(f"POETX_ROTATE_KERNEL / OPTIONS['rotate_kernel'] must be one of "
-                         f"{_ROTATE_KERNELS}, got {choice!r}")
-    return choice
-
-
-_IDENTITY_CACHE: dict = {}
-
-
-def _identity(b: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The ``(b, b)`` identity the persistent rotation's identity products read. Made once per
-    size, dtype and device; one made while a CUDA graph is captured is not remembered (its
-    values exist only once the graph replays)."""
-    key = (b, dtype, device)
-    eye = _IDENTITY_CACHE.get(key)
-    if eye is None:
-        eye = torch.eye(b, dtype=dtype, device=device)
-        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            _IDENTITY_CACHE[key] = eye
-    return eye
-
-
-# Pipeline stages of the persistent kernels where no rotate_cfg is set: the most that leave
-# room for 2 programs per SM (sm_90 compile, 128 x 128 x 32 tiles: 98 KB of shared memory for
-# "persistent" at 2 stages, with x's tile staged for the epilogue; 107 KB for
-# "persistent-mma" at 3).
-_PERSISTENT_STAGES = {"persistent": 2, "persistent-mma": 3}
-
-
-def _launch_rotate_persistent(x, d, y, b, nb, tiles, transpose, common):
-    if OPTIONS["rotate_cfg"] is None and not _interpreting():
-        common = dict(common, num_stages=_PERSISTENT_STAGES[_rotate_kernel_choice()])
-    bm, bn, bk = common["BM"], common["BN"], common["BK"]
-    num_tiles = triton.cdiv(x.shape[0], bm) * nb * tiles
-    per_sm = OPTIONS["persistent_ctas"]
-    programs = min(num_tiles, (4 if _interpreting() else _sms(x)) * per_sm)
-    mma = _rotate_kernel_choice() == "persistent-mma"
-    eye = _identity(b, x.dtype, x.device) if mma else d.view(nb * b, b)
-    _rotate_persistent_kernel[(programs,)](
-        TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(x, [bm, bn]),
-        TensorDescriptor.from_tensor(d.view(nb * b, b), [bk, bn] if transpose else [bn, bk]),
-        TensorDescriptor.from_tensor(eye, [bk, bn]),
-        TensorDescriptor.from_tensor(y, [bm, bn]), b, tiles, nb * tiles, num_tiles, programs,
-        TRANSPOSE=bool(transpose), IDENTITY_MMA=mma, **common,
-    )
-
-
 def _launch_rotate(x, d, in_index, out_index, y, b, nb, transpose):
     T, x_cols = x.shape
     use_tma = in_index is None and out_index is None and _tma_ok(x) and _tma_ok(y)
@@ -787,9 +615,6 @@ def _launch_rotate(x, d, in_index, out_index, y, b, nb, transpose):
     grid = (triton.cdiv(T, bm) * nb * tiles,)
     common = dict(BM=bm, BN=bn, BK=bk, PREC=_prec(x.dtype), UPCAST=_upcast(x.dtype),
                   num_warps=warps, num_stages=stages)
-    if use_tma and _rotate_kernel_choice() != "tile":
-        _launch_rotate_persistent(x, d, y, b, nb, tiles, transpose, common)
-        return
     if use_tma:
         d2 = d.view(nb * b, b)
         _rotate_tma_kernel[grid](
@@ -852,133 +677,6 @@ def block_rotate(
     return permute_columns(rotated, inverse_index(out_index, out_cols), out_cols, out=y)
 
 
-def _gram_splits(tiles: int, sms: int, most: int) -> int:
-    """Token splits of a Gram of ``tiles`` output tiles. Default: as many as fill the SMs once
-    (``sms // tiles``; none where the tiles alone are more: 112 programs on 132 SMs for a
-    14336-wide Gram). ``POETX_GRAM_SPLITS=waves``: the fewest splits within 2% of the least
-    time in whole waves of one program per SM (``ceil(tiles * s / sms) / s``), at most
-    ``most`` (7 for those 112 tiles: 784 programs, 5.9 waves). Unmeasured."""
-    rule = os.environ.get("POETX_GRAM_SPLITS", "")
-    if rule not in ("", "fill", "waves"):
-        raise ValueError(f"POETX_GRAM_SPLITS must be 'fill' or 'waves', got {rule!r}")
-    if rule != "waves":
-        return max(1, sms // tiles)
-    candidates = range(1, max(1, most) + 1)
-    cost = {s: -(-tiles * s // sms) / s for s in candidates}
-    best = min(cost.values())
-    return min(s for s in candidates if cost[s] <= 1.02 * best)
-
-
-def _check_gram_out(out: Tensor | None, nb: int, b: int) -> None:
-    if out is not None and (out.shape != (nb, b, b) or out.dtype != torch.float32
-                            or not out.is_contiguous()):
-        raise ValueError("out must be a contiguous (nb, b, b) float32 tensor")
-
-
-def _empty_gram(out: Tensor | None, nb: int, b: int, device, accumulate: bool) -> Tensor:
-    """The Gram of no tokens: zeros, or ``out`` as it is when adding to it."""
-    if out is None:
-        return torch.zeros(nb, b, b, dtype=torch.float32, device=device)
-    return out if accumulate else out.zero_()
-
-
-def _token_split(T: int, programs: int, bt: int, t: Tensor) -> tuple[int, int]:
-    """``(splits, tokens per split)`` of a Gram over ``T`` tokens with ``programs`` output
-    programs and ``bt``-token steps (``OPTIONS["gram_splits"]`` or :func:`_gram_splits`)."""
-    most = triton.cdiv(T, 4 * bt)
-    splits = OPTIONS["gram_splits"]
-    if splits is None:
-        splits = 1 if _interpreting() else _gram_splits(programs, _sms(t), most)
-    splits = max(1, min(splits, most))
-    t_per = triton.cdiv(triton.cdiv(T, splits), bt) * bt
-    return triton.cdiv(T, t_per), t_per
-
-
-def _gram_buffer(out: Tensor | None, nb: int, b: int, device, atomic: bool,
-                 accumulate: bool) -> Tensor:
-    """Where a Gram's kernel writes: ``out`` (zeroed where split sums add into it anew) or a
-    new buffer (zeros where they add)."""
-    if out is None:
-        return (torch.zeros if atomic else torch.empty)(nb, b, b, dtype=torch.float32,
-                                                        device=device)
-    if atomic and not accumulate:
-        out.zero_()
-    return out
-
-
-def _rotate_gram_cfg(b: int) -> tuple[int, int, int]:
-    """``(BT, num_warps, num_stages)`` of the fused backward pass (``BN = b / 2``). On sm_90 at
-    b = 256: two ``128 x 128`` float32 Gram accumulators take 128 registers a thread at 8
-    warps, and ``D``'s panel (64 KB) stays in shared memory beside 2 stages of tiles."""
-    if _interpreting():
-        return 16, 4, 1
-    if OPTIONS["rotate_gram_cfg"] is not None:
-        return OPTIONS["rotate_gram_cfg"]
-    return 64, 8, 2
-
-
-def rotate_gram_fusible(g: Tensor, delta: Tensor, act: Tensor, out_cols: int) -> bool:
-    """Whether :func:`block_rotate_gram` runs its one-pass kernel on these operands (16-bit
-    ``g`` and ``act`` of one dtype, contiguous for TMA; ``b`` a power of two from 32 to 256;
-    ``out_cols`` a multiple of 8) and ``POETX_ROTATE_GRAM=fused`` asks for it."""
-    choice = OPTIONS["rotate_gram"] or os.environ.get("POETX_ROTATE_GRAM", "") or "separate"
-    if choice not in ("separate", "fused"):
-        raise ValueError(f"POETX_ROTATE_GRAM / OPTIONS['rotate_gram'] must be 'separate' or "
-                         f"'fused', got {choice!r}")
-    if choice != "fused":
-        return False
-    b = delta.shape[-1]
-    return (g.dtype in (torch.bfloat16, torch.float16) and act.dtype == g.dtype
-            and g.dim() == 2 and act.dim() == 2 and g.shape[0] == act.shape[0]
-            and 32 <= b <= 256 and b & (b - 1) == 0 and out_cols % 8 == 0
-            and _tma_ok_made_contiguous(g) and _tma_ok_made_contiguous(act))
-
-
-def _tma_ok_made_contiguous(t: Tensor) -> bool:
-    """:func:`_tma_ok` of ``t.contiguous()`` without making the copy to ask (a fresh copy is
-    aligned; only its row length can disqualify it)."""
-    if t.is_contiguous():
-        return _tma_ok(t)
-    return t.dim() == 2 and (t.shape[1] * t.element_size()) % 16 == 0 and t.numel() > 0
-
-
-def block_rotate_gram(
-    g: Tensor, delta: Tensor, act: Tensor, out_cols: int, *, out: Tensor | None = None,
-    accumulate: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """``(block_rotate(g, delta, None, None, out_cols, transpose=True), block_gram(g, act,
-    None, None, nb, b))`` in one pass over ``g`` (``(T, >= ...)``, both read without an
-    index): what a layer's backward computes on each side. ``out`` / ``accumulate`` as in
-    :func:`block_gram`. Operands :func:`rotate_gram_fusible` turns down run the two kernels."""
-    nb, b, _ = delta.shape
-    if not rotate_gram_fusible(g, delta, act, out_cols):
-        return (block_rotate(g, delta, None, None, out_cols, transpose=True),
-                block_gram(g, act, None, None, nb, b, out=out, accumulate=accumulate))
-    g = g.contiguous()
-    act = act.contiguous()
-    T = g.shape[0]
-    _check_gram_out(out, nb, b)
-    y = torch.empty(T, out_cols, dtype=g.dtype, device=g.device)
-    if T == 0 or nb == 0:
-        return y, _empty_gram(out, nb, b, g.device, accumulate)
-    bt, warps, stages = _rotate_gram_cfg(b)
-    bn = b // 2
-    programs = nb * 2
-    splits, t_per = _token_split(T, programs, bt, g)
-    atomic = splits > 1 or accumulate
-    out = _gram_buffer(out, nb, b, g.device, atomic, accumulate)
-    d = delta.to(g.dtype).contiguous()
-    _rotate_gram_kernel[(programs, splits)](
-        TensorDescriptor.from_tensor(g, [bt, bn]), TensorDescriptor.from_tensor(act, [bt, bn]),
-        TensorDescriptor.from_tensor(d.view(nb * b, b), [bn, bn]),
-        TensorDescriptor.from_tensor(y, [bt, bn]),
-        TensorDescriptor.from_tensor(out.view(nb * b, b), [bn, bn]), out, T, t_per,
-        BN=bn, BT=bt, PREC=_prec(g.dtype), UPCAST=_upcast(g.dtype), ATOMIC=atomic,
-        TMA_REDUCE=not _interpreting(), num_warps=warps, num_stages=stages,
-    )
-    return y, out
-
-
 def block_gram(
     a: Tensor, b: Tensor, a_index: Tensor | None, b_index: Tensor | None, nb: int, block: int,
     *, out: Tensor | None = None, accumulate: bool = False,
@@ -1001,9 +699,13 @@ def block_gram(
     a = a.contiguous()
     b = b.contiguous()
     T = a.shape[0]
-    _check_gram_out(out, nb, block)
+    if out is not None and (out.shape != (nb, block, block) or out.dtype != torch.float32
+                            or not out.is_contiguous()):
+        raise ValueError("out must be a contiguous (nb, b, b) float32 tensor")
     if T == 0 or nb == 0:
-        return _empty_gram(out, nb, block, a.device, accumulate)
+        if out is None:
+            return torch.zeros(nb, block, block, dtype=torch.float32, device=a.device)
+        return out if accumulate else out.zero_()
     positions = nb * block
     if _gather_mode(a, a.shape[1], b.shape[1], positions) == "staged":
         if a_index is not None:
@@ -1016,9 +718,18 @@ def block_gram(
     if not use_tma:
         bi, bj, bt, warps, stages = _gram_cfg(block, a.dtype, False)
     tiles = nb * triton.cdiv(block, bi) * triton.cdiv(block, bj)
-    splits, t_per = _token_split(T, tiles, bt, a)
+    splits = OPTIONS["gram_splits"]
+    if splits is None:
+        splits = 1 if _interpreting() else max(1, _sms(a) // tiles)
+    splits = max(1, min(splits, triton.cdiv(T, 4 * bt)))
+    t_per = triton.cdiv(triton.cdiv(T, splits), bt) * bt
+    splits = triton.cdiv(T, t_per)
     atomic = splits > 1 or accumulate
-    out = _gram_buffer(out, nb, block, a.device, atomic, accumulate)
+    if out is None:
+        out = (torch.zeros if atomic else torch.empty)(
+            nb, block, block, dtype=torch.float32, device=a.device)
+    elif atomic and not accumulate:
+        out.zero_()
     common = dict(ATOMIC=atomic, BI=bi, BJ=bj, BT=bt, PREC=_prec(a.dtype),
                   UPCAST=_upcast(a.dtype), num_warps=warps, num_stages=stages)
     if use_tma:

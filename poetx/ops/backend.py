@@ -109,43 +109,6 @@ def gram(
     return out.add_(result) if accumulate else out.copy_(result)
 
 
-def fuses_rotate_gram(g: Tensor, delta: Tensor) -> bool:
-    """Whether :func:`rotate_gram` would run one pass for a gradient like ``g`` (the Triton
-    path, ``POETX_ROTATE_GRAM=fused``, 16-bit, a block size it takes); callers that would
-    otherwise interleave the two products differently ask first."""
-    if not use_triton(g):
-        return False
-    from poetx.kernels import block_rotate as kernels
-
-    return kernels.rotate_gram_fusible(g, delta, g, 8)
-
-
-def rotate_gram(
-    g: Tensor, delta: Tensor, act: Tensor, out_index: Tensor | None, out_cols: int,
-    out: Tensor | None = None, accumulate: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """One side of a layer's backward: ``(rotate(g, delta, None, out_index, out_cols,
-    transpose=True), gram(g, act, None, None, nb, b, out, accumulate))``, ``g`` and ``act``
-    read without an index. On the Triton path one pass over ``g`` where
-    ``block_rotate.rotate_gram_fusible`` says so (``POETX_ROTATE_GRAM=fused``); a scatter by
-    ``out_index`` then follows as in :func:`rotate`'s staged path."""
-    nb, b, _ = delta.shape
-    if use_triton(g):
-        from poetx.kernels import block_rotate as kernels
-
-        positions = nb * b
-        rotated_cols = out_cols if out_index is None else positions
-        if kernels.rotate_gram_fusible(g, delta, act, rotated_cols):
-            rotated, grad = kernels.block_rotate_gram(g, delta, act, rotated_cols, out=out,
-                                                      accumulate=accumulate)
-            if out_index is not None:
-                rotated = kernels.permute_columns(
-                    rotated, kernels.inverse_index(out_index, out_cols), out_cols)
-            return rotated, grad
-    return (rotate(g, delta, None, out_index, out_cols, transpose=True),
-            gram(g, act, None, None, nb, b, out, accumulate))
-
-
 def _into(result: Tensor, out: Tensor | None) -> Tensor:
     return result if out is None else out.copy_(result)
 

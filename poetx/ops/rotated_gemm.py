@@ -99,29 +99,17 @@ def _backward_blocks(grad_y, x, v, d_in, d_out, w0, w0_scale, quant_group, index
             x_in, index_x = backend.gather(x, index_in, d_in.shape[0] * d_in.shape[1])
         v = backend.rotate(x_in, d_in, index_x, None, n) @ weight.t()
     grad_y, index_y = backend.gather(grad_y, index_out, d_out.shape[0] * d_out.shape[1])
-    if index_y is None and backend.fuses_rotate_gram(grad_y, d_out):
-        # the rotation and the Gram in one pass over grad_y
-        grad_v, grad_d_out = backend.rotate_gram(grad_y, d_out, v, None, m, into_out, add_out)
-    else:
-        grad_v = backend.rotate(grad_y, d_out, index_y, None, m, transpose=True)
-        grad_d_out = backend.gram(grad_y, v, index_y, None, d_out.shape[0], d_out.shape[1],
-                                  into_out, add_out)
+    grad_v = backend.rotate(grad_y, d_out, index_y, None, m, transpose=True)
+    grad_d_out = backend.gram(grad_y, v, index_y, None, d_out.shape[0], d_out.shape[1],
+                              into_out, add_out)
     del grad_y, v
     grad_u = grad_v @ weight
     del grad_v
-    positions = d_in.shape[0] * d_in.shape[1]
-    if backend.fuses_rotate_gram(grad_u, d_in):
-        if index_x is not None:  # permuted here, as the Gram would permute it inside
-            x_in, index_x = backend.gather(x_in, index_x, positions)
-        if index_x is None:
-            grad_x, grad_d_in = backend.rotate_gram(
-                grad_u, d_in, x_in, None if permuted_grad else index_in,
-                positions if permuted_grad else n, into_in, add_in)
-            return grad_x, grad_d_in, grad_d_out
     grad_d_in = backend.gram(grad_u, x_in, None, index_x, d_in.shape[0], d_in.shape[1],
                              into_in, add_in)
     del x_in
     if permuted_grad:
+        positions = d_in.shape[0] * d_in.shape[1]
         return (backend.rotate(grad_u, d_in, None, None, positions, transpose=True), grad_d_in,
                 grad_d_out)
     grad_x = backend.rotate(grad_u, d_in, None, index_in, n, transpose=True)
