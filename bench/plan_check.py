@@ -196,9 +196,11 @@ def markdown(records: list[dict[str, Any]], source: str) -> str:
         "W0, checkpointing, CUDA-graph step, vocabulary 32000; after it the `poetx train` "
         "runs of `bench/results/scale.json`, case accum, `--grad-accum K` as `accumK`: the "
         "step's peak, as no merge or evaluation runs in their measured steps; last, the rows "
-        "of `bench/results/step_h100.json`, `step_fused_frames_h100.json` and "
-        "`step_sinks_warps_h100.json`, `bench/step.py`: the captured poetx step with compiled "
-        "blocks or without, MLP frames fused or not, eager AdamW, also the step's peak).",
+        "of `bench/results/step.json` (issue 10's table), `step_h100.json`, "
+        "`step_fused_frames_h100.json` and `step_sinks_warps_h100.json`, `bench/step.py`: the "
+        "captured poetx step with compiled blocks or without, MLP frames fused or not, every "
+        "layer's input kept permuted or not (`permsaveall`), eager AdamW, also the step's "
+        "peak).",
         "Rows of `model.json` (H100) ran the loss before issue 13 (float32 head gradient, "
         "planner setting `loss=token-chunked`); rows of `memory_options.json` (H200) the "
         "current one.",
@@ -230,7 +232,7 @@ def main() -> None:
                         help="rows of bench/largest.py ('' to skip)")
     parser.add_argument("--scale", default="bench/results/scale.json",
                         help="rows of bench/scale.py, its accum case ('' to skip)")
-    parser.add_argument("--step", default="bench/results/step_h100.json,"
+    parser.add_argument("--step", default="bench/results/step.json,bench/results/step_h100.json,"
                         "bench/results/step_fused_frames_h100.json,"
                         "bench/results/step_sinks_warps_h100.json",
                         help="rows of bench/step.py (comma-separated JSON files, '' to skip)")

@@ -19,7 +19,7 @@ Subcommands:
                 alone, since tokens/s under sharing is not a run's own speed;
     ``report``  plots (PNG) and ``docs/results.md`` from the results JSON;
     ``plan``    the queue, its commands and the GPU time it needs, estimated from the measured
-                tokens/s in ``bench/results/train60m.json`` and ``step.json``.
+                tokens/s in ``bench/results/train60m.json`` and ``step_h200.json``.
 
 Preparing here (network): ``poetx data install debian-en`` (about 20 minutes on 2 cores) and
 ``poetx data pack debian-en --out .cache/gpu-corpus`` (30 M training tokens + the validation
@@ -440,7 +440,7 @@ def measured_tokens_per_s(results_dir: Path = ROOT / "bench" / "results"
     if train60.is_file():
         for row in json.loads(train60.read_text()):
             speeds[("llama-60m", row["optimizer"])] = row["tokens_per_s_median_steps_31_150"]
-    step = results_dir / "step.json"
+    step = results_dir / "step_h200.json"
     if step.is_file():
         for row in json.loads(step.read_text()):
             if row.get("model") == "llama-130m" and row.get("method") in ("poetx", "adamw"):
@@ -833,7 +833,7 @@ def render_doc(rows: list[dict[str, Any]], plots: list[Path]) -> str:
         f"- Evaluation: the first {EVAL_BATCHES} batches of the validation set "
         f"({EVAL_BATCHES * BATCH * SEQ_LEN / 1e3:.0f} k tokens), the same for every run.",
         f"- GPU time of the whole study, estimated from the measured tokens/s on one H200 "
-        f"(`bench/results/train60m.json`, `step.json`) plus {OVERHEAD_S:.0f} s a run: "
+        f"(`bench/results/train60m.json`, `step_h200.json`) plus {OVERHEAD_S:.0f} s a run: "
         f"{estimate / 60:.0f} GPU-minutes run one after another.",
         "- Several runs may share one GPU (`--gpus 0,0,0`: three processes at once, "
         "time-sliced). Their `tokens/s (shared)` is then their part of the GPU, not their "

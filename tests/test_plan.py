@@ -347,6 +347,14 @@ def test_step_predictions_match_the_recorded_gpu_peaks():
     kept = compare_step(json.loads((REPO / "bench/results/step_fused_ce_h100.json").read_text()))
     assert {r["peak_at"] for r in kept} >= {"loss-backward", "layer-backward (last layer)"}
     records += kept
+    # issue 10's table (one H100 session): every case, and every layer's input kept permuted
+    # (permuted_saves="all"), about 4 GiB above the default at 8B 2 x 2048
+    table = compare_step(json.loads((REPO / "bench/results/step.json").read_text()))
+    at_8b = {r["method"]: r["predicted_gib"] for r in table if r["batch"] == 2}
+    assert len(table) == 7
+    kept_all = "poetx-fast-b256-graph-compiled-permsaveall"
+    assert 3.5 < at_8b[kept_all] - at_8b["poetx-fast-b256-graph-compiled"] < 4.5
+    records += table
     for r in records:
         assert r["status"] == "ok" and abs(r["error_pct"]) <= GPU_TOLERANCE_PCT, r
         assert "H100" in r["measured_on"] and "step.py" in r["measured_by"]

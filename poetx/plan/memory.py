@@ -252,6 +252,8 @@ class Setting:
             parts.append("graph")
         if self.blocks_compiled:
             parts.append("compiled")
+        if self.optimizer == "poetx" and self.permuted_saves != "auto":
+            parts.append(f"permsave{self.permuted_saves}")
         if self.grad_accum > 1:
             parts.append(f"accum{self.grad_accum}")
         return "-".join(parts)
