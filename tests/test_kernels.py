@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from poetx.kernels.block_rotate_ref import (
+    attach_inverse,
     block_gram_reference,
     block_rotate_reference,
     gather_columns,
@@ -151,8 +152,6 @@ def test_rotate_interpreted_shapes(interp, gather):
 def test_scatter_reads_the_attached_inverse(interp):
     """A rotation scattering by an index reads the inverse attached to it, until the index
     is changed in place (then it inverts the index again)."""
-    from poetx.kernels.block_rotate_ref import attach_inverse
-
     br, _ = interp
     b, nb, T = 8, 3, 5
     dim = nb * b
@@ -589,17 +588,6 @@ def test_row_kernels_walk_several_rows_per_program(interp, rows):
     assert torch.equal(br.fan_in(grads, indices, dim), fan_in_reference(grads, indices, dim))
 
 
-def test_rows_per_program_from_the_environment(monkeypatch):
-    from poetx.kernels import block_rotate as br
-
-    monkeypatch.setitem(br.OPTIONS, "rows_per_program", None)
-    monkeypatch.setenv("POETX_PERMUTE_ROWS", "8")
-    assert br._min_rows() == 8
-    monkeypatch.setenv("POETX_PERMUTE_ROWS", "many")
-    with pytest.raises(ValueError, match="POETX_PERMUTE_ROWS"):
-        br._min_rows()
-
-
 @pytest.mark.interpret
 @pytest.mark.parametrize("dim,b", [(12, 4), (13, 8), (40, 16)])
 @pytest.mark.parametrize("k", [1, 2, 3, 5])
@@ -626,13 +614,14 @@ def test_fan_out_and_fan_in_interpreted(interp, dim, b, k):
         assert torch.equal(br.fan_in(grads, indices, dim),
                            fan_in_reference(grads, indices, dim))
     assert br.fan_in([None] * k, indices, dim) is None
-    # the layers' form: separate index vectors read in place, their inverses given
+    # the layers' form: separate index vectors read in place, their inverses attached
     rows = [indices[i].clone() for i in range(k)]
-    inverses = [torch.argsort(r[:dim]).to(torch.int32) for r in rows]
+    for r in rows:
+        attach_inverse(r, torch.argsort(r[:dim]).to(torch.int32))
     assert torch.equal(br.fan_out(x, rows, positions), out)
     grads[0] = torch.randn(T, positions)
     grads[0][:, indices[0] < 0] = 0.0
-    assert torch.equal(br.fan_in(grads, rows, dim, inverses),
+    assert torch.equal(br.fan_in(grads, rows, dim),
                        fan_in_reference(grads, indices, dim))
 
 

@@ -35,7 +35,6 @@ Design (measured on H100, see ``bench/notes_kernels.md``)
 from __future__ import annotations
 
 import functools
-import os
 import weakref
 from collections.abc import Sequence
 
@@ -58,9 +57,8 @@ OPTIONS: dict = {
     "gram_cfg": None,  # (BI, BJ, BT, num_warps, num_stages) override for 16-bit inputs
     "gram_splits": None,  # token splits override
     # Rows each program of the row kernels (staged gather, fan-out, fan-in) takes at least;
-    # None: POETX_PERMUTE_ROWS if set (for benchmarks that run in processes of their own),
-    # else as many programs as 16 per SM (2 rows each at 4096 tokens on an H100). More rows
-    # spread each program's load of its index vector (8 bytes a position) over more rows.
+    # None: as many programs as 16 per SM (2 rows each at 4096 tokens on an H100). At least 8
+    # rows measured the same in the 8B step (run 20 of bench/notes_kernels.md).
     "rows_per_program": None,
 }
 
@@ -476,18 +474,9 @@ def permute_columns(x: Tensor, index: Tensor, out_cols: int, out: Tensor | None 
 FAN_MAX = 3  # permutations per fan-out launch (the kernels' K)
 
 
-def _min_rows() -> int | None:
-    if OPTIONS["rows_per_program"]:
-        return OPTIONS["rows_per_program"]
-    spec = os.environ.get("POETX_PERMUTE_ROWS", "")
-    if spec and not spec.isdigit():
-        raise ValueError(f"POETX_PERMUTE_ROWS: expected a number of rows, got {spec!r}")
-    return int(spec) if spec else None
-
-
 def _row_programs(T: int, x: Tensor) -> int:
     progs = T if _interpreting() else min(T, 16 * _sms(x))
-    rows = _min_rows()
+    rows = OPTIONS["rows_per_program"]
     if rows:
         progs = min(progs, triton.cdiv(T, rows))
     return triton.cdiv(T, triton.cdiv(T, progs))
@@ -534,14 +523,13 @@ def fan_out(x: Tensor, indices: Tensor | Sequence[Tensor], positions: int) -> Te
     return out
 
 
-def fan_in(grads: list[Tensor | None], indices: Tensor | Sequence[Tensor], cols: int,
-           inverses: Sequence[Tensor] | None = None) -> Tensor | None:
+def fan_in(grads: list[Tensor | None], indices: Tensor | Sequence[Tensor], cols: int
+           ) -> Tensor | None:
     """``sum_k scatter_columns(grads[k], indices[k], cols)`` in float32, returned in the
     gradients' dtype: the backward of :func:`fan_out`. ``None`` entries (a layer that did not
-    run) count as zero; all ``None`` gives ``None``. ``inverses``: each index's inverse
-    (``(cols,)`` int32, :func:`inverse_index`'s), where the caller keeps them."""
-    present = [(g.contiguous(), inverses[k] if inverses is not None
-                else inverse_index(indices[k], cols))
+    run) count as zero; all ``None`` gives ``None``. Each index is inverted by
+    :func:`inverse_index` (the layers' indices carry their inverses)."""
+    present = [(g.contiguous(), inverse_index(indices[k], cols))
                for k, g in enumerate(grads) if g is not None]
     if not present:
         return None

@@ -74,9 +74,10 @@ class SharedInputs:
         run = self.runs.get(layer)
         if run is None or run[0] is not layer:
             return None
-        # The layers' own buffers, read in place (no stacked copy, no inversion each step).
+        # The layers' own buffers, read in place; each carries its inverse for the backward
+        # (no stacked copy, no inversion each step).
         copies = fan_out(x.reshape(-1, x.shape[-1]), [m.index_in for m in run],
-                         layer.layout_in.padded_dim, [m.inv_in for m in run])
+                         layer.layout_in.padded_dim)
         for member, copy in zip(run[1:], copies[1:], strict=True):
             self.pending[member] = (x, copy)
         return copies[0]

@@ -81,15 +81,14 @@ def fan_out(x: Tensor, indices: Tensor | Sequence[Tensor], positions: int) -> Te
     return fan_out_reference(x, indices, positions)
 
 
-def fan_in(grads: list[Tensor | None], indices: Tensor | Sequence[Tensor], cols: int,
-           inverses: Sequence[Tensor] | None = None) -> Tensor | None:
-    """The backward of :func:`fan_out`: the gradients scattered back and summed.
-    ``inverses``: the indices' inverses (``(cols,)`` int32) where the caller keeps them."""
+def fan_in(grads: list[Tensor | None], indices: Tensor | Sequence[Tensor], cols: int
+           ) -> Tensor | None:
+    """The backward of :func:`fan_out`: the gradients scattered back and summed."""
     first = next((g for g in grads if g is not None), None)
     if first is not None and use_triton(first) and first.dtype != torch.float64:
         from poetx.kernels.block_rotate import fan_in as kernel
 
-        return kernel(grads, indices, cols, inverses)
+        return kernel(grads, indices, cols)
     return fan_in_reference(grads, indices, cols)
 
 

@@ -20,38 +20,30 @@ from poetx.ops import backend
 
 class _FanOut(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, indices: tuple[Tensor, ...], positions: int,
-                inverses: tuple[Tensor, ...] | None):
+    def forward(ctx, x: Tensor, indices: tuple[Tensor, ...], positions: int):
         # Kept on ctx, not saved: a checkpointed recomputation that gathers layer by layer
         # then saves the same tensors as this forward did.
         ctx.indices = indices
-        ctx.inverses = inverses
         ctx.cols = x.shape[1]
         ctx.set_materialize_grads(False)
         return tuple(backend.fan_out(x, indices, positions).unbind(0))
 
     @staticmethod
     def backward(ctx, *grads: Tensor | None):
-        return (backend.fan_in(list(grads), ctx.indices, ctx.cols, ctx.inverses), None, None,
-                None)
+        return backend.fan_in(list(grads), ctx.indices, ctx.cols), None, None
 
 
-def fan_out(x: Tensor, indices: Tensor | Sequence[Tensor], positions: int,
-            inverses: Sequence[Tensor] | None = None) -> tuple[Tensor, ...]:
+def fan_out(x: Tensor, indices: Tensor | Sequence[Tensor], positions: int
+            ) -> tuple[Tensor, ...]:
     """``x`` ``(T, cols)`` gathered by each of ``indices`` (the rows of a ``(K, >= positions)``
     tensor, or ``K`` vectors of at least ``positions`` entries; padded indices, ``-1`` a
     phantom position reading zero): ``K`` tensors ``(T, positions)``. Their gradients flow
-    back to ``x`` summed; an unused copy contributes nothing. ``inverses``: each index's
-    inverse, ``(cols,)`` int32 with ``inv[index[p]] = p`` (the layers' ``inv_in``), which
-    backward then reads instead of inverting the indices."""
+    back to ``x`` summed; an unused copy contributes nothing. Backward reads the inverse
+    attached to each index (``block_rotate_ref.attach_inverse``: the layers' ``inv_in``)
+    where it holds, else inverts the index."""
     rows = tuple(indices)
     if x.dim() != 2 or any(r.dim() != 1 or r.shape[0] < positions for r in rows):
         raise ValueError(f"fan_out: x must be (T, cols) and each index a vector of at least "
                          f"{positions} entries; got {tuple(x.shape)}, "
                          f"{[tuple(r.shape) for r in rows]}")
-    if inverses is not None:
-        inverses = tuple(inverses)
-        if len(inverses) != len(rows) or any(i.shape != (x.shape[1],) for i in inverses):
-            raise ValueError(f"fan_out: one ({x.shape[1]},) inverse per index expected; got "
-                             f"{[tuple(i.shape) for i in inverses]}")
-    return _FanOut.apply(x, rows, positions, inverses)
+    return _FanOut.apply(x, rows, positions)
