@@ -139,8 +139,9 @@ def worker(args: argparse.Namespace) -> None:
                "block_size": args.block_size if method.poetx else None,
                "loss_impl": PLANNER_LOSS,
                "cuda_graphs": graphs,
-               # make_train_step compiles the decoder blocks of a captured poetx step
-               "compile_blocks": graphs and method.poetx,
+               # make_train_step compiles the decoder blocks of a captured poetx step, as
+               # poetx train does: not under checkpointing, which disables dynamo
+               "compile_blocks": graphs and method.poetx and not method.checkpointing,
                "mlp_frames": method.mlp_frames if method.poetx else None,
                "device": env["device"], "command": " ".join(["python -m bench.model",
                                                               *sys.argv[1:]])}
@@ -149,7 +150,8 @@ def worker(args: argparse.Namespace) -> None:
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             batch = torch.randint(0, vocab, (args.batch, seq + 1), device=args.device)
-            train_step = make_train_step(model, opt, batch, args.warmup, graphs)
+            train_step = make_train_step(model, opt, batch, args.warmup, graphs,
+                                         compile_blocks=row["compile_blocks"])
             times = []
             for step in range(args.warmup + args.steps):
                 start = time.perf_counter()

@@ -67,8 +67,29 @@ def peak_breakdown(trace: list[dict[str, Any]], start_bytes: int) -> dict[str, A
             "sites": [{"site": s, "gib": b / 2**30} for s, b in sites]}
 
 
+def rounding_at(segments: list[dict[str, Any]]) -> dict[str, Any]:
+    """Bytes the allocator counts beyond what was asked for, over the active blocks of a
+    ``torch.cuda.memory_snapshot()``: 512-byte rounding, and whole blocks kept unsplit when
+    the rest of their segment would be too small to serve (the planner's ``block_bytes``
+    models a fresh segment only). By requested size: below 1 MiB, 1-10 MiB (blocks cut from
+    20 MiB segments), above."""
+    classes = {"<1MiB": [0, 0, 0], "1-10MiB": [0, 0, 0], ">10MiB": [0, 0, 0]}
+    for segment in segments:
+        for block in segment["blocks"]:
+            if block["state"] != "active_allocated":
+                continue
+            asked = block.get("requested_size", block["size"])
+            key = "<1MiB" if asked < 2**20 else "1-10MiB" if asked < 10 * 2**20 else ">10MiB"
+            classes[key][0] += 1
+            classes[key][1] += asked
+            classes[key][2] += block["size"] - asked
+    return {k: {"blocks": n, "requested_gib": r / 2**30, "beyond_gib": x / 2**30}
+            for k, (n, r, x) in classes.items()}
+
+
 def main() -> None:
-    from bench.model import METHODS, build
+    from bench.model import METHODS, build, make_train_step
+    from poetx.model.compile_blocks import compile_blocks
     from poetx.model.lm_loss import causal_lm_loss
     from poetx.train.capture import train_step
 
@@ -79,6 +100,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--step", choices=["eager", "compiled", "captured"], default="eager",
+                        help="eager; eager with the decoder blocks compiled; the CUDA-graph "
+                        "capture of the step as bench/model.py and poetx train run it (blocks "
+                        "compiled unless checkpointed; the capture's allocations are the "
+                        "replay's)")
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--out", default="peak_snapshot.json")
     args = parser.parse_args()
@@ -87,29 +113,42 @@ def main() -> None:
 
     torch.manual_seed(0)
     model, opt = build(args.model, METHODS[args.method], args.block_size, "cuda")
-    step = train_step(model, opt, causal_lm_loss)
     batch = torch.randint(0, model.config.vocab_size, (args.batch, args.seq + 1), device="cuda")
+    if args.step == "captured":  # the call after the warm-up captures
+        step = make_train_step(model, opt, batch, args.warmup + 1, capture=True,
+                               compile_blocks=not METHODS[args.method].checkpointing)
+    else:
+        if args.step == "compiled":
+            compile_blocks(model)
+        step = train_step(model, opt, causal_lm_loss)
     for _ in range(args.warmup):
         step(batch)
     torch.cuda.synchronize()
+    rounding = rounding_at(torch.cuda.memory_snapshot())
     torch.cuda.reset_peak_memory_stats()
     start = torch.cuda.memory_allocated()
-    torch.cuda.memory._record_memory_history(max_entries=2_000_000)
+    torch.cuda.memory._record_memory_history(context="alloc", max_entries=2_000_000)
     step(batch)
     torch.cuda.synchronize()
     snapshot = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
     result = peak_breakdown(snapshot["device_traces"][0], start)
     result.update(model=args.model, method=args.method, seq_len=args.seq, batch=args.batch,
+                  step=args.step,
                   device=torch.cuda.get_device_name(),
                   max_memory_allocated_gib=torch.cuda.max_memory_allocated() / 2**30)
     result["sites"] = result["sites"][: args.top]
+    result["rounding_before_the_step"] = rounding
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"{args.model} {args.method} {args.batch}x{args.seq}: peak {result['peak_gib']:.3f} GiB "
+    print(f"{args.model} {args.method} {args.step} {args.batch}x{args.seq}: "
+          f"peak {result['peak_gib']:.3f} GiB "
           f"(max_memory_allocated {result['max_memory_allocated_gib']:.3f}), before the step "
           f"{result['start_gib']:.3f}, allocated in the step and alive at the peak "
           f"{result['step_alive_at_peak_gib']:.3f}; reached by {result['peak_reached_by']}")
+    for size_class, r in rounding.items():
+        print(f"  before the step, {size_class}: {r['blocks']} blocks, {r['requested_gib']:.3f} "
+              f"GiB asked, {r['beyond_gib']:.4f} GiB counted beyond")
     for s in result["sites"]:
         print(f"  {s['gib']:8.4f} GiB  {s['site']}")
 

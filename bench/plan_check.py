@@ -1,7 +1,8 @@
 """The memory planner against measured peaks: predicted vs ``max_memory_allocated`` per row.
 
     python -m bench.plan_check \
-        --measured bench/results/model.json,bench/results/memory_options.json \
+        --measured bench/results/model.json,bench/results/model_1206_h100.json,\
+bench/results/memory_options.json \
         --largest bench/results/largest.json --scale bench/results/scale.json \
         --out bench/results/plan_check.json
 
@@ -201,9 +202,12 @@ def markdown(records: list[dict[str, Any]], source: str) -> str:
         "captured poetx step with compiled blocks or without, MLP frames fused or not, every "
         "layer's input kept permuted or not (`permsaveall`), eager AdamW, also the step's "
         "peak).",
-        "Rows of `model.json` (H100) ran the loss before issue 13 (float32 head gradient, "
-        "planner setting `loss=token-chunked`); rows of `memory_options.json` (H200) the "
-        "current one.",
+        "Rows of `model.json` (H100, 2026-12-07) ran the current loss and the step as `poetx "
+        "train` runs it (poetx captured with compiled blocks, AdamW eager or captured); rows "
+        "of `model_1206_h100.json` (H100, older code) ran eager steps where they record no "
+        "`cuda_graphs` and, without a `loss_impl`, the loss before issue 13 (float32 head "
+        "gradient, planner setting `loss=token-chunked`); rows of `memory_options.json` "
+        "(H200) issue 13's vocabulary-chunked loss, eager.",
         "",
         "| model | batch x seq_len | method | device | measured GiB | predicted GiB | error | "
         "peak at |",
@@ -226,7 +230,8 @@ def markdown(records: list[dict[str, Any]], source: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--measured",
-                        default="bench/results/model.json,bench/results/memory_options.json",
+                        default="bench/results/model.json,bench/results/model_1206_h100.json,"
+                        "bench/results/memory_options.json",
                         help="rows of bench/model.py (comma-separated JSON files)")
     parser.add_argument("--largest", default="bench/results/largest.json",
                         help="rows of bench/largest.py ('' to skip)")

@@ -139,3 +139,21 @@ def test_compiled_blocks_fan_out_shared_inputs(monkeypatch):
         torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
         for name, grad in grads.items():
             torch.testing.assert_close(grad, ref_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_activation_checkpointing_leaves_the_blocks_uncompiled():
+    """``torch.utils.checkpoint.checkpoint`` runs under ``torch._disable_dynamo``, so a block
+    that HF checkpoints never reaches its compiled forward's tracing: no graph is made, in
+    forward or in the recompute. The Trainer therefore does not compile under
+    ``grad_checkpointing`` and the planner counts those blocks as eager
+    (``Setting.blocks_compiled``)."""
+    model = _model()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    assert compile_blocks(model, backend="aot_eager") == 2
+    ids = torch.randint(0, VOCAB, (2, 9))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert counters["stats"]["unique_graphs"] == 0
+    model.gradient_checkpointing_disable()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert counters["stats"]["unique_graphs"] > 0  # the same blocks compile once unchecked

@@ -303,12 +303,54 @@ def test_memory_ordering_of_settings_on_8b():
         assert peaks == sorted(peaks)
 
 
+def _model_rows(name: str) -> list[dict[str, Any]]:
+    return json.loads((REPO / "bench/results" / name).read_text())
+
+
+# Planner misses above GPU_TOLERANCE_PCT that are known and not yet explained, by (model,
+# seq_len, method) of bench/results/model.json. Strict: a planner that predicts the row
+# within tolerance fails here until the entry goes.
+KNOWN_MISSES = {
+    ("llama-3b", 2048, "int8"): (
+        "captured Llama-3B int8 W0 at 2048 tokens, 2.1% under: the eager step's snapshot "
+        "(bench/peak_snapshot.py, H100) puts the in-step bytes within 0.04 GiB of the planner "
+        "and 0.12 GiB more alive before the step than it counts (0.08 for bf16 W0); the "
+        "capture adds 0.07 GiB over the eager step. Not measured further yet."),
+}
+
+
+def _row_id(row: dict[str, Any]) -> str:
+    graphs = "graph" if row.get("cuda_graphs") else "eager"
+    return f"{row['model']}-{row['seq_len']}-{row['method']}-{graphs}"
+
+
+@pytest.mark.parametrize("row", [
+    pytest.param(row, id=_row_id(row), marks=pytest.mark.xfail(
+        strict=True, reason=KNOWN_MISSES[(row["model"], row["seq_len"], row["method"])]))
+    if (row["model"], row["seq_len"], row["method"]) in KNOWN_MISSES else
+    pytest.param(row, id=_row_id(row))
+    for row in _model_rows("model.json")])
+def test_predictions_match_todays_recorded_gpu_peaks(row):
+    """bench/results/model.json (H100, 2026-12-07): each model and method as poetx train runs
+    it today (poetx captured, blocks compiled unless checkpointed; AdamW eager or captured)."""
+    (r,) = compare([row])
+    assert "H100" in r["measured_on"] and "bench.model" in r["measured_by"]
+    if r["status"] == "oom":  # ran out of memory on an 80 GB H100
+        assert r["predicted_gib"] > 80e9 / GIB
+    else:
+        assert r["status"] == "ok" and abs(r["error_pct"]) <= GPU_TOLERANCE_PCT, r
+
+
 def test_predictions_match_the_recorded_gpu_peaks():
-    rows = json.loads((REPO / "bench/results/model.json").read_text())
-    records = compare(rows)
+    """bench/results/model_1206_h100.json (older code: mostly eager steps, older losses),
+    memory_options.json and the 30B run."""
+    records = compare(_model_rows("model_1206_h100.json"))
     measured = [r for r in records if r["error_pct"] is not None]
     assert {r["model"] for r in measured} == {"llama-3b", "llama-8b", "llama-13b"}
     assert len(measured) >= 30
+    assert all("H100" in r["measured_on"] and ("bench.model" in r["measured_by"]
+                                               or "bench/model.py" in r["measured_by"])
+               for r in records)
     worst = max(measured, key=lambda r: abs(r["error_pct"]))
     assert abs(worst["error_pct"]) <= GPU_TOLERANCE_PCT, worst
     for r in records:

@@ -260,15 +260,18 @@ def test_cuda_graph_step_with_grad_checkpointing_matches_the_eager_step(w0_forma
 def test_compiled_blocks_follow_the_uncompiled_captured_run(grad_checkpointing):
     """``compile_blocks`` (the default of a captured step): the decoder blocks compiled around
     their POET layers train as the uncompiled blocks do, through a merge at step 6, to bf16
-    noise (inductor fuses the float32 RMSNorm and SwiGLU, which rounds differently)."""
+    noise (inductor fuses the float32 RMSNorm and SwiGLU, which rounds differently). Under
+    checkpointing the Trainer leaves them uncompiled."""
     from poetx.model.compile_blocks import compiled_blocks
 
     losses = {}
     for compiled in (False, True):
         t = _cuda_trainer(compile_blocks=compiled, grad_checkpointing=grad_checkpointing,
                           poet={"merge_every": 6})
-        assert compiled_blocks(t.model) == (len(t.model.model.layers) if compiled else 0)
-        assert ("decoder blocks compiled" in t.describe_step()) == compiled
+        # checkpointed blocks stay eager (torch.utils.checkpoint disables dynamo)
+        compiles = compiled and not grad_checkpointing
+        assert compiled_blocks(t.model) == (len(t.model.model.layers) if compiles else 0)
+        assert ("decoder blocks compiled" in t.describe_step()) == compiles
         run = []
         for step in range(10):
             run.append(float(t.step_fn(t.load_batch(step))["loss"]))

@@ -203,8 +203,11 @@ class Setting:
 
     @property
     def blocks_compiled(self) -> bool:
-        """Whether the decoder blocks run compiled (only a captured POET-X step compiles)."""
-        return self.compile_blocks and self.cuda_graphs and self.optimizer == "poetx"
+        """Whether the decoder blocks run compiled: only a captured POET-X step compiles them,
+        and not under activation checkpointing, whose ``checkpoint`` disables dynamo for
+        everything it calls (the blocks then run eager, their norms' float32 copies saved)."""
+        return (self.compile_blocks and self.cuda_graphs and self.optimizer == "poetx"
+                and not self.checkpointing)
 
     def __post_init__(self) -> None:
         _choice("optimizer", self.optimizer, OPTIMIZERS)

@@ -150,7 +150,8 @@ class TrainConfig:
             applies: a CUDA device and a single process; ignored elsewhere.
         compile_blocks: ``torch.compile`` the code between the POET layers of each decoder
             block (``poetx.model.compile_blocks``) when the step is a CUDA graph (compiled
-            pieces with graph breaks cost host time per call, paid once at capture).
+            pieces with graph breaks cost host time per call, paid once at capture); not
+            under ``grad_checkpointing``, whose ``torch.utils.checkpoint`` disables dynamo.
     Memory (``poetx plan`` predicts each option's effect):
         grad_checkpointing: HF activation checkpointing of the decoder blocks.
         dense_optimizer: update of embedding, lm_head and norms (``poetx.optim.dense_update``):
@@ -248,7 +249,8 @@ class TrainConfig:
         "(CUDA, one process; off: every step eager)", group="optimization")
     compile_blocks: bool = setting(
         True, "torch.compile the code between the POET layers of each decoder block (norms, "
-        "rotary, SwiGLU, residuals) where the step is a CUDA graph", group="optimization")
+        "rotary, SwiGLU, residuals) where the step is a CUDA graph and not checkpointed",
+        group="optimization")
     grad_checkpointing: bool = setting(False, "activation checkpointing of the decoder blocks",
                                        group="memory")
     dense_optimizer: str = setting(

@@ -171,8 +171,11 @@ class Trainer:
         self.exact_cayley = cfg.optimizer == "poetx" and cfg.poet.neumann_terms is None
         self.graphs = (cfg.cuda_graphs and device.type == "cuda" and scheme != "fsdp"
                        and capturable_optimizer and not self.exact_cayley)
+        # Not under activation checkpointing: torch.utils.checkpoint disables dynamo for the
+        # blocks it runs, so they would stay eager anyway (tests/test_compile_blocks.py).
         self.compiled_blocks = (compile_blocks(model) if self.graphs and cfg.compile_blocks
-                                and cfg.optimizer == "poetx" else 0)
+                                and cfg.optimizer == "poetx" and not cfg.grad_checkpointing
+                                else 0)
         # Eager CUDA steps use the capturable kernel too: its update rounds differently from
         # the non-capturable one (lr and bias correction as float32 device values), so with
         # it --no-cuda-graphs replays the captured run's numbers (measured: bitwise equal over
